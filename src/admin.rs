@@ -1,0 +1,91 @@
+//! Kafka administration used by the demo, the load generator and the tests: creating
+//! co-partitioned topics and producing records.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+
+/// Creates the topics with `partitions` partitions each; existing topics are left as they are.
+pub async fn create_topics(
+    brokers: &str,
+    topics: &[&str],
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new_topics, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code))
+                    .inspect_err(|_| tracing::error!(topic, "create topic failed"))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A producer for test and demo traffic. Idempotence is off and one request is in
+/// flight, which keeps per-partition order and suits the test broker (see README).
+pub fn producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "false")
+        .set("max.in.flight.requests.per.connection", "1")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "60000")
+        .create()
+}
+
+/// Produces records in order and waits until all are acknowledged.
+pub async fn produce_all(
+    producer: &FutureProducer,
+    records: &[crate::loadgen::Record],
+    topics: [&str; 2],
+) -> Result<(), KafkaError> {
+    let mut pending = Vec::with_capacity(records.len().min(10_000));
+    for record in records {
+        let topic = topics[record.input.index()];
+        let mut future_record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+        if let Some(key) = &record.key {
+            future_record = future_record.key(key.as_slice());
+        }
+        if let Some(value) = &record.value {
+            future_record = future_record.payload(value.as_slice());
+        }
+        let delivery = producer
+            .send_result(future_record)
+            .map_err(|(error, _)| error)?;
+        pending.push(delivery);
+        if pending.len() >= 10_000 {
+            for delivery in pending.drain(..) {
+                await_delivery(delivery).await?;
+            }
+        }
+    }
+    for delivery in pending {
+        await_delivery(delivery).await?;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(())
+}
+
+async fn await_delivery(delivery: rdkafka::producer::DeliveryFuture) -> Result<(), KafkaError> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((error, _))) => Err(error),
+        Err(_) => Err(KafkaError::Canceled),
+    }
+}

@@ -1,0 +1,517 @@
+//! Kafka side: consumer configuration, the co-partitioning check, and the poll thread.
+//!
+//! A dedicated OS thread owns `poll`: librdkafka runs rebalance callbacks on the thread
+//! that polls, and ours must wait for the pipeline (bump epochs and read stored offsets
+//! from PostgreSQL before `assign`; finish the batch in hand before `unassign`). Waiting
+//! there is fine on a plain thread and would not be on a tokio worker. The thread also
+//! decodes, so decoding runs beside the pipeline rather than on it.
+//!
+//! Everything the pipeline needs arrives as [`Delivery`] values on one bounded channel,
+//! in the order it happened: messages, assignments, revocations and progress reports.
+//! The bound (in messages) plus librdkafka's bounded prefetch keep memory flat under
+//! any backlog.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::event::{decode, Event, Input, Micros, REJECTED_PAYLOAD_CAP};
+use crate::store::{PairPosition, RejectedMessage};
+
+/// A Kafka failure at start, saying whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("Kafka client error: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("topic {topic:?} does not exist on {brokers}")]
+    MissingTopic { topic: String, brokers: String },
+    #[error(
+        "topics are not co-partitioned: {payments:?} has {payments_partitions} partitions, \
+         {settlements:?} has {settlements_partitions}; both must have the same count"
+    )]
+    NotCoPartitioned {
+        payments: String,
+        payments_partitions: usize,
+        settlements: String,
+        settlements_partitions: usize,
+    },
+}
+
+/// One message as read, decoded or rejected.
+#[derive(Debug)]
+pub struct ReadMessage {
+    pub input: Input,
+    pub partition: i32,
+    pub offset: i64,
+    /// Kafka message timestamp in milliseconds, when the producer or broker set one.
+    pub timestamp_ms: Option<i64>,
+    pub decoded: Result<Event, RejectedMessage>,
+}
+
+/// Whether one input partition has nothing left to read.
+#[derive(Debug, Clone, Copy)]
+pub struct PartitionProgress {
+    pub input: Input,
+    pub partition: i32,
+    pub caught_up: bool,
+    /// High watermark last seen by the client (−1 when unknown).
+    pub high_watermark: i64,
+}
+
+/// What the poll thread hands to the pipeline, in order.
+#[derive(Debug)]
+pub enum Delivery {
+    Message(ReadMessage),
+    /// New partition pairs: the pipeline takes ownership in PostgreSQL and replies
+    /// with where to resume.
+    Assign {
+        pairs: Vec<i32>,
+        reply: std_mpsc::SyncSender<Result<Vec<PairPosition>, String>>,
+    },
+    /// The pairs are going away: the pipeline finishes the batch in hand, drops their
+    /// state and replies.
+    Revoke {
+        pairs: Vec<i32>,
+        done: std_mpsc::SyncSender<()>,
+    },
+    Progress(Vec<PartitionProgress>),
+    /// Shutdown: the pipeline commits what it holds and replies before the consumer
+    /// leaves the group.
+    Stop {
+        done: std_mpsc::SyncSender<()>,
+    },
+}
+
+pub type KafkaConsumer = BaseConsumer<RebalanceContext>;
+
+/// Callbacks librdkafka runs on the poll thread.
+pub struct RebalanceContext {
+    deliveries: mpsc::Sender<Delivery>,
+    payments_topic: String,
+    settlements_topic: String,
+    /// Set when an assignment could not be taken: the worker must stop.
+    failed: Arc<AtomicBool>,
+}
+
+impl ClientContext for RebalanceContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error");
+        metrics::counter!(crate::telemetry::metrics::KAFKA_ERRORS).increment(1);
+    }
+}
+
+impl ConsumerContext for RebalanceContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        metrics::counter!(crate::telemetry::metrics::REBALANCES).increment(1);
+        let pairs = pairs_of(tpl);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                tracing::info!(?pairs, "partition pairs assigned");
+                match self.take_ownership(&pairs) {
+                    Ok(positions) => {
+                        let assignment = self.assignment(&positions);
+                        if let Err(error) = consumer.assign(&assignment) {
+                            tracing::error!(%error, "assign failed");
+                            self.failed.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, ?pairs, "could not take ownership of partition pairs; stopping");
+                        self.failed.store(true, Ordering::SeqCst);
+                        let _ = consumer.unassign();
+                    }
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(?pairs, "partition pairs revoked");
+                let (done, wait) = std_mpsc::sync_channel(1);
+                // After Stop the pipeline is gone and has already committed everything.
+                if self
+                    .deliveries
+                    .blocking_send(Delivery::Revoke { pairs, done })
+                    .is_ok()
+                {
+                    let _ = wait.recv();
+                }
+                if let Err(error) = consumer.unassign() {
+                    tracing::warn!(%error, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl RebalanceContext {
+    fn take_ownership(&self, pairs: &[i32]) -> Result<Vec<PairPosition>, String> {
+        let (reply, wait) = std_mpsc::sync_channel(1);
+        self.deliveries
+            .blocking_send(Delivery::Assign {
+                pairs: pairs.to_vec(),
+                reply,
+            })
+            .map_err(|_| "pipeline has stopped".to_owned())?;
+        wait.recv().map_err(|_| "pipeline has stopped".to_owned())?
+    }
+
+    /// Both topics' partitions of each pair, at the offsets stored in PostgreSQL, or
+    /// from the beginning when nothing was stored: nothing may be skipped.
+    fn assignment(&self, positions: &[PairPosition]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for position in positions {
+            for input in Input::ALL {
+                let offset =
+                    position.next_offsets[input.index()].map_or(Offset::Beginning, Offset::Offset);
+                let topic = self.topic(input);
+                if let Err(error) = tpl.add_partition_offset(topic, position.pair, offset) {
+                    tracing::error!(%error, topic, partition = position.pair, "bad partition offset");
+                }
+            }
+        }
+        tpl
+    }
+
+    fn topic(&self, input: Input) -> &str {
+        match input {
+            Input::Payments => &self.payments_topic,
+            Input::Settlements => &self.settlements_topic,
+        }
+    }
+}
+
+fn pairs_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut pairs: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    pairs
+}
+
+/// Builds the librdkafka configuration: our required settings, then the user's
+/// `RECON_KAFKA_PROP_*` on top (which may tune but should not undo the required ones).
+pub fn client_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group_id)
+        .set("client.id", "recon-worker")
+        // Offsets live in PostgreSQL; Kafka commits are advisory and explicit.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // Without stored offsets read from the start: skipping input loses money.
+        .set("auto.offset.reset", "earliest")
+        // Range assigns partition p of both topics to the same member.
+        .set("partition.assignment.strategy", "range")
+        .set("isolation.level", "read_committed")
+        // Bounded prefetch: memory must not grow with a backlog.
+        .set("queued.max.messages.kbytes", "8192")
+        .set("queued.min.messages", "20000")
+        .set("fetch.max.bytes", "8388608")
+        .set("statistics.interval.ms", "0")
+        .set_log_level(RDKafkaLogLevel::Warning);
+    for (name, value) in &config.kafka_properties {
+        client.set(name, value);
+    }
+    client
+}
+
+/// Checks both topics exist with the same partition count; returns that count.
+pub fn check_co_partitioned(
+    consumer: &KafkaConsumer,
+    config: &Config,
+) -> Result<usize, ConsumerError> {
+    let count = |topic: &str| -> Result<usize, ConsumerError> {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len());
+        if partitions == 0 {
+            return Err(ConsumerError::MissingTopic {
+                topic: topic.to_owned(),
+                brokers: config.brokers.clone(),
+            });
+        }
+        Ok(partitions)
+    };
+    let payments_partitions = count(&config.payments_topic)?;
+    let settlements_partitions = count(&config.settlements_topic)?;
+    if payments_partitions != settlements_partitions {
+        return Err(ConsumerError::NotCoPartitioned {
+            payments: config.payments_topic.clone(),
+            payments_partitions,
+            settlements: config.settlements_topic.clone(),
+            settlements_partitions,
+        });
+    }
+    Ok(payments_partitions)
+}
+
+/// The running poll thread.
+pub struct PollThread {
+    handle: thread::JoinHandle<()>,
+    /// True once the consumer failed for good (an assignment could not be taken).
+    pub failed: Arc<AtomicBool>,
+}
+
+impl PollThread {
+    pub fn join(self) {
+        if self.handle.join().is_err() {
+            tracing::error!("poll thread panicked");
+        }
+    }
+}
+
+/// Creates the consumer, checks co-partitioning, subscribes and starts polling.
+/// `stop` ends polling; the thread then hands a `Stop` to the pipeline, waits for it,
+/// and closes the consumer so the group rebalances at once. The returned consumer
+/// handle is for the pipeline's advisory commits; it must be dropped before the
+/// pipeline acknowledges `Stop`, so the poll thread closes the consumer.
+pub fn start(
+    config: &Config,
+    deliveries: mpsc::Sender<Delivery>,
+    stop: Arc<AtomicBool>,
+) -> Result<(PollThread, Arc<KafkaConsumer>), ConsumerError> {
+    let failed = Arc::new(AtomicBool::new(false));
+    let context = RebalanceContext {
+        deliveries: deliveries.clone(),
+        payments_topic: config.payments_topic.clone(),
+        settlements_topic: config.settlements_topic.clone(),
+        failed: failed.clone(),
+    };
+    let consumer: KafkaConsumer = client_config(config).create_with_context(context)?;
+    let partitions = check_co_partitioned(&consumer, config)?;
+    tracing::info!(
+        payments = %config.payments_topic,
+        settlements = %config.settlements_topic,
+        partitions,
+        "topics are co-partitioned"
+    );
+    consumer.subscribe(&[&config.payments_topic, &config.settlements_topic])?;
+    let consumer = Arc::new(consumer);
+    let poller = Poller {
+        consumer: Arc::clone(&consumer),
+        deliveries,
+        stop,
+        failed: failed.clone(),
+        payments_topic: config.payments_topic.clone(),
+        max_message_bytes: config.max_message_bytes,
+        positions: HashMap::new(),
+    };
+    let handle = thread::Builder::new()
+        .name("kafka-poll".into())
+        .spawn(move || poller.run())
+        .map_err(|e| ConsumerError::Kafka(KafkaError::ClientCreation(e.to_string())))?;
+    Ok((PollThread { handle, failed }, consumer))
+}
+
+struct Poller {
+    consumer: Arc<KafkaConsumer>,
+    deliveries: mpsc::Sender<Delivery>,
+    stop: Arc<AtomicBool>,
+    failed: Arc<AtomicBool>,
+    payments_topic: String,
+    max_message_bytes: usize,
+    /// Next offset to read per (input, partition), as far as this thread has read.
+    positions: HashMap<(Input, i32), i64>,
+}
+
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+impl Poller {
+    fn run(mut self) {
+        let mut last_progress = Instant::now();
+        while !self.stop.load(Ordering::SeqCst) && !self.failed.load(Ordering::SeqCst) {
+            let consumer = Arc::clone(&self.consumer);
+            let delivery = match consumer.poll(Duration::from_millis(100)) {
+                None => None,
+                Some(Ok(message)) => Some(self.read(&message)),
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "poll error");
+                    None
+                }
+            };
+            if let Some(delivery) = delivery {
+                if self.deliveries.blocking_send(delivery).is_err() {
+                    break;
+                }
+            }
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                last_progress = Instant::now();
+                let progress = self.progress();
+                if !progress.is_empty()
+                    && self
+                        .deliveries
+                        .blocking_send(Delivery::Progress(progress))
+                        .is_err()
+                {
+                    break;
+                }
+            }
+        }
+        let (done, wait) = std_mpsc::sync_channel(1);
+        if self
+            .deliveries
+            .blocking_send(Delivery::Stop { done })
+            .is_ok()
+        {
+            let _ = wait.recv();
+        }
+        tracing::info!("leaving the consumer group");
+        // Dropping the last handle closes the consumer: revoke, leave group.
+        drop(self.deliveries);
+        if Arc::strong_count(&self.consumer) > 1 {
+            tracing::warn!("consumer still shared at shutdown; it closes with the last handle");
+        }
+        drop(self.consumer);
+    }
+
+    fn read(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
+        let input = if message.topic() == self.payments_topic {
+            Input::Payments
+        } else {
+            Input::Settlements
+        };
+        let partition = message.partition();
+        let offset = message.offset();
+        self.positions.insert((input, partition), offset + 1);
+        let decoded = decode(
+            input,
+            message.key(),
+            message.payload(),
+            self.max_message_bytes,
+        )
+        .map_err(|rejection| {
+            let payload = message.payload();
+            RejectedMessage {
+                input,
+                partition,
+                offset,
+                reason: rejection.to_string(),
+                class: rejection.class(),
+                payload: payload.map(|p| p[..p.len().min(REJECTED_PAYLOAD_CAP)].to_vec()),
+                payload_size: payload.map_or(0, |p| i32::try_from(p.len()).unwrap_or(i32::MAX)),
+                key: message.key().map(|k| k[..k.len().min(1024)].to_vec()),
+            }
+        });
+        Delivery::Message(ReadMessage {
+            input,
+            partition,
+            offset,
+            timestamp_ms: message.timestamp().to_millis(),
+            decoded,
+        })
+    }
+
+    /// For every assigned partition: is there anything left to read?
+    fn progress(&mut self) -> Vec<PartitionProgress> {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return Vec::new();
+        };
+        let mut progress = Vec::new();
+        for element in assignment.elements() {
+            let input = if element.topic() == self.payments_topic {
+                Input::Payments
+            } else {
+                Input::Settlements
+            };
+            let partition = element.partition();
+            let (low, high) = cached_watermarks(&self.consumer, element.topic(), partition);
+            let caught_up = match self.positions.get(&(input, partition)) {
+                Some(&position) => high >= 0 && position >= high,
+                // Nothing read since assignment: caught up only if the partition is empty.
+                None => high >= 0 && low >= 0 && high == low,
+            };
+            progress.push(PartitionProgress {
+                input,
+                partition,
+                caught_up,
+                high_watermark: high,
+            });
+        }
+        progress
+    }
+}
+
+/// The low and high watermarks librdkafka cached from its last fetch response for this
+/// partition (no network round trip); −1 when not known yet.
+fn cached_watermarks(consumer: &KafkaConsumer, topic: &str, partition: i32) -> (i64, i64) {
+    let Ok(topic) = std::ffi::CString::new(topic) else {
+        return (-1, -1);
+    };
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` is borrowed, `topic` is a
+    // NUL-terminated string that outlives the call, and librdkafka only writes the two
+    // out-parameters, which point to live stack variables.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+        (low, high)
+    } else {
+        (-1, -1)
+    }
+}
+
+/// Commits the stored positions to Kafka for lag tooling, after the database commit.
+/// Asynchronous and advisory: PostgreSQL stays the source of truth.
+pub fn commit_advisory(consumer: &KafkaConsumer, offsets: &[(&str, i32, i64)]) {
+    let mut tpl = TopicPartitionList::new();
+    for &(topic, partition, offset) in offsets {
+        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset));
+    }
+    if tpl.count() > 0 {
+        if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(%error, "advisory Kafka commit failed");
+        }
+    }
+}
+
+/// Micros now, from the wall clock: the only place the worker reads time.
+pub fn now_micros() -> Micros {
+    chrono::Utc::now().timestamp_micros()
+}

@@ -1,0 +1,740 @@
+//! The matching engine: pure, synchronous, deterministic. No IO and no clock — event
+//! times, the wall-clock `now` and everything loaded from storage come in as data.
+//!
+//! One [`PairEngine`] per partition pair holds the in-memory window: a map from
+//! `payment_id` to everything known about that id (the payment, its first settlement
+//! line and the event ids of duplicates). **A key present in memory is complete**: the
+//! caller must [`PairEngine::load`] every key an event needs that is not resident —
+//! one batched lookup per batch — so memory is a cache over PostgreSQL and results do
+//! not depend on the window size.
+//!
+//! Deadlines are checked at the end of each batch ([`PairEngine::fire_deadlines`])
+//! over the items touched in the batch plus the stored pending items the caller swept
+//! from PostgreSQL as due, so hot and cold items follow one code path.
+//!
+//! Every change is recorded as a [`PairChanges`] for the checkpoint; items changed
+//! since the last checkpoint are never evicted.
+
+pub mod rules;
+pub mod watermark;
+
+use std::collections::{HashMap, HashSet};
+use std::mem::size_of;
+
+use crate::config::{MatchConfig, WindowConfig};
+use crate::event::{Event, Input, Micros, Payment, Settlement};
+use crate::money::Currency;
+pub use rules::Outcome;
+use rules::{classify, PaymentTerms, SettlementTerms};
+use watermark::Watermark;
+
+/// Identifiers held in the window.
+pub type Id = Box<str>;
+
+/// Engine parameters in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    pub deadline: Micros,
+    pub orphan_timeout: Micros,
+    pub tolerance: i64,
+    pub idle_timeout: Micros,
+    pub window: WindowConfig,
+}
+
+impl EngineConfig {
+    pub fn new(matching: &MatchConfig, window: WindowConfig) -> Self {
+        let micros = |d: std::time::Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Self {
+            deadline: micros(matching.settlement_deadline),
+            orphan_timeout: micros(matching.orphan_timeout),
+            tolerance: matching.amount_tolerance_minor,
+            idle_timeout: micros(matching.idle_timeout),
+            window,
+        }
+    }
+}
+
+/// A payment as the window keeps it: what matching needs, nothing else.
+#[derive(Debug, Clone)]
+pub struct PaymentItem {
+    pub event_id: Id,
+    pub terms: PaymentTerms,
+    pub outcome: Outcome,
+}
+
+/// A settlement line as the window keeps it.
+#[derive(Debug, Clone)]
+pub struct SettlementItem {
+    pub event_id: Id,
+    pub terms: SettlementTerms,
+    pub outcome: Outcome,
+}
+
+/// Everything known about one `payment_id`.
+#[derive(Debug, Default)]
+struct KeyState {
+    payment: Option<PaymentItem>,
+    settlement: Option<SettlementItem>,
+    /// Event ids of `duplicate_payment` / `duplicate_settlement` events, for redelivery.
+    duplicates: Vec<(Input, Id)>,
+    /// Changed since the last checkpoint: must not be evicted.
+    dirty: bool,
+}
+
+impl KeyState {
+    fn is_open(&self) -> bool {
+        self.payment.as_ref().is_some_and(|p| p.outcome.is_open())
+            || self
+                .settlement
+                .as_ref()
+                .is_some_and(|s| s.outcome.is_open())
+    }
+
+    fn knows(&self, input: Input, event_id: &str) -> bool {
+        let first = match input {
+            Input::Payments => self.payment.as_ref().map(|p| &*p.event_id),
+            Input::Settlements => self.settlement.as_ref().map(|s| &*s.event_id),
+        };
+        first == Some(event_id)
+            || self
+                .duplicates
+                .iter()
+                .any(|(i, id)| *i == input && &**id == event_id)
+    }
+
+    /// Approximate heap and table bytes, for the window bound and its metric.
+    fn bytes(&self, key: &str) -> usize {
+        const ENTRY: usize = size_of::<Id>() + size_of::<KeyState>() + 8;
+        ENTRY
+            + key.len()
+            + self
+                .payment
+                .as_ref()
+                .map_or(0, |p| size_of::<PaymentItem>() + p.event_id.len())
+            + self
+                .settlement
+                .as_ref()
+                .map_or(0, |s| size_of::<SettlementItem>() + s.event_id.len())
+            + self
+                .duplicates
+                .iter()
+                .map(|(_, id)| size_of::<(Input, Id)>() + id.len())
+                .sum::<usize>()
+    }
+}
+
+/// One event as stored in PostgreSQL, to load into the window.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub input: Input,
+    pub event_id: String,
+    pub payment_id: String,
+    pub outcome: Outcome,
+    pub event_time: Micros,
+    /// `amount_minor` of a payment, `gross_minor` of a settlement.
+    pub amount: i64,
+    pub fee: i64,
+    pub net: i64,
+    pub currency: Currency,
+}
+
+/// Data of an event seen for the first time, for its insert.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kafka_offset: i64,
+    pub event_time: Micros,
+    pub amount: i64,
+    pub fee: Option<i64>,
+    pub net: Option<i64>,
+    pub currency: Currency,
+    /// `merchant_id` of a payment, `settlement_id` of a settlement.
+    pub reference: String,
+}
+
+/// The state of one event row after this batch.
+#[derive(Debug, Clone)]
+pub struct RowWrite {
+    pub input: Input,
+    pub event_id: Id,
+    pub payment_id: Id,
+    pub outcome: Outcome,
+    pub counterpart: Option<Id>,
+    /// Present when the row does not exist yet.
+    pub new: Option<NewEvent>,
+}
+
+/// A change to the discrepancy history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiscrepancyChange {
+    Opened {
+        kind: Outcome,
+        payment_id: Id,
+        payment_event_id: Option<Id>,
+        settlement_event_id: Option<Id>,
+    },
+    /// A `missing_settlement` (subject: the payment) or `orphan_settlement` (subject:
+    /// the settlement) closed by a late counterpart.
+    Resolved {
+        kind: Outcome,
+        subject_event_id: Id,
+        resolution: Outcome,
+    },
+}
+
+/// Everything one partition pair's checkpoint must write.
+#[derive(Debug, Clone, Default)]
+pub struct PairChanges {
+    pub rows: Vec<RowWrite>,
+    pub discrepancies: Vec<DiscrepancyChange>,
+    pub high_marks: [Option<Micros>; 2],
+}
+
+impl PairChanges {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.discrepancies.is_empty()
+    }
+}
+
+/// Whether an event changed anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Accepted(Outcome),
+    Redelivery,
+}
+
+/// A request to find stored pending items whose deadline the watermark has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepRequest {
+    /// Payments with `occurred_at` strictly before this are due.
+    pub payments_before: Micros,
+    /// Settlements with `settled_at` strictly before this are due.
+    pub settlements_before: Micros,
+}
+
+/// The window and watermark of one partition pair.
+#[derive(Debug)]
+pub struct PairEngine {
+    config: EngineConfig,
+    keys: HashMap<Id, KeyState>,
+    watermark: Watermark,
+    /// Watermark up to which stored pending items have been swept.
+    swept_through: Option<Micros>,
+    /// Row index by (input, event_id) for this batch, so each row is written once.
+    batch_rows: HashMap<(Input, Id), usize>,
+    changes: PairChanges,
+    /// Keys changed in this batch (the deadline candidates besides swept ones).
+    dirty_keys: Vec<Id>,
+    bytes: usize,
+}
+
+impl PairEngine {
+    pub fn new(config: EngineConfig, high_marks: [Option<Micros>; 2]) -> Self {
+        Self {
+            config,
+            keys: HashMap::new(),
+            watermark: Watermark::with_high_marks(high_marks),
+            swept_through: None,
+            batch_rows: HashMap::new(),
+            changes: PairChanges::default(),
+            dirty_keys: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    pub fn window_items(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn window_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn watermark(&self) -> Option<Micros> {
+        self.watermark.current()
+    }
+
+    pub fn is_resident(&self, payment_id: &str) -> bool {
+        self.keys.contains_key(payment_id)
+    }
+
+    /// Installs keys fetched from storage. Every id in `looked_up` becomes resident
+    /// (empty if it has no rows); `rows` must hold *all* stored events of those ids.
+    /// Keys already resident are left alone: memory is authoritative for them.
+    pub fn load(&mut self, looked_up: impl IntoIterator<Item = String>, rows: Vec<StoredEvent>) {
+        let mut fresh: HashMap<Id, KeyState> = HashMap::new();
+        for id in looked_up {
+            if !self.keys.contains_key(id.as_str()) {
+                fresh.entry(id.into_boxed_str()).or_default();
+            }
+        }
+        for row in rows {
+            let Some(state) = fresh.get_mut(row.payment_id.as_str()) else {
+                continue;
+            };
+            let event_id: Id = row.event_id.into_boxed_str();
+            match (row.input, row.outcome) {
+                (Input::Payments, Outcome::DuplicatePayment)
+                | (Input::Settlements, Outcome::DuplicateSettlement) => {
+                    state.duplicates.push((row.input, event_id));
+                }
+                (Input::Payments, outcome) => {
+                    state.payment = Some(PaymentItem {
+                        event_id,
+                        terms: PaymentTerms {
+                            amount: row.amount,
+                            currency: row.currency,
+                            occurred_at: row.event_time,
+                        },
+                        outcome,
+                    });
+                }
+                (Input::Settlements, outcome) => {
+                    state.settlement = Some(SettlementItem {
+                        event_id,
+                        terms: SettlementTerms {
+                            gross: row.amount,
+                            fee: row.fee,
+                            net: row.net,
+                            currency: row.currency,
+                            settled_at: row.event_time,
+                        },
+                        outcome,
+                    });
+                }
+            }
+        }
+        for (key, state) in fresh {
+            self.bytes += state.bytes(&key);
+            self.keys.insert(key, state);
+        }
+    }
+
+    /// A message was read from `input` (even one that was rejected).
+    pub fn observe_activity(&mut self, input: Input) {
+        self.watermark.observe_activity(input);
+    }
+
+    pub fn observe_caught_up(&mut self, input: Input, caught_up: bool, now: Micros) {
+        self.watermark.observe_caught_up(input, caught_up, now);
+    }
+
+    /// Applies one accepted event read at `kafka_offset`. Its key must be resident.
+    pub fn apply(&mut self, event: Event, kafka_offset: i64) -> Applied {
+        let input = event.input();
+        let payment_id = event.payment_id();
+        let Some(state) = self.keys.get(payment_id) else {
+            panic!("engine invariant: key {payment_id:?} was not loaded before apply");
+        };
+        if state.knows(input, event.event_id()) {
+            self.watermark.observe_activity(input);
+            return Applied::Redelivery;
+        }
+        self.watermark.observe_event(input, event.event_time());
+        let outcome = match event {
+            Event::Payment(p) => self.apply_payment(p, kafka_offset),
+            Event::Settlement(s) => self.apply_settlement(s, kafka_offset),
+        };
+        Applied::Accepted(outcome)
+    }
+
+    fn apply_payment(&mut self, p: Payment, kafka_offset: i64) -> Outcome {
+        let key: Id = p.payment_id.into_boxed_str();
+        let event_id: Id = p.event_id.into_boxed_str();
+        let new = NewEvent {
+            kafka_offset,
+            event_time: p.occurred_at,
+            amount: p.amount.get(),
+            fee: None,
+            net: None,
+            currency: p.currency,
+            reference: p.merchant_id,
+        };
+        let terms = PaymentTerms {
+            amount: p.amount.get(),
+            currency: p.currency,
+            occurred_at: p.occurred_at,
+        };
+        let (deadline, tolerance) = (self.config.deadline, self.config.tolerance);
+        self.touch(&key);
+        let state = self
+            .keys
+            .get_mut(&key)
+            .expect("engine invariant: key resident (checked in apply)");
+        if let Some(first) = &state.payment {
+            let original = first.event_id.clone();
+            state.duplicates.push((Input::Payments, event_id.clone()));
+            self.bytes += size_of::<(Input, Id)>() + event_id.len();
+            self.record_new(
+                Input::Payments,
+                &key,
+                &event_id,
+                Outcome::DuplicatePayment,
+                Some(original),
+                new,
+            );
+            self.open(Outcome::DuplicatePayment, &key, Some(event_id), None);
+            return Outcome::DuplicatePayment;
+        }
+        let matched = state.settlement.as_mut().map(|s| {
+            let previous = s.outcome;
+            s.outcome = classify(terms, s.terms, deadline, tolerance);
+            (s.event_id.clone(), previous, s.outcome)
+        });
+        let outcome = matched.as_ref().map_or(Outcome::Pending, |(_, _, o)| *o);
+        state.payment = Some(PaymentItem {
+            event_id: event_id.clone(),
+            terms,
+            outcome,
+        });
+        self.bytes += size_of::<PaymentItem>() + event_id.len();
+        let counterpart = matched.as_ref().map(|(id, _, _)| id.clone());
+        self.record_new(Input::Payments, &key, &event_id, outcome, counterpart, new);
+        if let Some((settlement_id, previous, outcome)) = matched {
+            self.record_update(
+                Input::Settlements,
+                &key,
+                &settlement_id,
+                outcome,
+                Some(event_id.clone()),
+            );
+            self.after_match(
+                &key,
+                &event_id,
+                &settlement_id,
+                previous,
+                Outcome::OrphanSettlement,
+                outcome,
+            );
+        }
+        outcome
+    }
+
+    fn apply_settlement(&mut self, s: Settlement, kafka_offset: i64) -> Outcome {
+        let key: Id = s.payment_id.into_boxed_str();
+        let event_id: Id = s.event_id.into_boxed_str();
+        let new = NewEvent {
+            kafka_offset,
+            event_time: s.settled_at,
+            amount: s.gross.get(),
+            fee: Some(s.fee.get()),
+            net: Some(s.net),
+            currency: s.currency,
+            reference: s.settlement_id,
+        };
+        let terms = SettlementTerms {
+            gross: s.gross.get(),
+            fee: s.fee.get(),
+            net: s.net,
+            currency: s.currency,
+            settled_at: s.settled_at,
+        };
+        let (deadline, tolerance) = (self.config.deadline, self.config.tolerance);
+        self.touch(&key);
+        let state = self
+            .keys
+            .get_mut(&key)
+            .expect("engine invariant: key resident (checked in apply)");
+        if let Some(first) = &state.settlement {
+            let original = first.event_id.clone();
+            state
+                .duplicates
+                .push((Input::Settlements, event_id.clone()));
+            self.bytes += size_of::<(Input, Id)>() + event_id.len();
+            self.record_new(
+                Input::Settlements,
+                &key,
+                &event_id,
+                Outcome::DuplicateSettlement,
+                Some(original),
+                new,
+            );
+            self.open(Outcome::DuplicateSettlement, &key, None, Some(event_id));
+            return Outcome::DuplicateSettlement;
+        }
+        let matched = state.payment.as_mut().map(|p| {
+            let previous = p.outcome;
+            p.outcome = classify(p.terms, terms, deadline, tolerance);
+            (p.event_id.clone(), previous, p.outcome)
+        });
+        let outcome = matched.as_ref().map_or(Outcome::Pending, |(_, _, o)| *o);
+        state.settlement = Some(SettlementItem {
+            event_id: event_id.clone(),
+            terms,
+            outcome,
+        });
+        self.bytes += size_of::<SettlementItem>() + event_id.len();
+        let counterpart = matched.as_ref().map(|(id, _, _)| id.clone());
+        self.record_new(
+            Input::Settlements,
+            &key,
+            &event_id,
+            outcome,
+            counterpart,
+            new,
+        );
+        if let Some((payment_event_id, previous, outcome)) = matched {
+            self.record_update(
+                Input::Payments,
+                &key,
+                &payment_event_id,
+                outcome,
+                Some(event_id.clone()),
+            );
+            self.after_match(
+                &key,
+                &payment_event_id,
+                &event_id,
+                previous,
+                Outcome::MissingSettlement,
+                outcome,
+            );
+        }
+        outcome
+    }
+
+    /// Discrepancy bookkeeping once a payment and its settlement meet: the earlier
+    /// side's deadline discrepancy (if it had fired) is resolved, and a mismatch opens.
+    fn after_match(
+        &mut self,
+        key: &Id,
+        payment_event_id: &Id,
+        settlement_event_id: &Id,
+        previous: Outcome,
+        resolvable: Outcome,
+        outcome: Outcome,
+    ) {
+        if previous == resolvable {
+            let subject = if resolvable == Outcome::MissingSettlement {
+                payment_event_id
+            } else {
+                settlement_event_id
+            };
+            self.changes
+                .discrepancies
+                .push(DiscrepancyChange::Resolved {
+                    kind: resolvable,
+                    subject_event_id: subject.clone(),
+                    resolution: outcome,
+                });
+        }
+        if outcome.is_discrepancy() {
+            self.open(
+                outcome,
+                key,
+                Some(payment_event_id.clone()),
+                Some(settlement_event_id.clone()),
+            );
+        }
+    }
+
+    fn open(
+        &mut self,
+        kind: Outcome,
+        key: &Id,
+        payment_event_id: Option<Id>,
+        settlement_event_id: Option<Id>,
+    ) {
+        self.changes.discrepancies.push(DiscrepancyChange::Opened {
+            kind,
+            payment_id: key.clone(),
+            payment_event_id,
+            settlement_event_id,
+        });
+    }
+
+    /// Marks a key changed in this batch: a deadline candidate, not evictable.
+    fn touch(&mut self, key: &Id) {
+        if let Some(state) = self.keys.get_mut(key) {
+            if !state.dirty {
+                state.dirty = true;
+                self.dirty_keys.push(key.clone());
+            }
+        }
+    }
+
+    fn record_new(
+        &mut self,
+        input: Input,
+        key: &Id,
+        event_id: &Id,
+        outcome: Outcome,
+        counterpart: Option<Id>,
+        new: NewEvent,
+    ) {
+        self.batch_rows
+            .insert((input, event_id.clone()), self.changes.rows.len());
+        self.changes.rows.push(RowWrite {
+            input,
+            event_id: event_id.clone(),
+            payment_id: key.clone(),
+            outcome,
+            counterpart,
+            new: Some(new),
+        });
+    }
+
+    fn record_update(
+        &mut self,
+        input: Input,
+        key: &Id,
+        event_id: &Id,
+        outcome: Outcome,
+        counterpart: Option<Id>,
+    ) {
+        if let Some(&index) = self.batch_rows.get(&(input, event_id.clone())) {
+            let row = &mut self.changes.rows[index];
+            row.outcome = outcome;
+            row.counterpart = counterpart;
+            return;
+        }
+        self.batch_rows
+            .insert((input, event_id.clone()), self.changes.rows.len());
+        self.changes.rows.push(RowWrite {
+            input,
+            event_id: event_id.clone(),
+            payment_id: key.clone(),
+            outcome,
+            counterpart,
+            new: None,
+        });
+    }
+
+    /// Recomputes the watermark at `now` and says whether stored pending items must be
+    /// swept (the watermark moved past the last sweep, or the last sweep was cut short).
+    pub fn advance(&mut self, now: Micros) -> Option<SweepRequest> {
+        let current = self.watermark.advance(now, self.config.idle_timeout)?;
+        if self.swept_through.is_some_and(|s| s >= current) {
+            return None;
+        }
+        Some(SweepRequest {
+            payments_before: current.saturating_sub(self.config.deadline),
+            settlements_before: current.saturating_sub(self.config.orphan_timeout),
+        })
+    }
+
+    /// Fires deadlines at the current watermark over the keys touched in this batch
+    /// and the keys in `swept` (stored pending items found due, loaded if not resident).
+    /// `sweep_complete` says the sweep returned every due item, not a bounded page.
+    pub fn fire_deadlines(
+        &mut self,
+        swept_keys: Vec<String>,
+        swept_rows: Vec<StoredEvent>,
+        sweep_complete: bool,
+    ) {
+        let Some(watermark) = self.watermark.current() else {
+            return;
+        };
+        let swept: Vec<Id> = swept_keys.iter().map(|k| Id::from(k.as_str())).collect();
+        self.load(swept_keys, swept_rows);
+        if sweep_complete {
+            self.swept_through = Some(watermark);
+        }
+        let mut candidates: Vec<Id> = self.dirty_keys.clone();
+        candidates.extend(swept);
+        let mut seen = HashSet::with_capacity(candidates.len());
+        for key in candidates {
+            if seen.insert(key.clone()) {
+                self.fire_key(&key, watermark);
+            }
+        }
+    }
+
+    fn fire_key(&mut self, key: &Id, watermark: Micros) {
+        let Some(state) = self.keys.get(key) else {
+            return;
+        };
+        let (deadline, orphan_timeout) = (self.config.deadline, self.config.orphan_timeout);
+        let payment_due = match (&state.payment, &state.settlement) {
+            (Some(p), None)
+                if p.outcome == Outcome::Pending
+                    && watermark > p.terms.occurred_at.saturating_add(deadline) =>
+            {
+                Some(p.event_id.clone())
+            }
+            _ => None,
+        };
+        let settlement_due = match (&state.payment, &state.settlement) {
+            (None, Some(s))
+                if s.outcome == Outcome::Pending
+                    && watermark > s.terms.settled_at.saturating_add(orphan_timeout) =>
+            {
+                Some(s.event_id.clone())
+            }
+            _ => None,
+        };
+        if let Some(event_id) = payment_due {
+            self.touch(key);
+            if let Some(p) = self.keys.get_mut(key).and_then(|s| s.payment.as_mut()) {
+                p.outcome = Outcome::MissingSettlement;
+            }
+            self.record_update(
+                Input::Payments,
+                key,
+                &event_id,
+                Outcome::MissingSettlement,
+                None,
+            );
+            self.open(Outcome::MissingSettlement, key, Some(event_id), None);
+        }
+        if let Some(event_id) = settlement_due {
+            self.touch(key);
+            if let Some(s) = self.keys.get_mut(key).and_then(|s| s.settlement.as_mut()) {
+                s.outcome = Outcome::OrphanSettlement;
+            }
+            self.record_update(
+                Input::Settlements,
+                key,
+                &event_id,
+                Outcome::OrphanSettlement,
+                None,
+            );
+            self.open(Outcome::OrphanSettlement, key, None, Some(event_id));
+        }
+    }
+
+    /// Hands over what this batch changed, for the checkpoint.
+    pub fn take_changes(&mut self) -> PairChanges {
+        self.batch_rows.clear();
+        let mut changes = std::mem::take(&mut self.changes);
+        changes.high_marks = self.watermark.high_marks();
+        changes
+    }
+
+    pub fn high_marks(&self) -> [Option<Micros>; 2] {
+        self.watermark.high_marks()
+    }
+
+    /// The batch's changes are durable: its keys may be evicted again. Evicts down to
+    /// 90% of the bounds when over them — closed keys first, then open ones, which stay
+    /// in PostgreSQL and come back through lookups and sweeps.
+    pub fn checkpointed(&mut self) {
+        for key in std::mem::take(&mut self.dirty_keys) {
+            if let Some(state) = self.keys.get_mut(&key) {
+                state.dirty = false;
+            }
+        }
+        let window = self.config.window;
+        if self.keys.len() <= window.max_items && self.bytes <= window.max_bytes {
+            return;
+        }
+        let target_items = window.max_items - window.max_items / 10;
+        let target_bytes = window.max_bytes - window.max_bytes / 10;
+        for evict_open in [false, true] {
+            let mut freed = 0usize;
+            let mut remaining = self.keys.len();
+            self.keys.retain(|key, state| {
+                let over = remaining > target_items || self.bytes - freed > target_bytes;
+                if over && !state.dirty && (evict_open || !state.is_open()) {
+                    freed += state.bytes(key);
+                    remaining -= 1;
+                    return false;
+                }
+                true
+            });
+            self.bytes -= freed;
+            if self.keys.len() <= target_items && self.bytes <= target_bytes {
+                break;
+            }
+        }
+    }
+}

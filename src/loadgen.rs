@@ -1,0 +1,488 @@
+//! Load and scenario generator: realistic co-partitioned payment and settlement
+//! streams with every outcome kind and every class of bad input, deterministic by seed.
+//!
+//! It also writes down what each event's final outcome must be — computed from the
+//! scenario it generated, not by the engine — so demos, end-to-end and chaos tests
+//! compare the worker's tables with an independent ground truth.
+
+use std::collections::BTreeMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::engine::Outcome;
+use crate::event::{format_timestamp, Input, Micros};
+
+const MINUTE: Micros = 60_000_000;
+const HOUR: Micros = 60 * MINUTE;
+
+/// One Kafka record to produce.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub input: Input,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Mix of scenarios; each field is a weight (0 disables it).
+#[derive(Debug, Clone)]
+pub struct Mix {
+    pub matched: u32,
+    pub matched_late: u32,
+    pub currency_mismatch: u32,
+    pub amount_mismatch: u32,
+    pub fee_mismatch: u32,
+    pub duplicate_payment: u32,
+    pub duplicate_settlement: u32,
+    pub missing_settlement: u32,
+    pub orphan_settlement: u32,
+    pub pending: u32,
+    pub redelivery: u32,
+    /// One bad message every this many scenarios (0: none).
+    pub poison_every: usize,
+}
+
+impl Default for Mix {
+    fn default() -> Self {
+        Self {
+            matched: 70,
+            matched_late: 3,
+            currency_mismatch: 2,
+            amount_mismatch: 3,
+            fee_mismatch: 2,
+            duplicate_payment: 2,
+            duplicate_settlement: 2,
+            missing_settlement: 3,
+            orphan_settlement: 3,
+            pending: 0,
+            redelivery: 5,
+            poison_every: 50,
+        }
+    }
+}
+
+/// Parameters of a generated stream.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub seed: u64,
+    /// Number of scenarios (payment ids).
+    pub scenarios: usize,
+    pub mix: Mix,
+    /// "Now" of the stream: recent events are around it, stale ones days before.
+    pub base_time: Micros,
+    /// D and O of the worker that will read the stream.
+    pub deadline: Micros,
+    pub orphan_timeout: Micros,
+    /// The worker's RECON_MAX_MESSAGE_BYTES, to make a message just over it.
+    pub max_message_bytes: usize,
+    /// Prefix making ids unique across runs.
+    pub id_prefix: String,
+}
+
+/// The final state every accepted event must reach, and the count of rejects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroundTruth {
+    /// (event_kind, event_id) → (payment_id, outcome, counterpart_event_id).
+    pub outcomes: BTreeMap<(String, String), (String, Outcome, Option<String>)>,
+    /// (topic input, reason class) of every bad message, in production order.
+    pub rejected: Vec<(Input, &'static str)>,
+}
+
+impl GroundTruth {
+    pub fn outcome_counts(&self) -> BTreeMap<Outcome, usize> {
+        let mut counts = BTreeMap::new();
+        for (_, outcome, _) in self.outcomes.values() {
+            *counts.entry(*outcome).or_default() += 1;
+        }
+        counts
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Scenario {
+    Matched,
+    MatchedLate,
+    CurrencyMismatch,
+    AmountMismatch,
+    FeeMismatch,
+    DuplicatePayment,
+    DuplicateSettlement,
+    Missing,
+    Orphan,
+    Pending,
+    Redelivery,
+}
+
+const CURRENCIES: [&str; 4] = ["EUR", "USD", "GBP", "JPY"];
+
+/// Generates the records (topic order within each payment id as a producer would send
+/// them; the two topics interleaved at random) and their ground truth.
+pub fn generate(plan: &Plan) -> (Vec<Record>, GroundTruth) {
+    let mut rng = StdRng::seed_from_u64(plan.seed);
+    let mix = &plan.mix;
+    let weighted = [
+        (mix.matched, Scenario::Matched),
+        (mix.matched_late, Scenario::MatchedLate),
+        (mix.currency_mismatch, Scenario::CurrencyMismatch),
+        (mix.amount_mismatch, Scenario::AmountMismatch),
+        (mix.fee_mismatch, Scenario::FeeMismatch),
+        (mix.duplicate_payment, Scenario::DuplicatePayment),
+        (mix.duplicate_settlement, Scenario::DuplicateSettlement),
+        (mix.missing_settlement, Scenario::Missing),
+        (mix.orphan_settlement, Scenario::Orphan),
+        (mix.pending, Scenario::Pending),
+        (mix.redelivery, Scenario::Redelivery),
+    ];
+    let total: u32 = weighted.iter().map(|(w, _)| w).sum::<u32>().max(1);
+    let mut streams: [Vec<Record>; 2] = [Vec::new(), Vec::new()];
+    let mut truth = GroundTruth::default();
+    let mut poison_class = 0usize;
+    for i in 0..plan.scenarios {
+        let mut pick = rng.random_range(0..total);
+        let scenario = weighted
+            .iter()
+            .find(|(w, _)| {
+                if pick < *w {
+                    true
+                } else {
+                    pick -= w;
+                    false
+                }
+            })
+            .map_or(Scenario::Matched, |(_, s)| *s);
+        generate_scenario(plan, &mut rng, i, scenario, &mut streams, &mut truth);
+        if mix.poison_every > 0 && i % mix.poison_every == mix.poison_every - 1 {
+            let (input, class, record) = poison(plan, &mut rng, poison_class);
+            poison_class += 1;
+            streams[input.index()].push(record);
+            truth.rejected.push((input, class));
+        }
+    }
+    (interleave(&mut rng, streams), truth)
+}
+
+fn interleave(rng: &mut StdRng, streams: [Vec<Record>; 2]) -> Vec<Record> {
+    let [payments, settlements] = streams;
+    let mut out = Vec::with_capacity(payments.len() + settlements.len());
+    let (mut p, mut s) = (
+        payments.into_iter().peekable(),
+        settlements.into_iter().peekable(),
+    );
+    loop {
+        let take_payment = match (p.peek().is_some(), s.peek().is_some()) {
+            (false, false) => break,
+            (true, false) => true,
+            (false, true) => false,
+            (true, true) => rng.random_bool(0.5),
+        };
+        let next = if take_payment { p.next() } else { s.next() };
+        out.extend(next);
+    }
+    out
+}
+
+struct Ids {
+    payment_id: String,
+    prefix: String,
+}
+
+impl Ids {
+    fn event(&self, tag: &str) -> String {
+        format!("{}-{tag}", self.prefix)
+    }
+}
+
+fn generate_scenario(
+    plan: &Plan,
+    rng: &mut StdRng,
+    i: usize,
+    scenario: Scenario,
+    streams: &mut [Vec<Record>; 2],
+    truth: &mut GroundTruth,
+) {
+    let ids = Ids {
+        payment_id: format!("{}pay-{i:08}", plan.id_prefix),
+        prefix: format!("{}evt-{i:08}", plan.id_prefix),
+    };
+    let currency = CURRENCIES[rng.random_range(0..CURRENCIES.len())];
+    let amount: i64 = rng.random_range(100..500_000);
+    let fee = amount / 50;
+    let occurred = plan.base_time - rng.random_range(0..HOUR);
+    let on_time = occurred + rng.random_range(MINUTE..plan.deadline.max(2 * MINUTE));
+    let stale = plan.base_time - plan.deadline.max(plan.orphan_timeout) - 24 * HOUR;
+    let payment = |event_id: &str, at: Micros, amount: i64| Record {
+        input: Input::Payments,
+        key: Some(ids.payment_id.clone().into_bytes()),
+        value: Some(payment_json(
+            event_id,
+            &ids.payment_id,
+            amount,
+            currency,
+            at,
+        )),
+    };
+    let settlement =
+        |event_id: &str, at: Micros, gross: i64, fee: i64, net: i64, currency: &str| Record {
+            input: Input::Settlements,
+            key: Some(ids.payment_id.clone().into_bytes()),
+            value: Some(settlement_json(
+                event_id,
+                &ids.payment_id,
+                gross,
+                fee,
+                net,
+                currency,
+                at,
+            )),
+        };
+    let (p, s) = (ids.event("p"), ids.event("s"));
+    let mut expect = |kind: &str, event_id: &str, outcome: Outcome, counterpart: Option<&str>| {
+        truth.outcomes.insert(
+            (kind.to_owned(), event_id.to_owned()),
+            (
+                ids.payment_id.clone(),
+                outcome,
+                counterpart.map(str::to_owned),
+            ),
+        );
+    };
+    let mut pair = |outcome: Outcome, settled: Micros, gross: i64, net: i64, currency: &str| {
+        streams[0].push(payment(&p, occurred, amount));
+        streams[1].push(settlement(&s, settled, gross, fee, net, currency));
+        expect("payment", &p, outcome, Some(&s));
+        expect("settlement", &s, outcome, Some(&p));
+    };
+    match scenario {
+        Scenario::Matched => pair(Outcome::Matched, on_time, amount, amount - fee, currency),
+        Scenario::MatchedLate => pair(
+            Outcome::MatchedLate,
+            occurred + plan.deadline + HOUR,
+            amount,
+            amount - fee,
+            currency,
+        ),
+        Scenario::CurrencyMismatch => {
+            let other = CURRENCIES
+                .iter()
+                .find(|c| **c != currency)
+                .copied()
+                .unwrap_or("CHF");
+            pair(
+                Outcome::CurrencyMismatch,
+                on_time,
+                amount,
+                amount - fee,
+                other,
+            )
+        }
+        Scenario::AmountMismatch => pair(
+            Outcome::AmountMismatch,
+            on_time,
+            amount + 1 + amount / 10,
+            amount + 1 + amount / 10 - fee,
+            currency,
+        ),
+        Scenario::FeeMismatch => pair(
+            Outcome::FeeMismatch,
+            on_time,
+            amount,
+            amount - fee - 1,
+            currency,
+        ),
+        Scenario::DuplicatePayment => {
+            pair(Outcome::Matched, on_time, amount, amount - fee, currency);
+            let dup = ids.event("p2");
+            streams[0].push(payment(&dup, occurred + MINUTE, amount));
+            expect("payment", &dup, Outcome::DuplicatePayment, Some(&p));
+        }
+        Scenario::DuplicateSettlement => {
+            pair(Outcome::Matched, on_time, amount, amount - fee, currency);
+            let dup = ids.event("s2");
+            streams[1].push(settlement(
+                &dup,
+                on_time + MINUTE,
+                amount,
+                fee,
+                amount - fee,
+                currency,
+            ));
+            expect("settlement", &dup, Outcome::DuplicateSettlement, Some(&s));
+        }
+        Scenario::Missing => {
+            streams[0].push(payment(&p, stale, amount));
+            expect("payment", &p, Outcome::MissingSettlement, None);
+        }
+        Scenario::Orphan => {
+            streams[1].push(settlement(&s, stale, amount, fee, amount - fee, currency));
+            expect("settlement", &s, Outcome::OrphanSettlement, None);
+        }
+        Scenario::Pending => {
+            // Recent and unanswered: still inside its deadline when the stream ends.
+            streams[0].push(payment(&p, plan.base_time, amount));
+            expect("payment", &p, Outcome::Pending, None);
+        }
+        Scenario::Redelivery => {
+            pair(Outcome::Matched, on_time, amount, amount - fee, currency);
+            // The same messages again, as an at-least-once producer would resend them.
+            streams[0].push(payment(&p, occurred, amount));
+            streams[1].push(settlement(&s, on_time, amount, fee, amount - fee, currency));
+        }
+    }
+}
+
+fn payment_json(
+    event_id: &str,
+    payment_id: &str,
+    amount: i64,
+    currency: &str,
+    at: Micros,
+) -> Vec<u8> {
+    json!({
+        "event_id": event_id,
+        "type": "payment_captured",
+        "payment_id": payment_id,
+        "merchant_id": "merchant-42",
+        "amount_minor": amount,
+        "currency": currency,
+        "occurred_at": format_timestamp(at),
+        "schema_version": 3
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn settlement_json(
+    event_id: &str,
+    payment_id: &str,
+    gross: i64,
+    fee: i64,
+    net: i64,
+    currency: &str,
+    at: Micros,
+) -> Vec<u8> {
+    json!({
+        "event_id": event_id,
+        "type": "settlement_line",
+        "settlement_id": "payout-2026-11-23",
+        "payment_id": payment_id,
+        "gross_minor": gross,
+        "fee_minor": fee,
+        "net_minor": net,
+        "currency": currency,
+        "settled_at": format_timestamp(at)
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Number of distinct bad-input classes [`poison`] cycles through.
+pub const POISON_CLASSES: usize = 14;
+
+/// The `n`-th bad message (cycling through every rejection class).
+fn poison(plan: &Plan, rng: &mut StdRng, n: usize) -> (Input, &'static str, Record) {
+    let key = format!("{}bad-{n}", plan.id_prefix);
+    let at = format_timestamp(plan.base_time);
+    let payment = |fields: serde_json::Value| {
+        let mut base = json!({
+            "event_id": format!("{key}-e"), "type": "payment_captured", "payment_id": key.clone(),
+            "merchant_id": "m", "amount_minor": 100, "currency": "EUR", "occurred_at": at.clone()
+        });
+        if let (Some(base), Some(fields)) = (base.as_object_mut(), fields.as_object()) {
+            for (k, v) in fields {
+                if v.is_null() {
+                    base.remove(k);
+                } else {
+                    base.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        base.to_string().into_bytes()
+    };
+    let class_index = n % POISON_CLASSES;
+    let input = if rng.random_bool(0.5) && class_index >= 12 {
+        Input::Settlements
+    } else {
+        Input::Payments
+    };
+    let (class, key_bytes, value): (&'static str, Option<Vec<u8>>, Option<Vec<u8>>) =
+        match class_index {
+            0 => (
+                "not_utf8",
+                Some(key.clone().into_bytes()),
+                Some(vec![0xff, 0xfe, b'{', 0x80]),
+            ),
+            1 => (
+                "not_json",
+                Some(key.clone().into_bytes()),
+                Some(b"{\"event_id\": ".to_vec()),
+            ),
+            2 => (
+                "not_object",
+                Some(key.clone().into_bytes()),
+                Some(b"[1, 2, 3]".to_vec()),
+            ),
+            3 => (
+                "missing_field",
+                Some(key.clone().into_bytes()),
+                Some(payment(json!({"amount_minor": null}))),
+            ),
+            4 => (
+                "wrong_type",
+                Some(key.clone().into_bytes()),
+                Some(payment(json!({"amount_minor": "100"}))),
+            ),
+            5 => (
+                "out_of_range",
+                Some(key.clone().into_bytes()),
+                Some(payment(json!({"amount_minor": 0}))),
+            ),
+            6 => (
+                "unknown_currency",
+                Some(key.clone().into_bytes()),
+                Some(payment(json!({"currency": "XYZ"}))),
+            ),
+            7 => (
+                "bad_timestamp",
+                Some(key.clone().into_bytes()),
+                Some(payment(json!({"occurred_at": "yesterday"}))),
+            ),
+            8 => (
+                "unknown_type",
+                Some(key.clone().into_bytes()),
+                Some(payment(json!({"type": "refund_issued"}))),
+            ),
+            9 => (
+                "wrong_topic_type",
+                Some(key.clone().into_bytes()),
+                Some(payment(json!({"type": "settlement_line"}))),
+            ),
+            10 => (
+                "key_mismatch",
+                Some(b"someone-else".to_vec()),
+                Some(payment(json!({}))),
+            ),
+            11 => (
+                "too_large",
+                Some(key.clone().into_bytes()),
+                Some(payment(
+                    json!({"padding": "x".repeat(plan.max_message_bytes)}),
+                )),
+            ),
+            12 => ("empty", Some(key.clone().into_bytes()), None),
+            _ => (
+                "not_json",
+                Some(key.clone().into_bytes()),
+                Some(b"\"just a string".to_vec()),
+            ),
+        };
+    (
+        input,
+        class,
+        Record {
+            input,
+            key: key_bytes,
+            value,
+        },
+    )
+}

@@ -1,0 +1,503 @@
+//! The loop tying consumer → engine → store. One task owns all partition-pair state;
+//! the poll thread talks to it only through [`Delivery`] values, in order.
+//!
+//! Per batch: load window misses (one query), apply events in partition order,
+//! advance watermarks and fire deadlines (sweeping due stored items), then one
+//! checkpoint transaction. Only after it commits are offsets committed to Kafka
+//! (advisory) and the batch's keys made evictable. Transient database errors are
+//! retried with capped exponential backoff while nothing new is taken; a fenced pair's
+//! state is dropped and the rest of the batch is written without it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
+
+use crate::config::Config;
+use crate::consumer::{
+    commit_advisory, now_micros, Delivery, KafkaConsumer, PartitionProgress, ReadMessage,
+};
+use crate::engine::{Applied, EngineConfig, PairEngine};
+use crate::event::Input;
+use crate::store::{PairCheckpoint, PairPosition, RejectedMessage, Store, StoreError};
+use crate::telemetry::metrics as m;
+use crate::telemetry::Health;
+
+/// How often the loop turns when nothing arrives, to advance watermarks on idle input.
+const TICK: Duration = Duration::from_millis(250);
+/// Most due items a deadline sweep loads per pair and batch.
+const SWEEP_LIMIT: i64 = 5_000;
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// Why the pipeline stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct OwnedPair {
+    epoch: i64,
+    engine: PairEngine,
+    /// Next offset to read per input, as far as this pipeline has processed.
+    read: [Option<i64>; 2],
+    /// Next offset per input as last committed to PostgreSQL.
+    committed: [Option<i64>; 2],
+    high_watermarks: [i64; 2],
+}
+
+pub struct Pipeline {
+    store: Store,
+    consumer: Option<Arc<KafkaConsumer>>,
+    engine_config: EngineConfig,
+    topics: [String; 2],
+    batch_max_messages: usize,
+    batch_max_wait: Duration,
+    health: Arc<Health>,
+    pairs: BTreeMap<i32, OwnedPair>,
+}
+
+enum Item {
+    Message(ReadMessage),
+    Progress(Vec<PartitionProgress>),
+}
+
+impl Pipeline {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        consumer: Option<Arc<KafkaConsumer>>,
+        health: Arc<Health>,
+    ) -> Self {
+        Self {
+            store,
+            consumer,
+            engine_config: EngineConfig::new(&config.matching, config.window),
+            topics: [
+                config.payments_topic.clone(),
+                config.settlements_topic.clone(),
+            ],
+            batch_max_messages: config.batch_max_messages,
+            batch_max_wait: config.batch_max_wait,
+            health,
+            pairs: BTreeMap::new(),
+        }
+    }
+
+    /// Runs until a `Stop` delivery (or the channel closing); returns after the last
+    /// commit.
+    pub async fn run(
+        mut self,
+        mut deliveries: mpsc::Receiver<Delivery>,
+    ) -> Result<(), PipelineError> {
+        loop {
+            self.health.loop_turned();
+            let (items, control) = self.collect(&mut deliveries).await;
+            self.process(items).await?;
+            match control {
+                None => {}
+                Some(Delivery::Assign { pairs, reply }) => {
+                    let result = self.assign(&pairs).await;
+                    let answer = result.as_ref().map(Vec::clone).map_err(ToString::to_string);
+                    let _ = reply.send(answer);
+                    result?;
+                }
+                Some(Delivery::Revoke { pairs, done }) => {
+                    for pair in &pairs {
+                        self.pairs.remove(pair);
+                    }
+                    self.publish_assignment();
+                    let _ = done.send(());
+                }
+                Some(Delivery::Stop { done }) => {
+                    // Release our consumer handle first: the poll thread closes it.
+                    self.consumer = None;
+                    let _ = done.send(());
+                    return Ok(());
+                }
+                Some(Delivery::Message(_) | Delivery::Progress(_)) => {
+                    unreachable!("collected as items")
+                }
+            }
+        }
+    }
+
+    /// Gathers a batch: up to `batch_max_messages` messages or `batch_max_wait`, ended
+    /// early by a control delivery, which is returned to be handled after the batch.
+    async fn collect(
+        &mut self,
+        deliveries: &mut mpsc::Receiver<Delivery>,
+    ) -> (Vec<Item>, Option<Delivery>) {
+        let mut items = Vec::new();
+        let mut messages = 0usize;
+        let first = match tokio::time::timeout(TICK, deliveries.recv()).await {
+            Err(_) => return (items, None),
+            Ok(None) => {
+                let (done, _) = std::sync::mpsc::sync_channel(1);
+                return (items, Some(Delivery::Stop { done }));
+            }
+            Ok(Some(delivery)) => delivery,
+        };
+        let deadline = tokio::time::Instant::now() + self.batch_max_wait;
+        let mut next = Some(first);
+        while let Some(delivery) = next.take() {
+            match delivery {
+                Delivery::Message(message) => {
+                    messages += 1;
+                    items.push(Item::Message(message));
+                }
+                Delivery::Progress(progress) => items.push(Item::Progress(progress)),
+                control => return (items, Some(control)),
+            }
+            if messages >= self.batch_max_messages {
+                break;
+            }
+            next = match deliveries.try_recv() {
+                Ok(delivery) => Some(delivery),
+                Err(TryRecvError::Disconnected) => None,
+                Err(TryRecvError::Empty) => tokio::time::timeout_at(deadline, deliveries.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+            };
+        }
+        (items, None)
+    }
+
+    async fn assign(&mut self, pairs: &[i32]) -> Result<Vec<PairPosition>, StoreError> {
+        let store = self.store.clone();
+        let positions = self
+            .retry("acquire_pairs", || store.acquire_pairs(pairs))
+            .await?;
+        for position in &positions {
+            tracing::info!(pair = position.pair, epoch = position.epoch, offsets = ?position.next_offsets, "took ownership");
+            self.pairs.insert(
+                position.pair,
+                OwnedPair {
+                    epoch: position.epoch,
+                    engine: PairEngine::new(self.engine_config, position.high_marks),
+                    read: position.next_offsets,
+                    committed: position.next_offsets,
+                    high_watermarks: [-1, -1],
+                },
+            );
+        }
+        self.publish_assignment();
+        Ok(positions)
+    }
+
+    fn publish_assignment(&self) {
+        self.health.set_assigned(self.pairs.len());
+        metrics::gauge!(m::ASSIGNED_PARTITIONS).set(self.pairs.len() as f64);
+    }
+
+    async fn process(&mut self, items: Vec<Item>) -> Result<(), PipelineError> {
+        let now = now_micros();
+        let started = Instant::now();
+        self.load_misses(&items).await?;
+        let mut rejected: HashMap<i32, Vec<RejectedMessage>> = HashMap::new();
+        let mut timestamps = Vec::new();
+        let mut message_count = 0usize;
+        for item in items {
+            match item {
+                Item::Message(message) => {
+                    message_count += 1;
+                    let Some(owned) = self.pairs.get_mut(&message.partition) else {
+                        tracing::debug!(
+                            partition = message.partition,
+                            "message for a pair not owned; dropped"
+                        );
+                        continue;
+                    };
+                    let input = message.input;
+                    owned.read[input.index()] = Some(message.offset + 1);
+                    metrics::counter!(m::EVENTS_CONSUMED, "topic" => input.to_string())
+                        .increment(1);
+                    if let Some(ts) = message.timestamp_ms {
+                        timestamps.push(ts);
+                    }
+                    match message.decoded {
+                        Ok(event) => match owned.engine.apply(event, message.offset) {
+                            Applied::Accepted(outcome) => {
+                                metrics::counter!(m::OUTCOMES, "outcome" => outcome.as_str())
+                                    .increment(1);
+                            }
+                            Applied::Redelivery => {
+                                metrics::counter!(m::EVENTS_REDELIVERED, "topic" => input.to_string()).increment(1);
+                            }
+                        },
+                        Err(rejection) => {
+                            owned.engine.observe_activity(input);
+                            metrics::counter!(m::EVENTS_REJECTED, "topic" => input.to_string(), "reason" => rejection.class)
+                                .increment(1);
+                            rejected
+                                .entry(message.partition)
+                                .or_default()
+                                .push(rejection);
+                        }
+                    }
+                }
+                Item::Progress(progress) => {
+                    for p in progress {
+                        if let Some(owned) = self.pairs.get_mut(&p.partition) {
+                            owned.engine.observe_caught_up(p.input, p.caught_up, now);
+                            owned.high_watermarks[p.input.index()] = p.high_watermark;
+                        }
+                    }
+                }
+            }
+        }
+        self.fire_deadlines(now).await?;
+        let checkpoints = self.checkpoints(rejected);
+        if !checkpoints.is_empty() {
+            self.commit(checkpoints, message_count).await?;
+            metrics::histogram!(m::CHECKPOINT_DURATION).record(started.elapsed().as_secs_f64());
+            let committed_ms = chrono::Utc::now().timestamp_millis();
+            for ts in timestamps {
+                metrics::histogram!(m::PROCESSING_LATENCY)
+                    .record((committed_ms - ts).max(0) as f64 / 1000.0);
+            }
+        }
+        self.publish_gauges();
+        Ok(())
+    }
+
+    /// One lookup for every key the batch needs that is not in memory.
+    async fn load_misses(&mut self, items: &[Item]) -> Result<(), PipelineError> {
+        let mut seen = HashSet::new();
+        let (mut pairs, mut ids) = (Vec::new(), Vec::new());
+        for item in items {
+            let Item::Message(ReadMessage {
+                partition,
+                decoded: Ok(event),
+                ..
+            }) = item
+            else {
+                continue;
+            };
+            let Some(owned) = self.pairs.get(partition) else {
+                continue;
+            };
+            if !owned.engine.is_resident(event.payment_id())
+                && seen.insert((*partition, event.payment_id()))
+            {
+                pairs.push(*partition);
+                ids.push(event.payment_id().to_owned());
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let rows = self.retry("lookup", || store.lookup(&pairs, &ids)).await?;
+        let mut rows_by_pair: HashMap<i32, Vec<_>> = HashMap::new();
+        for (pair, row) in rows {
+            rows_by_pair.entry(pair).or_default().push(row);
+        }
+        let mut keys_by_pair: HashMap<i32, Vec<String>> = HashMap::new();
+        for (pair, id) in pairs.into_iter().zip(ids) {
+            keys_by_pair.entry(pair).or_default().push(id);
+        }
+        for (pair, keys) in keys_by_pair {
+            if let Some(owned) = self.pairs.get_mut(&pair) {
+                owned
+                    .engine
+                    .load(keys, rows_by_pair.remove(&pair).unwrap_or_default());
+            }
+        }
+        Ok(())
+    }
+
+    async fn fire_deadlines(&mut self, now: i64) -> Result<(), PipelineError> {
+        let store = self.store.clone();
+        let pairs: Vec<i32> = self.pairs.keys().copied().collect();
+        for pair in pairs {
+            let Some(owned) = self.pairs.get_mut(&pair) else {
+                continue;
+            };
+            let Some(request) = owned.engine.advance(now) else {
+                owned.engine.fire_deadlines(Vec::new(), Vec::new(), false);
+                continue;
+            };
+            let due = self
+                .retry("sweep", || store.due_keys(pair, request, SWEEP_LIMIT))
+                .await?;
+            let Some(owned) = self.pairs.get(&pair) else {
+                continue;
+            };
+            let missing: Vec<String> = due
+                .payment_ids
+                .iter()
+                .filter(|id| !owned.engine.is_resident(id))
+                .cloned()
+                .collect();
+            let rows = if missing.is_empty() {
+                Vec::new()
+            } else {
+                let pairs = vec![pair; missing.len()];
+                self.retry("sweep_lookup", || store.lookup(&pairs, &missing))
+                    .await?
+                    .into_iter()
+                    .map(|(_, row)| row)
+                    .collect()
+            };
+            if let Some(owned) = self.pairs.get_mut(&pair) {
+                owned
+                    .engine
+                    .fire_deadlines(due.payment_ids, rows, due.complete);
+                if let Some(watermark) = owned.engine.watermark() {
+                    metrics::gauge!(m::WATERMARK, "partition" => pair.to_string())
+                        .set(watermark as f64 / 1e6);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn checkpoints(
+        &mut self,
+        mut rejected: HashMap<i32, Vec<RejectedMessage>>,
+    ) -> Vec<PairCheckpoint> {
+        let mut checkpoints = Vec::new();
+        for (&pair, owned) in &mut self.pairs {
+            let changes = owned.engine.take_changes();
+            let rejected = rejected.remove(&pair).unwrap_or_default();
+            if changes.is_empty() && rejected.is_empty() && owned.read == owned.committed {
+                continue;
+            }
+            let next_offsets = [0, 1].map(|i| {
+                (owned.read[i] != owned.committed[i])
+                    .then_some(owned.read[i])
+                    .flatten()
+            });
+            checkpoints.push(PairCheckpoint {
+                pair,
+                epoch: owned.epoch,
+                next_offsets,
+                changes,
+                rejected,
+            });
+        }
+        checkpoints
+    }
+
+    async fn commit(
+        &mut self,
+        mut checkpoints: Vec<PairCheckpoint>,
+        message_count: usize,
+    ) -> Result<(), PipelineError> {
+        let mut backoff = BACKOFF_START;
+        loop {
+            match self.store.checkpoint(&checkpoints).await {
+                Ok(()) => break,
+                Err(StoreError::Fenced(fenced)) => {
+                    metrics::counter!(m::FENCED_CHECKPOINTS).increment(fenced.len() as u64);
+                    tracing::warn!(pairs = ?fenced, "fenced: another worker owns these partition pairs; dropping their state");
+                    for pair in &fenced {
+                        self.pairs.remove(pair);
+                    }
+                    checkpoints.retain(|c| !fenced.contains(&c.pair));
+                    self.publish_assignment();
+                    if checkpoints.is_empty() {
+                        return Ok(());
+                    }
+                }
+                Err(error) if error.is_transient() => {
+                    metrics::counter!(m::CHECKPOINT_FAILURES, "kind" => "transient").increment(1);
+                    metrics::counter!(m::RETRIES, "operation" => "checkpoint").increment(1);
+                    self.backing_off(&error, "checkpoint", &mut backoff).await;
+                }
+                Err(error) => {
+                    metrics::counter!(m::CHECKPOINT_FAILURES, "kind" => "permanent").increment(1);
+                    return Err(error.into());
+                }
+            }
+        }
+        self.health.set_backing_off(false);
+        self.health.set_database_ok(true);
+        metrics::histogram!(m::CHECKPOINT_BATCH_SIZE).record(message_count as f64);
+        let mut advisory = Vec::new();
+        for checkpoint in &checkpoints {
+            let Some(owned) = self.pairs.get_mut(&checkpoint.pair) else {
+                continue;
+            };
+            owned.engine.checkpointed();
+            for input in Input::ALL {
+                if let Some(offset) = checkpoint.next_offsets[input.index()] {
+                    owned.committed[input.index()] = Some(offset);
+                    advisory.push((self.topics[input.index()].as_str(), checkpoint.pair, offset));
+                }
+            }
+        }
+        if let Some(consumer) = &self.consumer {
+            commit_advisory(consumer, &advisory);
+        }
+        Ok(())
+    }
+
+    fn publish_gauges(&self) {
+        let (items, bytes) = self.pairs.values().fold((0, 0), |(items, bytes), owned| {
+            (
+                items + owned.engine.window_items(),
+                bytes + owned.engine.window_bytes(),
+            )
+        });
+        metrics::gauge!(m::WINDOW_ITEMS).set(items as f64);
+        metrics::gauge!(m::WINDOW_BYTES).set(bytes as f64);
+        for (&pair, owned) in &self.pairs {
+            for input in Input::ALL {
+                let high = owned.high_watermarks[input.index()];
+                if high < 0 {
+                    continue;
+                }
+                let stored = owned.committed[input.index()].unwrap_or(0);
+                metrics::gauge!(m::CONSUMER_LAG, "topic" => input.to_string(), "partition" => pair.to_string())
+                    .set((high - stored).max(0) as f64);
+            }
+        }
+    }
+
+    async fn backing_off(
+        &self,
+        error: &StoreError,
+        operation: &'static str,
+        backoff: &mut Duration,
+    ) {
+        tracing::warn!(%error, operation, retry_in = ?*backoff, "transient database error; retrying");
+        self.health.set_backing_off(true);
+        self.health.set_database_ok(false);
+        self.health.loop_turned();
+        tokio::time::sleep(*backoff).await;
+        *backoff = (*backoff * 2).min(BACKOFF_CAP);
+    }
+
+    /// Runs a store operation until it succeeds or fails for good.
+    async fn retry<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        mut attempt: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut backoff = BACKOFF_START;
+        loop {
+            match attempt().await {
+                Ok(value) => {
+                    self.health.set_backing_off(false);
+                    self.health.set_database_ok(true);
+                    return Ok(value);
+                }
+                Err(error) if error.is_transient() => {
+                    metrics::counter!(m::RETRIES, "operation" => operation).increment(1);
+                    self.backing_off(&error, operation, &mut backoff).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}

@@ -1,0 +1,560 @@
+//! PostgreSQL: the durable state. Migrations, partition-pair ownership (epochs and
+//! stored offsets), window lookups, deadline sweeps and the checkpoint transaction.
+//!
+//! Every statement that touches many rows binds arrays (`UNNEST`, `= ANY`): one round
+//! trip per kind of change per batch, never one per event. The checkpoint updates the
+//! partition-pair rows first and only where the epoch still matches, so a worker that
+//! lost its partitions (a zombie) is fenced before it writes anything else, and the
+//! row locks it takes serialise it against the new owner's epoch bump.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Row};
+
+use crate::engine::{DiscrepancyChange, Outcome, PairChanges, StoredEvent, SweepRequest};
+use crate::event::{Input, Micros};
+use crate::money::Currency;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A store failure, saying whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Connection lost, server restarting, pool exhausted, serialisation conflict:
+    /// retry with backoff.
+    #[error("transient database error: {0}")]
+    Transient(#[source] sqlx::Error),
+    /// Schema missing, authentication, constraint violations: retrying will not help.
+    #[error("database error: {0}")]
+    Permanent(#[source] sqlx::Error),
+    /// Another worker owns these partition pairs now (their epoch moved on).
+    #[error("fenced: partition pairs {0:?} now belong to another worker")]
+    Fenced(Vec<i32>),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_transient(&error) {
+            StoreError::Transient(error)
+        } else {
+            StoreError::Permanent(error)
+        }
+    }
+}
+
+fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 40001/40P01: serialisation/deadlock; 53: out of
+            // resources; 57P01-57P03: shutdown/crash/cannot connect now.
+            code.starts_with("08")
+                || code.starts_with("53")
+                || matches!(&*code, "40001" | "40P01" | "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
+}
+
+/// Where a partition pair stands when a worker takes it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairPosition {
+    pub pair: i32,
+    pub epoch: i64,
+    /// Next offset to read, per input; `None` when nothing was ever stored.
+    pub next_offsets: [Option<i64>; 2],
+    pub high_marks: [Option<Micros>; 2],
+}
+
+/// A rejected message, ready to store.
+#[derive(Debug, Clone)]
+pub struct RejectedMessage {
+    pub input: Input,
+    pub partition: i32,
+    pub offset: i64,
+    pub reason: String,
+    pub class: &'static str,
+    /// At most [`crate::event::REJECTED_PAYLOAD_CAP`] bytes.
+    pub payload: Option<Vec<u8>>,
+    pub payload_size: i32,
+    pub key: Option<Vec<u8>>,
+}
+
+/// What one partition pair's part of a checkpoint writes.
+#[derive(Debug, Clone)]
+pub struct PairCheckpoint {
+    pub pair: i32,
+    pub epoch: i64,
+    /// Next offset per input after this batch; `None` when the batch read nothing there.
+    pub next_offsets: [Option<i64>; 2],
+    pub changes: PairChanges,
+    pub rejected: Vec<RejectedMessage>,
+}
+
+/// A stored pending item found due by a sweep.
+#[derive(Debug, Clone)]
+pub struct DueKeys {
+    pub payment_ids: Vec<String>,
+    /// Fewer than the limit came back: the sweep saw everything due.
+    pub complete: bool,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+    payments_topic: String,
+    settlements_topic: String,
+}
+
+fn to_time(micros: Micros) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+impl Store {
+    /// Connects lazily: the pool opens connections on first use, so a database that is
+    /// down at start is retried like any other outage.
+    pub fn connect_lazy(
+        options: PgConnectOptions,
+        payments_topic: &str,
+        settlements_topic: &str,
+    ) -> Self {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        Self::with_pool(pool, payments_topic, settlements_topic)
+    }
+
+    pub fn with_pool(pool: PgPool, payments_topic: &str, settlements_topic: &str) -> Self {
+        Self {
+            pool,
+            payments_topic: payments_topic.to_owned(),
+            settlements_topic: settlements_topic.to_owned(),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Takes ownership of partition pairs: bumps each epoch (creating the row on first
+    /// sight) and returns the stored offsets and high marks to resume from.
+    pub async fn acquire_pairs(&self, pairs: &[i32]) -> Result<Vec<PairPosition>, StoreError> {
+        let rows = sqlx::query(
+            "INSERT INTO recon_partition_pairs (payments_topic, settlements_topic, kafka_partition, epoch)
+             SELECT $1, $2, p, 1 FROM UNNEST($3::int[]) AS p
+             ON CONFLICT (payments_topic, settlements_topic, kafka_partition)
+             DO UPDATE SET epoch = recon_partition_pairs.epoch + 1, updated_at = now()
+             RETURNING kafka_partition, epoch, payments_next_offset, settlements_next_offset,
+                       payments_high_mark, settlements_high_mark",
+        )
+        .bind(&self.payments_topic)
+        .bind(&self.settlements_topic)
+        .bind(pairs)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let marks: [Option<DateTime<Utc>>; 2] = [row.try_get(4)?, row.try_get(5)?];
+                Ok(PairPosition {
+                    pair: row.try_get(0)?,
+                    epoch: row.try_get(1)?,
+                    next_offsets: [row.try_get(2)?, row.try_get(3)?],
+                    high_marks: marks.map(|m| m.map(|t| t.timestamp_micros())),
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Stored offsets of all pairs of these topics, without taking ownership (for lag).
+    pub async fn stored_offsets(&self) -> Result<Vec<(i32, [Option<i64>; 2])>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kafka_partition, payments_next_offset, settlements_next_offset
+             FROM recon_partition_pairs WHERE payments_topic = $1 AND settlements_topic = $2",
+        )
+        .bind(&self.payments_topic)
+        .bind(&self.settlements_topic)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| Ok((row.try_get(0)?, [row.try_get(1)?, row.try_get(2)?])))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Every stored event of the given (pair, payment_id) keys, in one query.
+    pub async fn lookup(
+        &self,
+        pairs: &[i32],
+        payment_ids: &[String],
+    ) -> Result<Vec<(i32, StoredEvent)>, StoreError> {
+        if payment_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT e.kafka_partition, e.event_kind, e.event_id, e.payment_id, e.outcome, e.event_time,
+                    e.amount_minor, e.fee_minor, e.net_minor, e.currency
+             FROM UNNEST($1::int[], $2::text[]) AS k(kafka_partition, payment_id)
+             JOIN recon_events e ON e.payment_id = k.payment_id AND e.kafka_partition = k.kafka_partition",
+        )
+        .bind(pairs)
+        .bind(payment_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| Ok((row.try_get::<i32, _>(0)?, stored_event(&row, 1)?)))
+            .collect()
+    }
+
+    /// Payment ids of one pair with pending items whose deadline the watermark passed,
+    /// oldest first, at most `limit` of each kind.
+    pub async fn due_keys(
+        &self,
+        pair: i32,
+        request: SweepRequest,
+        limit: i64,
+    ) -> Result<DueKeys, StoreError> {
+        let rows = sqlx::query(
+            "(SELECT 'payment' AS kind, payment_id FROM recon_events
+               WHERE kafka_partition = $1 AND event_kind = 'payment' AND outcome = 'pending' AND event_time < $2
+               ORDER BY event_time LIMIT $4)
+             UNION ALL
+             (SELECT 'settlement', payment_id FROM recon_events
+               WHERE kafka_partition = $1 AND event_kind = 'settlement' AND outcome = 'pending' AND event_time < $3
+               ORDER BY event_time LIMIT $4)",
+        )
+        .bind(pair)
+        .bind(to_time(request.payments_before))
+        .bind(to_time(request.settlements_before))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut counts = [0i64; 2];
+        let mut payment_ids = Vec::with_capacity(rows.len());
+        for row in rows {
+            let kind: &str = row.try_get(0)?;
+            counts[usize::from(kind == "settlement")] += 1;
+            payment_ids.push(row.try_get(1)?);
+        }
+        payment_ids.sort_unstable();
+        payment_ids.dedup();
+        Ok(DueKeys {
+            payment_ids,
+            complete: counts.iter().all(|&c| c < limit),
+        })
+    }
+
+    /// Writes one batch atomically. Fails with [`StoreError::Fenced`] (and writes
+    /// nothing) if any pair's epoch moved on.
+    pub async fn checkpoint(&self, batch: &[PairCheckpoint]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        self.advance_pairs(&mut tx, batch).await?;
+        insert_events(&mut tx, batch).await?;
+        update_events(&mut tx, batch).await?;
+        write_discrepancies(&mut tx, batch).await?;
+        self.insert_rejected(&mut tx, batch).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn advance_pairs(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        batch: &[PairCheckpoint],
+    ) -> Result<(), StoreError> {
+        let mut pairs = Vec::with_capacity(batch.len());
+        let mut epochs = Vec::with_capacity(batch.len());
+        let mut offsets: [Vec<Option<i64>>; 2] = Default::default();
+        let mut marks: [Vec<Option<DateTime<Utc>>>; 2] = Default::default();
+        for pair in batch {
+            pairs.push(pair.pair);
+            epochs.push(pair.epoch);
+            for i in 0..2 {
+                offsets[i].push(pair.next_offsets[i]);
+                marks[i].push(pair.changes.high_marks[i].map(to_time));
+            }
+        }
+        let updated: Vec<i32> = sqlx::query_scalar(
+            "UPDATE recon_partition_pairs AS p
+             SET payments_next_offset = COALESCE(u.pay_offset, p.payments_next_offset),
+                 settlements_next_offset = COALESCE(u.set_offset, p.settlements_next_offset),
+                 payments_high_mark = COALESCE(u.pay_mark, p.payments_high_mark),
+                 settlements_high_mark = COALESCE(u.set_mark, p.settlements_high_mark),
+                 updated_at = now()
+             FROM UNNEST($3::int[], $4::bigint[], $5::bigint[], $6::bigint[], $7::timestamptz[], $8::timestamptz[])
+                  AS u(kafka_partition, epoch, pay_offset, set_offset, pay_mark, set_mark)
+             WHERE p.payments_topic = $1 AND p.settlements_topic = $2
+               AND p.kafka_partition = u.kafka_partition AND p.epoch = u.epoch
+             RETURNING p.kafka_partition",
+        )
+        .bind(&self.payments_topic)
+        .bind(&self.settlements_topic)
+        .bind(&pairs)
+        .bind(&epochs)
+        .bind(&offsets[0])
+        .bind(&offsets[1])
+        .bind(&marks[0])
+        .bind(&marks[1])
+        .fetch_all(&mut *tx)
+        .await?;
+        let fenced: Vec<i32> = pairs.into_iter().filter(|p| !updated.contains(p)).collect();
+        if fenced.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced(fenced))
+        }
+    }
+
+    async fn insert_rejected(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        batch: &[PairCheckpoint],
+    ) -> Result<(), StoreError> {
+        let rejected: Vec<&RejectedMessage> = batch.iter().flat_map(|p| &p.rejected).collect();
+        if rejected.is_empty() {
+            return Ok(());
+        }
+        let topic = |input: Input| match input {
+            Input::Payments => self.payments_topic.as_str(),
+            Input::Settlements => self.settlements_topic.as_str(),
+        };
+        sqlx::query(
+            "INSERT INTO rejected_events (topic, kafka_partition, kafka_offset, reason, reason_class, payload, payload_size, kafka_key)
+             SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::int[], $8::bytea[])
+             ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING",
+        )
+        .bind(rejected.iter().map(|r| topic(r.input)).collect::<Vec<_>>())
+        .bind(rejected.iter().map(|r| r.partition).collect::<Vec<_>>())
+        .bind(rejected.iter().map(|r| r.offset).collect::<Vec<_>>())
+        .bind(rejected.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>())
+        .bind(rejected.iter().map(|r| r.class).collect::<Vec<_>>())
+        .bind(rejected.iter().map(|r| r.payload.as_deref()).collect::<Vec<_>>())
+        .bind(rejected.iter().map(|r| r.payload_size).collect::<Vec<_>>())
+        .bind(rejected.iter().map(|r| r.key.as_deref()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+}
+
+fn stored_event(row: &sqlx::postgres::PgRow, first: usize) -> Result<StoredEvent, StoreError> {
+    let kind: &str = row.try_get(first)?;
+    let outcome: &str = row.try_get(first + 3)?;
+    let currency: &str = row.try_get(first + 8)?;
+    let corrupt = |what: String| StoreError::Permanent(sqlx::Error::Decode(what.into()));
+    Ok(StoredEvent {
+        input: match kind {
+            "payment" => Input::Payments,
+            "settlement" => Input::Settlements,
+            other => return Err(corrupt(format!("unknown event_kind {other:?}"))),
+        },
+        event_id: row.try_get(first + 1)?,
+        payment_id: row.try_get(first + 2)?,
+        outcome: outcome
+            .parse::<Outcome>()
+            .map_err(|e| corrupt(e.to_string()))?,
+        event_time: row
+            .try_get::<DateTime<Utc>, _>(first + 4)?
+            .timestamp_micros(),
+        amount: row.try_get(first + 5)?,
+        fee: row.try_get::<Option<i64>, _>(first + 6)?.unwrap_or(0),
+        net: row.try_get::<Option<i64>, _>(first + 7)?.unwrap_or(0),
+        currency: Currency::from_code(currency)
+            .ok_or_else(|| corrupt(format!("unknown currency {currency:?}")))?,
+    })
+}
+
+async fn insert_events(
+    tx: &mut sqlx::PgConnection,
+    batch: &[PairCheckpoint],
+) -> Result<(), StoreError> {
+    let mut kinds = Vec::new();
+    let mut event_ids = Vec::new();
+    let mut payment_ids = Vec::new();
+    let mut partitions = Vec::new();
+    let mut offsets = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut counterparts = Vec::new();
+    let mut times = Vec::new();
+    let mut amounts = Vec::new();
+    let mut fees = Vec::new();
+    let mut nets = Vec::new();
+    let mut currencies = Vec::new();
+    let mut merchants = Vec::new();
+    let mut settlements = Vec::new();
+    for pair in batch {
+        for row in &pair.changes.rows {
+            let Some(new) = &row.new else { continue };
+            kinds.push(row.input.event_kind());
+            event_ids.push(&*row.event_id);
+            payment_ids.push(&*row.payment_id);
+            partitions.push(pair.pair);
+            offsets.push(new.kafka_offset);
+            outcomes.push(row.outcome.as_str());
+            counterparts.push(row.counterpart.as_deref());
+            times.push(to_time(new.event_time));
+            amounts.push(new.amount);
+            fees.push(new.fee);
+            nets.push(new.net);
+            currencies.push(new.currency.code());
+            let (merchant, settlement) = match row.input {
+                Input::Payments => (Some(new.reference.as_str()), None),
+                Input::Settlements => (None, Some(new.reference.as_str())),
+            };
+            merchants.push(merchant);
+            settlements.push(settlement);
+        }
+    }
+    if kinds.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO recon_events (event_kind, event_id, payment_id, kafka_partition, kafka_offset, outcome,
+                                   counterpart_event_id, event_time, amount_minor, fee_minor, net_minor,
+                                   currency, merchant_id, settlement_id)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::text[],
+                              $8::timestamptz[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[],
+                              $13::text[], $14::text[])
+         ON CONFLICT (event_kind, event_id) DO NOTHING",
+    )
+    .bind(kinds)
+    .bind(event_ids)
+    .bind(payment_ids)
+    .bind(partitions)
+    .bind(offsets)
+    .bind(outcomes)
+    .bind(counterparts)
+    .bind(times)
+    .bind(amounts)
+    .bind(fees)
+    .bind(nets)
+    .bind(currencies)
+    .bind(merchants)
+    .bind(settlements)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+async fn update_events(
+    tx: &mut sqlx::PgConnection,
+    batch: &[PairCheckpoint],
+) -> Result<(), StoreError> {
+    let updates: Vec<_> = batch
+        .iter()
+        .flat_map(|p| &p.changes.rows)
+        .filter(|row| row.new.is_none())
+        .collect();
+    if updates.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE recon_events AS e
+         SET outcome = u.outcome, counterpart_event_id = u.counterpart, updated_at = now()
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+              AS u(event_kind, event_id, payment_id, outcome, counterpart)
+         WHERE e.event_kind = u.event_kind AND e.event_id = u.event_id AND e.payment_id = u.payment_id",
+    )
+    .bind(updates.iter().map(|r| r.input.event_kind()).collect::<Vec<_>>())
+    .bind(updates.iter().map(|r| &*r.event_id).collect::<Vec<_>>())
+    .bind(updates.iter().map(|r| &*r.payment_id).collect::<Vec<_>>())
+    .bind(updates.iter().map(|r| r.outcome.as_str()).collect::<Vec<_>>())
+    .bind(updates.iter().map(|r| r.counterpart.as_deref()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+async fn write_discrepancies(
+    tx: &mut sqlx::PgConnection,
+    batch: &[PairCheckpoint],
+) -> Result<(), StoreError> {
+    let mut opened: (
+        Vec<&str>,
+        Vec<&str>,
+        Vec<i32>,
+        Vec<Option<&str>>,
+        Vec<Option<&str>>,
+    ) = Default::default();
+    let mut resolved: (Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
+    for pair in batch {
+        for change in &pair.changes.discrepancies {
+            match change {
+                DiscrepancyChange::Opened {
+                    kind,
+                    payment_id,
+                    payment_event_id,
+                    settlement_event_id,
+                } => {
+                    opened.0.push(kind.as_str());
+                    opened.1.push(payment_id);
+                    opened.2.push(pair.pair);
+                    opened.3.push(payment_event_id.as_deref());
+                    opened.4.push(settlement_event_id.as_deref());
+                }
+                DiscrepancyChange::Resolved {
+                    kind,
+                    subject_event_id,
+                    resolution,
+                } => {
+                    resolved.0.push(kind.as_str());
+                    resolved.1.push(subject_event_id);
+                    resolved.2.push(resolution.as_str());
+                }
+            }
+        }
+    }
+    if !opened.0.is_empty() {
+        sqlx::query(
+            "INSERT INTO recon_discrepancies (kind, payment_id, kafka_partition, payment_event_id, settlement_event_id)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::text[])",
+        )
+        .bind(opened.0)
+        .bind(opened.1)
+        .bind(opened.2)
+        .bind(opened.3)
+        .bind(opened.4)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !resolved.0.is_empty() {
+        sqlx::query(
+            "UPDATE recon_discrepancies AS d SET resolved_at = now(), resolution = u.resolution
+             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(kind, subject, resolution)
+             WHERE d.resolved_at IS NULL AND d.kind = u.kind
+               AND CASE WHEN u.kind = 'missing_settlement' THEN d.payment_event_id ELSE d.settlement_event_id END = u.subject",
+        )
+        .bind(resolved.0)
+        .bind(resolved.1)
+        .bind(resolved.2)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! Metric names (contract §5), in one place so code, dashboard and alerts agree.
+//! Labels are low-cardinality only: topic, partition, outcome, reason.
+
+pub const EVENTS_CONSUMED: &str = "recon_events_consumed_total";
+pub const EVENTS_REJECTED: &str = "recon_events_rejected_total";
+pub const EVENTS_REDELIVERED: &str = "recon_events_redelivered_total";
+pub const OUTCOMES: &str = "recon_outcomes_total";
+pub const WINDOW_ITEMS: &str = "recon_window_items";
+pub const WINDOW_BYTES: &str = "recon_window_bytes";
+pub const CHECKPOINT_DURATION: &str = "recon_checkpoint_duration_seconds";
+pub const CHECKPOINT_BATCH_SIZE: &str = "recon_checkpoint_batch_messages";
+pub const CHECKPOINT_FAILURES: &str = "recon_checkpoint_failures_total";
+pub const FENCED_CHECKPOINTS: &str = "recon_fenced_checkpoints_total";
+pub const CONSUMER_LAG: &str = "recon_consumer_lag_messages";
+pub const PROCESSING_LATENCY: &str = "recon_processing_latency_seconds";
+pub const REBALANCES: &str = "recon_rebalances_total";
+pub const ASSIGNED_PARTITIONS: &str = "recon_assigned_partitions";
+pub const RETRIES: &str = "recon_retries_total";
+pub const KAFKA_ERRORS: &str = "recon_kafka_errors_total";
+pub const WATERMARK: &str = "recon_watermark_timestamp_seconds";
+
+/// Registers descriptions so every series exists from the first scrape.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(EVENTS_CONSUMED, "Messages read from Kafka, by topic.");
+    describe_counter!(
+        EVENTS_REJECTED,
+        "Messages rejected as bad input, by topic and reason."
+    );
+    describe_counter!(
+        EVENTS_REDELIVERED,
+        "Messages whose event_id was already accepted, by topic."
+    );
+    describe_counter!(
+        OUTCOMES,
+        "Outcomes assigned (including changes of outcome), by outcome."
+    );
+    describe_gauge!(
+        WINDOW_ITEMS,
+        "Payment ids held in the in-memory matching window."
+    );
+    describe_gauge!(
+        WINDOW_BYTES,
+        Unit::Bytes,
+        "Approximate bytes held by the in-memory matching window."
+    );
+    describe_histogram!(
+        CHECKPOINT_DURATION,
+        Unit::Seconds,
+        "Duration of checkpoint transactions."
+    );
+    describe_histogram!(
+        CHECKPOINT_BATCH_SIZE,
+        "Kafka messages per checkpoint transaction."
+    );
+    describe_counter!(
+        CHECKPOINT_FAILURES,
+        "Checkpoint transactions that failed, by kind."
+    );
+    describe_counter!(
+        FENCED_CHECKPOINTS,
+        "Checkpoints refused because another worker owns the partition pair."
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        "High watermark minus the offset stored in PostgreSQL, by topic and partition."
+    );
+    describe_histogram!(
+        PROCESSING_LATENCY,
+        Unit::Seconds,
+        "Kafka message timestamp to PostgreSQL commit."
+    );
+    describe_counter!(REBALANCES, "Consumer group rebalance callbacks.");
+    describe_gauge!(ASSIGNED_PARTITIONS, "Partition pairs owned by this worker.");
+    describe_counter!(RETRIES, "Retries after transient errors, by operation.");
+    describe_counter!(KAFKA_ERRORS, "Errors reported by the Kafka client.");
+    describe_gauge!(
+        WATERMARK,
+        Unit::Seconds,
+        "Event-time watermark of each partition pair (Unix seconds)."
+    );
+}

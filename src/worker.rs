@@ -1,0 +1,144 @@
+//! `recon-worker run` and `migrate`: wiring and the shutdown protocol.
+//!
+//! Start: metrics server, migrations (retried while the database is unreachable),
+//! consumer (co-partitioning checked before joining the group), pipeline. Shutdown on
+//! SIGTERM/SIGINT: the poll thread stops polling and hands the pipeline a `Stop`; the
+//! pipeline finishes and commits the batch in hand; then the consumer closes, leaving
+//! the group so it rebalances at once. The whole sequence is bounded by
+//! `RECON_SHUTDOWN_TIMEOUT`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::pipeline::Pipeline;
+use crate::store::{Store, StoreError};
+use crate::telemetry::{self, Health};
+
+/// Applies migrations, retrying for up to `patience` while the database is unreachable.
+pub async fn migrate(store: &Store, patience: Duration) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match store.migrate().await {
+            Ok(()) => return Ok(()),
+            Err(StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)))
+            | Err(StoreError::Transient(e))
+                if is_unreachable(&e) && started.elapsed() < patience =>
+            {
+                tracing::warn!(error = %e, retry_in = ?backoff, "database unreachable; retrying migrations");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => return Err(error).context("applying database migrations"),
+        }
+    }
+}
+
+fn is_unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
+}
+
+/// Runs the worker until a signal, then shuts down gracefully.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    tracing::info!(config = ?config, "starting recon-worker");
+    let prometheus = telemetry::init_metrics().context("installing the metrics recorder")?;
+    let health = Arc::new(Health::default());
+    let _server = telemetry::serve(config.metrics_addr, prometheus, health.clone())
+        .await
+        .with_context(|| format!("binding RECON_METRICS_ADDR={}", config.metrics_addr))?;
+
+    let store = Store::connect_lazy(
+        config.database.clone(),
+        &config.payments_topic,
+        &config.settlements_topic,
+    );
+    let mut signal = Box::pin(shutdown_signal());
+    tokio::select! {
+        result = migrate(&store, Duration::from_secs(u64::MAX / 4)) => result?,
+        _ = &mut signal => { tracing::info!("signal before start; exiting"); return Ok(()); }
+    }
+    health.set_database_ok(true);
+    tracing::info!(database = %config.database_display, "migrations applied");
+
+    let (deliveries, receiver) = mpsc::channel(config.batch_max_messages.max(256) * 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer_config = config.clone();
+    let consumer_stop = stop.clone();
+    let (poll_thread, consumer) = tokio::task::spawn_blocking(move || {
+        crate::consumer::start(&consumer_config, deliveries, consumer_stop)
+    })
+    .await
+    .context("consumer start task")?
+    .context("starting the Kafka consumer")?;
+    let failed = poll_thread.failed.clone();
+
+    let pipeline = Pipeline::new(&config, store, Some(consumer), health);
+    let mut pipeline_task = tokio::spawn(pipeline.run(receiver));
+    let outcome = tokio::select! {
+        result = &mut pipeline_task => Some(result),
+        _ = &mut signal => None,
+    };
+    let result = match outcome {
+        Some(result) => {
+            stop.store(true, Ordering::SeqCst);
+            result
+        }
+        None => {
+            tracing::info!(bound = ?config.shutdown_timeout, "shutting down: finishing the batch in hand");
+            stop.store(true, Ordering::SeqCst);
+            match tokio::time::timeout(config.shutdown_timeout, &mut pipeline_task).await {
+                Ok(result) => result,
+                Err(_) => {
+                    pipeline_task.abort();
+                    bail!(
+                        "shutdown did not finish within RECON_SHUTDOWN_TIMEOUT={:?}; \
+                         uncommitted work will be redone from the stored offsets",
+                        config.shutdown_timeout
+                    );
+                }
+            }
+        }
+    };
+    let joined = tokio::task::spawn_blocking(move || poll_thread.join());
+    if tokio::time::timeout(Duration::from_secs(10), joined)
+        .await
+        .is_err()
+    {
+        tracing::warn!("consumer did not close within 10s");
+    }
+    result.context("pipeline task")?.context("pipeline")?;
+    if failed.load(Ordering::SeqCst) {
+        bail!("the consumer could not take its partition assignment");
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
