@@ -265,10 +265,13 @@ impl Pipeline {
         Ok(())
     }
 
-    /// One lookup for every key the batch needs that is not in memory.
+    /// One lookup for every key the batch needs that is not in memory, and one probe
+    /// for which of the batch's event ids are already stored (redeliveries under any
+    /// payment id); both run concurrently.
     async fn load_misses(&mut self, items: &[Item]) -> Result<(), PipelineError> {
         let mut seen = HashSet::new();
         let (mut pairs, mut ids) = (Vec::new(), Vec::new());
+        let (mut inputs, mut event_ids, mut event_pairs) = (Vec::new(), Vec::new(), HashMap::new());
         for item in items {
             let Item::Message(ReadMessage {
                 partition,
@@ -281,6 +284,9 @@ impl Pipeline {
             let Some(owned) = self.pairs.get(partition) else {
                 continue;
             };
+            inputs.push(event.input());
+            event_ids.push(event.event_id());
+            event_pairs.insert((event.input(), event.event_id()), *partition);
             if !owned.engine.is_resident(event.payment_id())
                 && seen.insert((*partition, event.payment_id()))
             {
@@ -288,11 +294,24 @@ impl Pipeline {
                 ids.push(event.payment_id().to_owned());
             }
         }
-        if ids.is_empty() {
+        if event_ids.is_empty() {
             return Ok(());
         }
         let store = self.store.clone();
-        let rows = self.retry("lookup", || store.lookup(&pairs, &ids)).await?;
+        let (rows, stored) = tokio::try_join!(
+            self.retry("lookup", || store.lookup(&pairs, &ids)),
+            self.retry("lookup_event_ids", || store
+                .stored_event_ids(&inputs, &event_ids)),
+        )?;
+        let mut stored_by_pair: HashMap<i32, Vec<(Input, String)>> = HashMap::new();
+        for (input, event_id) in stored {
+            if let Some(&pair) = event_pairs.get(&(input, event_id.as_str())) {
+                stored_by_pair
+                    .entry(pair)
+                    .or_default()
+                    .push((input, event_id));
+            }
+        }
         let mut rows_by_pair: HashMap<i32, Vec<_>> = HashMap::new();
         for (pair, row) in rows {
             rows_by_pair.entry(pair).or_default().push(row);
@@ -301,11 +320,14 @@ impl Pipeline {
         for (pair, id) in pairs.into_iter().zip(ids) {
             keys_by_pair.entry(pair).or_default().push(id);
         }
-        for (pair, keys) in keys_by_pair {
-            if let Some(owned) = self.pairs.get_mut(&pair) {
+        for (&pair, owned) in &mut self.pairs {
+            if let Some(keys) = keys_by_pair.remove(&pair) {
                 owned
                     .engine
                     .load(keys, rows_by_pair.remove(&pair).unwrap_or_default());
+            }
+            if let Some(stored) = stored_by_pair.remove(&pair) {
+                owned.engine.load_stored_event_ids(stored);
             }
         }
         Ok(())

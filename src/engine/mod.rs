@@ -224,6 +224,8 @@ pub struct PairEngine {
     changes: PairChanges,
     /// Keys changed in this batch (the deadline candidates besides swept ones).
     dirty_keys: Vec<Id>,
+    /// Event ids of this batch already stored under another payment id: redeliveries.
+    stored_elsewhere: HashSet<(Input, Id)>,
     bytes: usize,
 }
 
@@ -237,6 +239,7 @@ impl PairEngine {
             batch_rows: HashMap::new(),
             changes: PairChanges::default(),
             dirty_keys: Vec::new(),
+            stored_elsewhere: HashSet::new(),
             bytes: 0,
         }
     }
@@ -309,6 +312,16 @@ impl PairEngine {
         }
     }
 
+    /// Event ids of this batch's events that storage already holds. An event id is
+    /// unique for all time (contract §1), so such an event is a redelivery even under
+    /// another payment id. Valid until the end of the batch.
+    pub fn load_stored_event_ids(&mut self, ids: impl IntoIterator<Item = (Input, String)>) {
+        self.stored_elsewhere.extend(
+            ids.into_iter()
+                .map(|(input, id)| (input, id.into_boxed_str())),
+        );
+    }
+
     /// A message was read from `input` (even one that was rejected).
     pub fn observe_activity(&mut self, input: Input) {
         self.watermark.observe_activity(input);
@@ -325,7 +338,14 @@ impl PairEngine {
         let Some(state) = self.keys.get(payment_id) else {
             panic!("engine invariant: key {payment_id:?} was not loaded before apply");
         };
-        if state.knows(input, event.event_id()) {
+        let seen_in_batch = |id: &str| {
+            let key = (input, Id::from(id));
+            self.batch_rows
+                .get(&key)
+                .is_some_and(|&i| self.changes.rows[i].new.is_some())
+                || self.stored_elsewhere.contains(&key)
+        };
+        if state.knows(input, event.event_id()) || seen_in_batch(event.event_id()) {
             self.watermark.observe_activity(input);
             return Applied::Redelivery;
         }
@@ -695,6 +715,7 @@ impl PairEngine {
     /// Hands over what this batch changed, for the checkpoint.
     pub fn take_changes(&mut self) -> PairChanges {
         self.batch_rows.clear();
+        self.stored_elsewhere.clear();
         let mut changes = std::mem::take(&mut self.changes);
         changes.high_marks = self.watermark.high_marks();
         changes

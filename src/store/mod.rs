@@ -232,6 +232,39 @@ impl Store {
             .collect()
     }
 
+    /// Which of these (event_kind, event_id) are already stored, under any payment id.
+    pub async fn stored_event_ids(
+        &self,
+        inputs: &[Input],
+        event_ids: &[&str],
+    ) -> Result<Vec<(Input, String)>, StoreError> {
+        if event_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let kinds: Vec<&str> = inputs.iter().map(|i| i.event_kind()).collect();
+        let rows = sqlx::query(
+            "SELECT e.event_kind, e.event_id
+             FROM UNNEST($1::text[], $2::text[]) AS k(event_kind, event_id)
+             JOIN recon_events e ON e.event_kind = k.event_kind AND e.event_id = k.event_id",
+        )
+        .bind(kinds)
+        .bind(event_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let kind: &str = row.try_get(0)?;
+                let input = if kind == "payment" {
+                    Input::Payments
+                } else {
+                    Input::Settlements
+                };
+                Ok((input, row.try_get(1)?))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
     /// Payment ids of one pair with pending items whose deadline the watermark passed,
     /// oldest first, at most `limit` of each kind.
     pub async fn due_keys(
