@@ -272,7 +272,7 @@ impl FakeStore {
 #[derive(Debug, Clone)]
 enum Step {
     /// Deliver the next `n` messages of the interleaving as one batch.
-    Batch { n: usize, topic_bias: bool },
+    Batch { n: usize },
     /// A progress report: which inputs are caught up.
     Progress { payments: bool, settlements: bool },
     /// The wall clock moves on.
@@ -376,7 +376,7 @@ fn msg_strategy(keys: u8, events: u8) -> impl Strategy<Value = (bool, Msg)> {
 
 fn step_strategy() -> impl Strategy<Value = Step> {
     prop_oneof![
-        6 => (1usize..8, any::<bool>()).prop_map(|(n, topic_bias)| Step::Batch { n, topic_bias }),
+        6 => (1usize..8).prop_map(|n| Step::Batch { n }),
         2 => (any::<bool>(), any::<bool>()).prop_map(|(payments, settlements)| Step::Progress { payments, settlements }),
         2 => (0i64..120).prop_map(|s| Step::Clock { advance: s * SEC }),
     ]
@@ -446,7 +446,7 @@ proptest! {
         let mut cursor = 0usize;
         for step in steps {
             match step {
-                Step::Batch { n, topic_bias: _ } => {
+                Step::Batch { n } => {
                     let end = (cursor + n).min(order.len());
                     run_batch(&mut engine, &mut store, &order[cursor..end], now, sweep_limit);
                     cursor = end;

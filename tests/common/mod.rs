@@ -1,0 +1,322 @@
+//! Helpers for the end-to-end tests: real broker (127.0.0.1:9092 unless
+//! RECON_TEST_BROKERS says otherwise), real PostgreSQL (a fresh database per test from
+//! `#[sqlx::test]`), random topic and group names, and the worker as a real process.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use recon_worker::engine::Outcome;
+use recon_worker::event::Input;
+use recon_worker::loadgen::{self, GroundTruth, Mix, Plan, Record};
+use sqlx::{PgPool, Row};
+
+pub const SEC: i64 = 1_000_000;
+
+pub fn brokers() -> String {
+    std::env::var("RECON_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn unique(prefix: &str) -> String {
+    let suffix: u64 = rand::rng().random();
+    format!("{prefix}-{suffix:016x}")
+}
+
+/// One test's world: its topics, group and database.
+pub struct World {
+    pub pool: PgPool,
+    pub database_url: String,
+    pub payments: String,
+    pub settlements: String,
+    pub group: String,
+    pub partitions: i32,
+    pub log_dir: PathBuf,
+}
+
+impl World {
+    pub async fn new(pool: PgPool, partitions: i32) -> Self {
+        Self::with_partitions(pool, partitions, partitions).await
+    }
+
+    pub async fn with_partitions(pool: PgPool, payments: i32, settlements: i32) -> Self {
+        let options = pool.connect_options();
+        let database_url = format!(
+            "postgres://{}@{}:{}/{}",
+            options.get_username(),
+            options.get_host(),
+            options.get_port(),
+            options
+                .get_database()
+                .expect("sqlx::test names its database")
+        );
+        let world = Self {
+            pool,
+            database_url,
+            payments: unique("payments"),
+            settlements: unique("settlements"),
+            group: unique("group"),
+            partitions: payments,
+            log_dir: std::env::temp_dir().join(unique("recon-test")),
+        };
+        std::fs::create_dir_all(&world.log_dir).expect("log dir");
+        recon_worker::admin::create_topics(&brokers(), &[&world.payments], payments)
+            .await
+            .expect("create payments topic");
+        recon_worker::admin::create_topics(&brokers(), &[&world.settlements], settlements)
+            .await
+            .expect("create settlements topic");
+        world
+    }
+
+    pub fn plan(&self, scenarios: usize, seed: u64, mix: Mix) -> Plan {
+        Plan {
+            seed,
+            scenarios,
+            mix,
+            base_time: chrono::Utc::now().timestamp_micros(),
+            deadline: 72 * 3600 * SEC,
+            orphan_timeout: 72 * 3600 * SEC,
+            max_message_bytes: 64 * 1024,
+            id_prefix: format!("s{seed}-"),
+        }
+    }
+
+    pub async fn produce(&self, records: &[Record]) {
+        let producer = recon_worker::admin::producer(&brokers()).expect("producer");
+        recon_worker::admin::produce_all(&producer, records, [&self.payments, &self.settlements])
+            .await
+            .expect("produce");
+    }
+
+    /// Starts `recon-worker run` against this world, with test-friendly settings that
+    /// `extra` may override.
+    pub fn spawn_worker(&self, name: &str, extra: &[(&str, &str)]) -> Worker {
+        let log = self.log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_recon-worker"));
+        command
+            .arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &self.database_url)
+            .env("RECON_KAFKA_BROKERS", brokers())
+            .env("RECON_GROUP_ID", &self.group)
+            .env("RECON_PAYMENTS_TOPIC", &self.payments)
+            .env("RECON_SETTLEMENTS_TOPIC", &self.settlements)
+            .env("RECON_IDLE_TIMEOUT", "2s")
+            .env("RECON_METRICS_ADDR", "127.0.0.1:0")
+            // The test broker strands groups whose members die within one session
+            // timeout; short sessions let a restarted worker rejoin quickly.
+            .env("RECON_KAFKA_PROP_SESSION_TIMEOUT_MS", "6000")
+            .env("RECON_KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "1000")
+            .env("RUST_LOG", "info,librdkafka=warn");
+        for (k, v) in extra {
+            command.env(k, v);
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn recon-worker");
+        Worker { child, log }
+    }
+
+    pub async fn outcomes(&self) -> BTreeMap<(String, String), (String, Outcome, Option<String>)> {
+        sqlx::query("SELECT event_kind, event_id, payment_id, outcome, counterpart_event_id FROM recon_outcomes")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|row| {
+                let outcome: String = row.get(3);
+                (
+                    (row.get(0), row.get(1)),
+                    (row.get(2), outcome.parse().expect("known outcome"), row.get(4)),
+                )
+            })
+            .collect()
+    }
+
+    /// (topic, reason_class) of every rejected row, sorted.
+    pub async fn rejected(&self) -> Vec<(String, String)> {
+        let mut rows: Vec<(String, String)> =
+            sqlx::query("SELECT topic, reason_class FROM rejected_events")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect();
+        rows.sort();
+        rows
+    }
+
+    pub fn expected_rejected(&self, truth: &GroundTruth) -> Vec<(String, String)> {
+        let mut rows: Vec<(String, String)> = truth
+            .rejected
+            .iter()
+            .map(|(input, class)| {
+                let topic = match input {
+                    Input::Payments => self.payments.clone(),
+                    Input::Settlements => self.settlements.clone(),
+                };
+                (topic, class.to_string())
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    /// Waits until the tables hold exactly the ground truth (or fails with a diff).
+    pub async fn await_truth(&self, truth: &GroundTruth, within: Duration) {
+        let expected_rejected = self.expected_rejected(truth);
+        let started = Instant::now();
+        loop {
+            let outcomes = self.outcomes().await;
+            let rejected = self.rejected().await;
+            if outcomes == truth.outcomes && rejected == expected_rejected {
+                return;
+            }
+            if started.elapsed() > within {
+                let missing: Vec<_> = truth
+                    .outcomes
+                    .iter()
+                    .filter(|(k, v)| outcomes.get(*k) != Some(v))
+                    .take(10)
+                    .collect();
+                let extra: Vec<_> = outcomes
+                    .iter()
+                    .filter(|(k, _)| !truth.outcomes.contains_key(*k))
+                    .take(10)
+                    .collect();
+                panic!(
+                    "tables did not reach the ground truth within {within:?}: {} of {} outcomes right; \
+                     first wrong or missing: {missing:#?}; unexpected: {extra:#?}; rejected {} of {} (got {:?})",
+                    truth.outcomes.iter().filter(|(k, v)| outcomes.get(*k) == Some(v)).count(),
+                    truth.outcomes.len(),
+                    rejected.len(),
+                    expected_rejected.len(),
+                    rejected
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(-1)
+    }
+}
+
+pub struct Worker {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit, at most `within`.
+    pub fn wait(&mut self, within: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if started.elapsed() > within {
+                let _ = self.child.kill();
+                panic!(
+                    "worker did not exit within {within:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The metrics port the worker bound (it logs the address it serves on).
+    pub fn metrics_addr(&self, within: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            if let Some(addr) = self.log_text().lines().find_map(|line| {
+                line.split("serving /metrics").nth(1)?;
+                line.split("addr=")
+                    .nth(1)
+                    .map(|a| a.split_whitespace().next().unwrap_or("").to_owned())
+            }) {
+                return addr;
+            }
+            assert!(
+                started.elapsed() < within,
+                "worker never served metrics:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Every scenario and every poison class, small.
+pub fn full_mix() -> Mix {
+    Mix {
+        matched: 10,
+        matched_late: 3,
+        currency_mismatch: 3,
+        amount_mismatch: 3,
+        fee_mismatch: 3,
+        duplicate_payment: 3,
+        duplicate_settlement: 3,
+        missing_settlement: 3,
+        orphan_settlement: 3,
+        pending: 3,
+        redelivery: 3,
+        poison_every: 3,
+    }
+}
+
+pub fn generate(plan: &Plan) -> (Vec<Record>, GroundTruth) {
+    loadgen::generate(plan)
+}
+
+/// Scrapes a metric's value (sum over all label sets) from /metrics.
+pub async fn scrape(addr: &str, metric: &str) -> f64 {
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    body.lines()
+        .filter(|l| {
+            l.starts_with(metric)
+                && (l[metric.len()..].starts_with('{') || l[metric.len()..].starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

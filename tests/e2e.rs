@@ -1,0 +1,435 @@
+//! End to end against a real Kafka-protocol broker and a real PostgreSQL: the worker
+//! runs as a separate process; tests compare its tables with the load generator's
+//! independent ground truth.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use recon_worker::engine::Outcome;
+use recon_worker::loadgen::Mix;
+use sqlx::{PgPool, Row};
+
+const WITHIN: Duration = Duration::from_secs(90);
+
+#[sqlx::test(migrations = false)]
+async fn a_known_mix_reaches_exactly_the_expected_outcomes_and_rejections(pool: PgPool) {
+    let world = World::new(pool, 3).await;
+    // 60 scenarios with a bad message every 3: 20 bad messages, every class at least once.
+    let plan = world.plan(60, 7, full_mix());
+    let (records, truth) = generate(&plan);
+    let classes: std::collections::BTreeSet<&str> =
+        truth.rejected.iter().map(|(_, c)| *c).collect();
+    assert_eq!(
+        classes.len(),
+        recon_worker::event::Rejection::CLASSES.len(),
+        "every rejection class is produced"
+    );
+    for outcome in Outcome::ALL {
+        assert!(
+            truth.outcome_counts().contains_key(&outcome),
+            "scenario for {outcome} is produced"
+        );
+    }
+    world.produce(&records).await;
+
+    let mut worker = world.spawn_worker("worker", &[]);
+    world.await_truth(&truth, WITHIN).await;
+
+    // The contract's columns, by name.
+    let row = sqlx::query(
+        "SELECT event_id, event_kind, payment_id, outcome, counterpart_event_id, updated_at FROM recon_outcomes LIMIT 1",
+    )
+    .fetch_one(&world.pool)
+    .await
+    .expect("recon_outcomes has the contract's columns");
+    let _: chrono::DateTime<chrono::Utc> = row.get("updated_at");
+    let rejected = sqlx::query(
+        "SELECT topic, kafka_partition, kafka_offset, reason, payload, rejected_at, payload_size, reason_class
+         FROM rejected_events",
+    )
+    .fetch_all(&world.pool)
+    .await
+    .expect("rejected_events has the contract's columns");
+    for row in &rejected {
+        let reason: String = row.get("reason");
+        assert!(!reason.is_empty());
+        let payload: Option<Vec<u8>> = row.get("payload");
+        let size: i32 = row.get("payload_size");
+        match row.get::<String, _>("reason_class").as_str() {
+            "empty" => assert!(payload.is_none() && size == 0),
+            "too_large" => {
+                assert_eq!(
+                    payload.map(|p| p.len()),
+                    Some(recon_worker::event::REJECTED_PAYLOAD_CAP)
+                );
+                assert!(size as usize > 64 * 1024);
+            }
+            _ => assert_eq!(payload.map(|p| p.len()), Some(size as usize)),
+        }
+    }
+    // Offsets in PostgreSQL account for every message produced, per topic partition.
+    let stored: i64 = world
+        .count("SELECT COALESCE(SUM(payments_next_offset + settlements_next_offset), 0)::bigint FROM recon_partition_pairs")
+        .await;
+    assert_eq!(
+        stored as usize,
+        records.len(),
+        "stored offsets cover every message"
+    );
+    // Deadline discrepancies are in the history.
+    let open_missing = world
+        .count("SELECT count(*) FROM recon_discrepancies WHERE kind = 'missing_settlement' AND resolved_at IS NULL")
+        .await;
+    assert_eq!(
+        open_missing as usize,
+        truth.outcome_counts()[&Outcome::MissingSettlement]
+    );
+
+    worker.signal("TERM");
+    let status = worker.wait(Duration::from_secs(35));
+    assert!(
+        status.success(),
+        "SIGTERM exits 0: {status:?}\n{}",
+        worker.log_text()
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn sigterm_mid_stream_and_restart_lose_nothing_and_count_nothing_twice(pool: PgPool) {
+    let world = World::new(pool, 4).await;
+    let plan = world.plan(3_000, 11, Mix::default());
+    let (records, truth) = generate(&plan);
+    world.produce(&records).await;
+
+    // Small batches so the stream takes a while and the signal lands mid-stream.
+    let small = [("RECON_BATCH_MAX_MESSAGES", "20")];
+    let mut worker = world.spawn_worker("first", &small);
+    let total = truth.outcomes.len() as i64;
+    let started = std::time::Instant::now();
+    loop {
+        let rows = world.count("SELECT count(*) FROM recon_outcomes").await;
+        if rows > 200 {
+            assert!(
+                rows < total,
+                "stream finished before the signal; make it longer"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < WITHIN,
+            "worker made no progress:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.signal("TERM");
+    let stopping = std::time::Instant::now();
+    let status = worker.wait(Duration::from_secs(35));
+    assert!(
+        status.success(),
+        "SIGTERM exits 0: {status:?}\n{}",
+        worker.log_text()
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(30),
+        "shutdown within its bound"
+    );
+    let at_stop = world.count("SELECT count(*) FROM recon_outcomes").await;
+    assert!(at_stop < total, "stopped mid-stream ({at_stop} of {total})");
+
+    let mut second = world.spawn_worker("second", &[]);
+    world.await_truth(&truth, WITHIN).await;
+    // Nothing twice: the discrepancy history has no unique key to hide a double write.
+    let opened = world
+        .count("SELECT count(*) FROM recon_discrepancies")
+        .await;
+    let expected_opened = truth
+        .outcome_counts()
+        .iter()
+        .filter(|(o, _)| o.is_discrepancy())
+        .map(|(o, n)| match o {
+            // A mismatch opens one row for its payment-settlement pair, not per event.
+            Outcome::CurrencyMismatch | Outcome::AmountMismatch | Outcome::FeeMismatch => n / 2,
+            _ => *n,
+        })
+        .sum::<usize>();
+    assert_eq!(
+        opened as usize, expected_opened,
+        "each discrepancy opened exactly once"
+    );
+    second.signal("TERM");
+    assert!(second.wait(Duration::from_secs(35)).success());
+}
+
+#[sqlx::test(migrations = false)]
+async fn sigkill_mid_stream_and_restart_lose_nothing(pool: PgPool) {
+    let world = World::new(pool, 2).await;
+    let plan = world.plan(2_000, 13, Mix::default());
+    let (records, truth) = generate(&plan);
+    world.produce(&records).await;
+    let mut worker = world.spawn_worker("first", &[("RECON_BATCH_MAX_MESSAGES", "20")]);
+    let started = std::time::Instant::now();
+    while world.count("SELECT count(*) FROM recon_outcomes").await < 300 {
+        assert!(
+            started.elapsed() < WITHIN,
+            "no progress:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.signal("KILL");
+    worker.wait(Duration::from_secs(5));
+    assert!(
+        (world.count("SELECT count(*) FROM recon_outcomes").await as usize) < truth.outcomes.len()
+    );
+    let _second = world.spawn_worker("second", &[]);
+    world.await_truth(&truth, WITHIN).await;
+}
+
+/// Commits `offset_of(partition, high_watermark)` to Kafka for the group, as a lag tool
+/// or an operator resetting offsets would.
+fn set_kafka_offsets(world: &World, offset_of: impl Fn(i64) -> i64) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", &world.group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for topic in [&world.payments, &world.settlements] {
+        for partition in 0..world.partitions {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                .expect("watermarks");
+            tpl.add_partition_offset(topic, partition, Offset::Offset(offset_of(high)))
+                .expect("tpl");
+        }
+    }
+    consumer
+        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .expect("commit");
+}
+
+#[sqlx::test(migrations = false)]
+async fn postgres_offsets_win_over_kafka_offsets_ahead_or_behind(pool: PgPool) {
+    let world = World::new(pool, 2).await;
+    let no_redelivery = Mix {
+        redelivery: 0,
+        poison_every: 0,
+        ..Mix::default()
+    };
+    let (first, mut truth) = generate(&world.plan(200, 21, no_redelivery.clone()));
+    world.produce(&first).await;
+    let mut worker = world.spawn_worker("one", &[]);
+    world.await_truth(&truth, WITHIN).await;
+    worker.signal("TERM");
+    assert!(worker.wait(Duration::from_secs(35)).success());
+
+    // Ahead: Kafka claims everything produced since was already read.
+    let (second, truth_2) = generate(&world.plan(200, 22, no_redelivery.clone()));
+    world.produce(&second).await;
+    set_kafka_offsets(&world, |high| high);
+    truth.outcomes.extend(truth_2.outcomes);
+    let mut worker = world.spawn_worker("two", &[]);
+    world.await_truth(&truth, WITHIN).await;
+    worker.signal("TERM");
+    assert!(worker.wait(Duration::from_secs(35)).success());
+
+    // Behind: Kafka claims nothing was read. Only the new messages may be consumed.
+    set_kafka_offsets(&world, |_| 0);
+    let (third, truth_3) = generate(&world.plan(100, 23, no_redelivery));
+    world.produce(&third).await;
+    truth.outcomes.extend(truth_3.outcomes);
+    let worker = world.spawn_worker("three", &[]);
+    let addr = worker.metrics_addr(Duration::from_secs(30));
+    world.await_truth(&truth, WITHIN).await;
+    let consumed = scrape(&addr, "recon_events_consumed_total").await;
+    assert_eq!(
+        consumed as usize,
+        third.len(),
+        "resumed from PostgreSQL's offsets, not Kafka's"
+    );
+    assert_eq!(scrape(&addr, "recon_events_redelivered_total").await, 0.0);
+}
+
+#[sqlx::test(migrations = false)]
+async fn topics_with_different_partition_counts_are_refused(pool: PgPool) {
+    let world = World::with_partitions(pool, 2, 3).await;
+    let mut worker = world.spawn_worker("refused", &[]);
+    let status = worker.wait(Duration::from_secs(30));
+    assert!(!status.success());
+    let log = worker.log_text();
+    assert!(
+        log.contains("not co-partitioned") && log.contains("2 partitions") && log.contains("has 3"),
+        "{log}"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_quiet_partition_still_raises_missing_settlement(pool: PgPool) {
+    let world = World::new(pool, 1).await;
+    // One payment whose deadline passes while nothing else arrives: only idleness
+    // (wall-clock watermark) can raise it.
+    let deadline = 3;
+    let now = chrono::Utc::now().timestamp_micros();
+    let payment = serde_json::json!({
+        "event_id": "quiet-p", "type": "payment_captured", "payment_id": "quiet",
+        "merchant_id": "m", "amount_minor": 100, "currency": "EUR",
+        "occurred_at": recon_worker::event::format_timestamp(now)
+    });
+    let record = recon_worker::loadgen::Record {
+        input: recon_worker::event::Input::Payments,
+        key: Some(b"quiet".to_vec()),
+        value: Some(payment.to_string().into_bytes()),
+    };
+    let _worker = world.spawn_worker(
+        "quiet",
+        &[
+            ("RECON_SETTLEMENT_DEADLINE", "3s"),
+            ("RECON_IDLE_TIMEOUT", "2s"),
+        ],
+    );
+    world.produce(&[record]).await;
+    let produced = std::time::Instant::now();
+    let within = Duration::from_secs(deadline + 2 + 8);
+    loop {
+        let outcome: Option<String> =
+            sqlx::query_scalar("SELECT outcome FROM recon_outcomes WHERE event_id = 'quiet-p'")
+                .fetch_optional(&world.pool)
+                .await
+                .unwrap_or(None);
+        if outcome.as_deref() == Some("missing_settlement") {
+            break;
+        }
+        assert!(
+            produced.elapsed() < within,
+            "no missing_settlement within {within:?} (outcome {outcome:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_backlog_on_one_topic_raises_no_false_missing_settlement(pool: PgPool) {
+    let world = World::new(pool, 1).await;
+    // Payments span ten hours of event time; each settles ten minutes later. With a
+    // one-hour deadline, a watermark taken from the payments alone would flag most of
+    // them while the settlements are still backlogged.
+    let base = chrono::Utc::now().timestamp_micros() - 11 * 3600 * SEC;
+    let n = 4_000i64;
+    let mut payments = Vec::new();
+    let mut settlements = Vec::new();
+    for i in 0..n {
+        let at = base + i * (10 * 3600 * SEC / n);
+        let id = format!("bk-{i:05}");
+        payments.push(recon_worker::loadgen::Record {
+            input: recon_worker::event::Input::Payments,
+            key: Some(id.clone().into_bytes()),
+            value: Some(
+                serde_json::json!({
+                    "event_id": format!("{id}-p"), "type": "payment_captured", "payment_id": id,
+                    "merchant_id": "m", "amount_minor": 500, "currency": "EUR",
+                    "occurred_at": recon_worker::event::format_timestamp(at)
+                })
+                .to_string()
+                .into_bytes(),
+            ),
+        });
+        settlements.push(recon_worker::loadgen::Record {
+            input: recon_worker::event::Input::Settlements,
+            key: Some(id.clone().into_bytes()),
+            value: Some(serde_json::json!({
+                "event_id": format!("{id}-s"), "type": "settlement_line", "settlement_id": "po",
+                "payment_id": id, "gross_minor": 500, "fee_minor": 5, "net_minor": 495, "currency": "EUR",
+                "settled_at": recon_worker::event::format_timestamp(at + 600 * SEC)
+            }).to_string().into_bytes()),
+        });
+    }
+    world.produce(&payments).await;
+    let _worker = world.spawn_worker(
+        "backlog",
+        &[
+            ("RECON_SETTLEMENT_DEADLINE", "1h"),
+            ("RECON_IDLE_TIMEOUT", "30s"),
+            ("RECON_BATCH_MAX_MESSAGES", "100"),
+        ],
+    );
+    // Let the worker read every payment first, then pour in the settlement backlog.
+    let started = std::time::Instant::now();
+    while world.count("SELECT count(*) FROM recon_outcomes").await < n {
+        assert!(started.elapsed() < WITHIN, "payments not consumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    world.produce(&settlements).await;
+    while world
+        .count("SELECT count(*) FROM recon_outcomes WHERE outcome = 'matched'")
+        .await
+        < 2 * n
+    {
+        assert!(started.elapsed() < 2 * WITHIN, "settlements not matched");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let flagged = world
+        .count("SELECT count(*) FROM recon_discrepancies WHERE kind = 'missing_settlement'")
+        .await;
+    assert_eq!(flagged, 0, "no missing_settlement was ever raised");
+}
+
+#[sqlx::test(migrations = false)]
+async fn results_do_not_depend_on_the_window_size(pool: PgPool) {
+    let world = World::new(pool, 2).await;
+    let plan = world.plan(1_500, 31, full_mix());
+    let (records, truth) = generate(&plan);
+    world.produce(&records).await;
+    // The same stream through a 100-item window and through a roomy one.
+    let mut small = world.spawn_worker(
+        "small",
+        &[
+            ("RECON_WINDOW_MAX_ITEMS", "100"),
+            ("RECON_BATCH_MAX_MESSAGES", "50"),
+        ],
+    );
+    world.await_truth(&truth, WITHIN).await;
+    small.signal("TERM");
+    assert!(small.wait(Duration::from_secs(35)).success());
+    let small_result = world.outcomes().await;
+
+    let other_db = unique("recon_large").replace('-', "_");
+    sqlx::query(&format!("CREATE DATABASE \"{other_db}\""))
+        .execute(&world.pool)
+        .await
+        .expect("second database");
+    let other_url = format!(
+        "{}/{other_db}",
+        world
+            .database_url
+            .rsplit_once('/')
+            .map_or("", |(base, _)| base)
+    );
+    let other_pool = PgPool::connect(&other_url)
+        .await
+        .expect("connect second database");
+    let other = World {
+        pool: other_pool.clone(),
+        database_url: other_url,
+        payments: world.payments.clone(),
+        settlements: world.settlements.clone(),
+        group: unique("group-large"),
+        partitions: world.partitions,
+        log_dir: world.log_dir.clone(),
+    };
+    let mut large = other.spawn_worker("large", &[("RECON_WINDOW_MAX_ITEMS", "1000000")]);
+    other.await_truth(&truth, WITHIN).await;
+    large.signal("TERM");
+    assert!(large.wait(Duration::from_secs(35)).success());
+    assert_eq!(other.outcomes().await, small_result);
+    other_pool.close().await;
+    sqlx::query(&format!("DROP DATABASE \"{other_db}\""))
+        .execute(&world.pool)
+        .await
+        .expect("drop");
+}
