@@ -221,10 +221,7 @@ impl Pipeline {
                     }
                     match message.decoded {
                         Ok(event) => match owned.engine.apply(event, message.offset) {
-                            Applied::Accepted(outcome) => {
-                                metrics::counter!(m::OUTCOMES, "outcome" => outcome.as_str())
-                                    .increment(1);
-                            }
+                            Applied::Accepted(_) => {}
                             Applied::Redelivery => {
                                 metrics::counter!(m::EVENTS_REDELIVERED, "topic" => input.to_string()).increment(1);
                             }
@@ -443,6 +440,11 @@ impl Pipeline {
         metrics::histogram!(m::CHECKPOINT_BATCH_SIZE).record(message_count as f64);
         let mut advisory = Vec::new();
         for checkpoint in &checkpoints {
+            // Outcomes as committed: each event's outcome after this batch, counted once
+            // per batch in which it was set or changed.
+            for row in &checkpoint.changes.rows {
+                metrics::counter!(m::OUTCOMES, "outcome" => row.outcome.as_str()).increment(1);
+            }
             let Some(owned) = self.pairs.get_mut(&checkpoint.pair) else {
                 continue;
             };

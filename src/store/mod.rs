@@ -524,18 +524,30 @@ async fn update_events(
     Ok(())
 }
 
+/// Column arrays of the discrepancy rows a batch opens.
+#[derive(Default)]
+struct OpenedColumns<'a> {
+    kinds: Vec<&'a str>,
+    payment_ids: Vec<&'a str>,
+    partitions: Vec<i32>,
+    payment_events: Vec<Option<&'a str>>,
+    settlement_events: Vec<Option<&'a str>>,
+}
+
+/// Column arrays of the discrepancies a batch resolves.
+#[derive(Default)]
+struct ResolvedColumns<'a> {
+    kinds: Vec<&'a str>,
+    subjects: Vec<&'a str>,
+    resolutions: Vec<&'a str>,
+}
+
 async fn write_discrepancies(
     tx: &mut sqlx::PgConnection,
     batch: &[PairCheckpoint],
 ) -> Result<(), StoreError> {
-    let mut opened: (
-        Vec<&str>,
-        Vec<&str>,
-        Vec<i32>,
-        Vec<Option<&str>>,
-        Vec<Option<&str>>,
-    ) = Default::default();
-    let mut resolved: (Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
+    let mut opened = OpenedColumns::default();
+    let mut resolved = ResolvedColumns::default();
     for pair in batch {
         for change in &pair.changes.discrepancies {
             match change {
@@ -545,47 +557,61 @@ async fn write_discrepancies(
                     payment_event_id,
                     settlement_event_id,
                 } => {
-                    opened.0.push(kind.as_str());
-                    opened.1.push(payment_id);
-                    opened.2.push(pair.pair);
-                    opened.3.push(payment_event_id.as_deref());
-                    opened.4.push(settlement_event_id.as_deref());
+                    opened.kinds.push(kind.as_str());
+                    opened.payment_ids.push(payment_id);
+                    opened.partitions.push(pair.pair);
+                    opened.payment_events.push(payment_event_id.as_deref());
+                    opened
+                        .settlement_events
+                        .push(settlement_event_id.as_deref());
                 }
                 DiscrepancyChange::Resolved {
                     kind,
                     subject_event_id,
                     resolution,
                 } => {
-                    resolved.0.push(kind.as_str());
-                    resolved.1.push(subject_event_id);
-                    resolved.2.push(resolution.as_str());
+                    resolved.kinds.push(kind.as_str());
+                    resolved.subjects.push(subject_event_id);
+                    resolved.resolutions.push(resolution.as_str());
                 }
             }
         }
     }
-    if !opened.0.is_empty() {
+    if !opened.kinds.is_empty() {
         sqlx::query(
             "INSERT INTO recon_discrepancies (kind, payment_id, kafka_partition, payment_event_id, settlement_event_id)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::text[])",
         )
-        .bind(opened.0)
-        .bind(opened.1)
-        .bind(opened.2)
-        .bind(opened.3)
-        .bind(opened.4)
+        .bind(opened.kinds)
+        .bind(opened.payment_ids)
+        .bind(opened.partitions)
+        .bind(opened.payment_events)
+        .bind(opened.settlement_events)
         .execute(&mut *tx)
         .await?;
     }
-    if !resolved.0.is_empty() {
+    if !resolved.kinds.is_empty() {
+        // Two statements shaped for the two partial indexes.
         sqlx::query(
             "UPDATE recon_discrepancies AS d SET resolved_at = now(), resolution = u.resolution
              FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(kind, subject, resolution)
-             WHERE d.resolved_at IS NULL AND d.kind = u.kind
-               AND CASE WHEN u.kind = 'missing_settlement' THEN d.payment_event_id ELSE d.settlement_event_id END = u.subject",
+             WHERE u.kind = 'missing_settlement' AND d.kind = 'missing_settlement'
+               AND d.resolved_at IS NULL AND d.payment_event_id = u.subject",
         )
-        .bind(resolved.0)
-        .bind(resolved.1)
-        .bind(resolved.2)
+        .bind(&resolved.kinds)
+        .bind(&resolved.subjects)
+        .bind(&resolved.resolutions)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE recon_discrepancies AS d SET resolved_at = now(), resolution = u.resolution
+             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(kind, subject, resolution)
+             WHERE u.kind = 'orphan_settlement' AND d.kind = 'orphan_settlement'
+               AND d.resolved_at IS NULL AND d.settlement_event_id = u.subject",
+        )
+        .bind(&resolved.kinds)
+        .bind(&resolved.subjects)
+        .bind(&resolved.resolutions)
         .execute(&mut *tx)
         .await?;
     }
