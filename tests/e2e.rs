@@ -428,7 +428,7 @@ async fn results_do_not_depend_on_the_window_size(pool: PgPool) {
     assert!(large.wait(Duration::from_secs(35)).success());
     assert_eq!(other.outcomes().await, small_result);
     other_pool.close().await;
-    sqlx::query(&format!("DROP DATABASE \"{other_db}\""))
+    sqlx::query(&format!("DROP DATABASE \"{other_db}\" WITH (FORCE)"))
         .execute(&world.pool)
         .await
         .expect("drop");
