@@ -433,3 +433,205 @@ async fn results_do_not_depend_on_the_window_size(pool: PgPool) {
         .await
         .expect("drop");
 }
+
+fn record(
+    input: recon_worker::event::Input,
+    key: &str,
+    value: serde_json::Value,
+) -> recon_worker::loadgen::Record {
+    recon_worker::loadgen::Record {
+        input,
+        key: Some(key.as_bytes().to_vec()),
+        value: Some(value.to_string().into_bytes()),
+    }
+}
+
+async fn await_outcome(world: &World, event_id: &str, outcome: &str, within: Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT outcome FROM recon_outcomes WHERE event_id = $1")
+                .bind(event_id)
+                .fetch_optional(&world.pool)
+                .await
+                .unwrap_or(None);
+        if current.as_deref() == Some(outcome) {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{event_id}: {current:?}, expected {outcome} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_late_counterpart_resolves_the_discrepancy(pool: PgPool) {
+    use recon_worker::event::{format_timestamp, Input};
+    let world = World::new(pool, 1).await;
+    let _worker = world.spawn_worker(
+        "lifecycle",
+        &[
+            ("RECON_SETTLEMENT_DEADLINE", "3s"),
+            ("RECON_ORPHAN_TIMEOUT", "3s"),
+        ],
+    );
+    let now = chrono::Utc::now().timestamp_micros();
+    let ts = |offset_s: i64| format_timestamp(now + offset_s * SEC);
+    world
+        .produce(&[
+            record(Input::Payments, "late", serde_json::json!({
+                "event_id": "late-p", "type": "payment_captured", "payment_id": "late", "merchant_id": "m",
+                "amount_minor": 700, "currency": "GBP", "occurred_at": ts(-10)})),
+            record(Input::Settlements, "early", serde_json::json!({
+                "event_id": "early-s", "type": "settlement_line", "settlement_id": "po", "payment_id": "early",
+                "gross_minor": 900, "fee_minor": 9, "net_minor": 891, "currency": "GBP", "settled_at": ts(-10)})),
+        ])
+        .await;
+    await_outcome(
+        &world,
+        "late-p",
+        "missing_settlement",
+        Duration::from_secs(20),
+    )
+    .await;
+    await_outcome(
+        &world,
+        "early-s",
+        "orphan_settlement",
+        Duration::from_secs(20),
+    )
+    .await;
+    let open = world
+        .count("SELECT count(*) FROM recon_discrepancies WHERE resolved_at IS NULL")
+        .await;
+    assert_eq!(open, 2);
+
+    // The counterparts arrive: the settlement is more than D after the payment.
+    world
+        .produce(&[
+            record(Input::Settlements, "late", serde_json::json!({
+                "event_id": "late-s", "type": "settlement_line", "settlement_id": "po", "payment_id": "late",
+                "gross_minor": 700, "fee_minor": 7, "net_minor": 693, "currency": "GBP", "settled_at": ts(0)})),
+            record(Input::Payments, "early", serde_json::json!({
+                "event_id": "early-p", "type": "payment_captured", "payment_id": "early", "merchant_id": "m",
+                "amount_minor": 900, "currency": "GBP", "occurred_at": ts(-11)})),
+        ])
+        .await;
+    await_outcome(&world, "late-p", "matched_late", Duration::from_secs(20)).await;
+    await_outcome(&world, "early-s", "matched", Duration::from_secs(20)).await;
+    let rows = sqlx::query(
+        "SELECT kind, resolution, resolved_at IS NOT NULL AS resolved, resolved_at >= opened_at AS ordered
+         FROM recon_discrepancies ORDER BY kind",
+    )
+    .fetch_all(&world.pool)
+    .await
+    .expect("history");
+    let history: Vec<(String, Option<String>, bool, Option<bool>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        history,
+        vec![
+            (
+                "missing_settlement".into(),
+                Some("matched_late".into()),
+                true,
+                Some(true)
+            ),
+            (
+                "orphan_settlement".into(),
+                Some("matched".into()),
+                true,
+                Some(true)
+            ),
+        ]
+    );
+    let counterpart: Option<String> = sqlx::query_scalar(
+        "SELECT counterpart_event_id FROM recon_outcomes WHERE event_id = 'late-p'",
+    )
+    .fetch_one(&world.pool)
+    .await
+    .expect("row");
+    assert_eq!(counterpart.as_deref(), Some("late-s"));
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_database_password_never_appears_in_logs(pool: PgPool) {
+    let world = World::new(pool, 1).await;
+    // Trust authentication ignores the password, so the worker runs normally with it.
+    let secret = "hunter2-Sup3rSecret";
+    let url = world
+        .database_url
+        .replacen("postgres@", &format!("postgres:{secret}@"), 1);
+    for format in ["text", "json"] {
+        let mut worker = world.spawn_worker(
+            &format!("secret-{format}"),
+            &[
+                ("DATABASE_URL", &url),
+                ("RECON_LOG_FORMAT", format),
+                ("RUST_LOG", "debug"),
+            ],
+        );
+        let started = std::time::Instant::now();
+        while !worker.log_text().contains("took ownership") {
+            assert!(
+                started.elapsed() < WITHIN,
+                "worker did not start:\n{}",
+                worker.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        worker.signal("TERM");
+        assert!(worker.wait(Duration::from_secs(35)).success());
+        let log = worker.log_text();
+        assert!(
+            log.contains("postgres:***@"),
+            "the redacted URL is logged:\n{log}"
+        );
+        assert!(!log.contains(secret), "password leaked into {format} logs");
+    }
+    // A configuration error shows the variable, redacted.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_recon-worker"))
+        .arg("run")
+        .env_clear()
+        .env(
+            "DATABASE_URL",
+            format!("postgres://app:{secret}@db:notaport/x"),
+        )
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("DATABASE_URL") && !stderr.contains(secret),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn invalid_configuration_stops_the_worker_naming_the_variable() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_recon-worker"))
+        .arg("run")
+        .env_clear()
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1/x")
+        .env("RECON_SETTLEMENT_DEADLINE", "three days")
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("RECON_SETTLEMENT_DEADLINE")
+            && stderr.contains("three days")
+            && stderr.contains("90s"),
+        "{stderr}"
+    );
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_recon-worker"))
+        .arg("--help")
+        .output()
+        .expect("help");
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("migrate") && text.contains("run"), "{text}");
+}
