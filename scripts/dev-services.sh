@@ -91,8 +91,17 @@ broker_up() {
 
 broker_down() {
     if [ -f "$BROKER_PID" ] && kill -0 "$(cat "$BROKER_PID")" 2>/dev/null; then
-        kill "$(cat "$BROKER_PID")"
-        for _ in $(seq 40); do port_open "$BROKER_PORT" || break; sleep 0.25; done
+        local pid
+        pid=$(cat "$BROKER_PID")
+        kill "$pid"
+        # Wait for the process itself, not just its port: a new broker must not open
+        # the sqlite file while the old one still holds it.
+        for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "broker did not stop in 10s; killing it"
+            kill -9 "$pid" 2>/dev/null || true
+            sleep 0.5
+        fi
         log "broker stopped"
     fi
     rm -f "$BROKER_PID"

@@ -17,9 +17,12 @@ cargo fmt --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 
-echo "== tests"
-if command -v cargo-nextest >/dev/null; then
-    cargo nextest run --locked --no-fail-fast --profile ci
-else
-    cargo test --locked --no-fail-fast
+if ! command -v cargo-nextest >/dev/null; then
+    cargo install --locked cargo-nextest
 fi
+echo "== tests"
+cargo nextest run --locked --profile ci
+
+# The chaos test restarts the shared PostgreSQL and broker, so it runs alone, last.
+echo "== chaos test (kills, restarts, a frozen worker)"
+cargo nextest run --locked --profile ci --run-ignored only --no-capture

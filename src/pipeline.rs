@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::consumer::{
     commit_advisory, now_micros, Delivery, KafkaConsumer, PartitionProgress, ReadMessage,
 };
-use crate::engine::{Applied, EngineConfig, PairEngine};
+use crate::engine::{Applied, EngineConfig, PairEngine, SweepRequest};
 use crate::event::Input;
 use crate::store::{PairCheckpoint, PairPosition, RejectedMessage, Store, StoreError};
 use crate::telemetry::metrics as m;
@@ -27,6 +28,8 @@ use crate::telemetry::Health;
 
 /// How often the loop turns when nothing arrives, to advance watermarks on idle input.
 const TICK: Duration = Duration::from_millis(250);
+/// Most payment ids loaded into the window per pair when it is assigned.
+const WARM_LIMIT: usize = 50_000;
 /// Most due items a deadline sweep loads per pair and batch.
 const SWEEP_LIMIT: i64 = 5_000;
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -104,6 +107,8 @@ impl Pipeline {
                     let answer = result.as_ref().map(Vec::clone).map_err(ToString::to_string);
                     let _ = reply.send(answer);
                     result?;
+                    // The poll thread assigns and starts fetching while the window warms.
+                    self.warm(&pairs).await?;
                 }
                 Some(Delivery::Revoke { pairs, done }) => {
                     for pair in &pairs {
@@ -189,12 +194,57 @@ impl Pipeline {
         Ok(positions)
     }
 
+    /// Loads the pending items with the nearest deadlines of newly assigned pairs, up
+    /// to half the window's share of each pair; the rest stays cold in PostgreSQL.
+    async fn warm(&mut self, pairs: &[i32]) -> Result<(), StoreError> {
+        let share = (self.engine_config.window.max_items / pairs.len().max(1) / 2).min(WARM_LIMIT);
+        if share == 0 {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let everything = SweepRequest {
+            payments_before: i64::MAX,
+            settlements_before: i64::MAX,
+        };
+        for &pair in pairs {
+            let due = self
+                .retry("warm", || {
+                    store.due_keys(pair, everything, share as i64 / 2)
+                })
+                .await?;
+            if due.payment_ids.is_empty() {
+                continue;
+            }
+            let pair_of_each = vec![pair; due.payment_ids.len()];
+            let rows = self
+                .retry("warm_lookup", || {
+                    store.lookup(&pair_of_each, &due.payment_ids)
+                })
+                .await?;
+            if let Some(owned) = self.pairs.get_mut(&pair) {
+                let keys = due.payment_ids.len();
+                owned.engine.load(
+                    due.payment_ids,
+                    rows.into_iter().map(|(_, row)| row).collect(),
+                );
+                tracing::info!(pair, keys, "window warmed with the nearest deadlines");
+            }
+        }
+        self.publish_gauges();
+        Ok(())
+    }
+
     fn publish_assignment(&self) {
         self.health.set_assigned(self.pairs.len());
         metrics::gauge!(m::ASSIGNED_PARTITIONS).set(self.pairs.len() as f64);
     }
 
     async fn process(&mut self, items: Vec<Item>) -> Result<(), PipelineError> {
+        let span = batch_span(&items);
+        self.process_batch(items).instrument(span).await
+    }
+
+    async fn process_batch(&mut self, items: Vec<Item>) -> Result<(), PipelineError> {
         let now = now_micros();
         let started = Instant::now();
         self.load_misses(&items).await?;
@@ -524,4 +574,29 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// One span per batch naming the partitions and offset ranges it covers, so every log
+/// line inside (retries, fencing) says which input it concerns.
+fn batch_span(items: &[Item]) -> tracing::Span {
+    let mut ranges: BTreeMap<(Input, i32), (i64, i64)> = BTreeMap::new();
+    let mut messages = 0usize;
+    for item in items {
+        if let Item::Message(m) = item {
+            messages += 1;
+            let range = ranges
+                .entry((m.input, m.partition))
+                .or_insert((m.offset, m.offset));
+            range.0 = range.0.min(m.offset);
+            range.1 = range.1.max(m.offset);
+        }
+    }
+    if messages == 0 {
+        return tracing::debug_span!("tick");
+    }
+    let ranges: Vec<String> = ranges
+        .iter()
+        .map(|((input, partition), (first, last))| format!("{input}/{partition}:{first}-{last}"))
+        .collect();
+    tracing::info_span!("batch", messages, offsets = %ranges.join(","))
 }

@@ -1,7 +1,9 @@
 //! The store against a real PostgreSQL: ownership epochs and fencing, the checkpoint
 //! transaction, lookups and deadline sweeps.
 
-use recon_worker::engine::{DiscrepancyChange, NewEvent, Outcome, PairChanges, RowWrite, SweepRequest};
+use recon_worker::engine::{
+    DiscrepancyChange, NewEvent, Outcome, PairChanges, RowWrite, SweepRequest,
+};
 use recon_worker::event::Input;
 use recon_worker::money::Currency;
 use recon_worker::store::{PairCheckpoint, RejectedMessage, Store, StoreError};
@@ -32,7 +34,12 @@ fn pending_payment(event_id: &str, payment_id: &str, at: i64) -> RowWrite {
     }
 }
 
-fn checkpoint(pair: i32, epoch: i64, offsets: [Option<i64>; 2], rows: Vec<RowWrite>) -> PairCheckpoint {
+fn checkpoint(
+    pair: i32,
+    epoch: i64,
+    offsets: [Option<i64>; 2],
+    rows: Vec<RowWrite>,
+) -> PairCheckpoint {
     PairCheckpoint {
         pair,
         epoch,
@@ -61,21 +68,31 @@ fn checkpoint(pair: i32, epoch: i64, offsets: [Option<i64>; 2], rows: Vec<RowWri
 }
 
 async fn count(pool: &PgPool, table: &str) -> i64 {
-    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(pool).await.expect("count")
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .expect("count")
 }
 
 #[sqlx::test(migrations = false)]
 async fn a_zombie_checkpoint_is_fenced_and_writes_nothing(pool: PgPool) {
     let store = store(pool.clone()).await;
     let old = store.acquire_pairs(&[0, 1]).await.expect("first owner");
-    assert!(old.iter().all(|p| p.epoch == 1 && p.next_offsets == [None, None]));
+    assert!(old
+        .iter()
+        .all(|p| p.epoch == 1 && p.next_offsets == [None, None]));
     // Another worker takes pair 1 over.
     let new = store.acquire_pairs(&[1]).await.expect("second owner");
     assert_eq!(new[0].epoch, 2);
 
     // The old owner's batch covers both pairs: all of it is refused.
     let batch = vec![
-        checkpoint(0, 1, [Some(10), Some(4)], vec![pending_payment("e0", "k0", 1)]),
+        checkpoint(
+            0,
+            1,
+            [Some(10), Some(4)],
+            vec![pending_payment("e0", "k0", 1)],
+        ),
         checkpoint(1, 1, [Some(7), None], vec![pending_payment("e1", "k1", 1)]),
     ];
     match store.checkpoint(&batch).await {
@@ -83,13 +100,23 @@ async fn a_zombie_checkpoint_is_fenced_and_writes_nothing(pool: PgPool) {
         other => panic!("expected fencing, got {other:?}"),
     }
     for table in ["recon_events", "rejected_events", "recon_discrepancies"] {
-        assert_eq!(count(&pool, table).await, 0, "{table} untouched by a fenced checkpoint");
+        assert_eq!(
+            count(&pool, table).await,
+            0,
+            "{table} untouched by a fenced checkpoint"
+        );
     }
     let offsets = store.stored_offsets().await.expect("offsets");
-    assert!(offsets.iter().all(|(_, o)| *o == [None, None]), "{offsets:?}");
+    assert!(
+        offsets.iter().all(|(_, o)| *o == [None, None]),
+        "{offsets:?}"
+    );
 
     // Without the fenced pair, the rest commits.
-    store.checkpoint(&batch[..1]).await.expect("pair 0 still owned");
+    store
+        .checkpoint(&batch[..1])
+        .await
+        .expect("pair 0 still owned");
     assert_eq!(count(&pool, "recon_events").await, 1);
     let resumed = store.acquire_pairs(&[0]).await.expect("reacquire");
     assert_eq!(resumed[0].next_offsets, [Some(10), Some(4)]);
@@ -101,13 +128,24 @@ async fn a_zombie_checkpoint_is_fenced_and_writes_nothing(pool: PgPool) {
 async fn lookups_and_sweeps_see_committed_state(pool: PgPool) {
     let store = store(pool.clone()).await;
     store.acquire_pairs(&[3]).await.expect("own");
-    let rows = (0..5).map(|i| pending_payment(&format!("e{i}"), &format!("k{i}"), i64::from(i) * 1_000_000)).collect();
-    store.checkpoint(&[checkpoint(3, 1, [Some(5), None], rows)]).await.expect("commit");
+    let rows = (0..5)
+        .map(|i| pending_payment(&format!("e{i}"), &format!("k{i}"), i64::from(i) * 1_000_000))
+        .collect();
+    store
+        .checkpoint(&[checkpoint(3, 1, [Some(5), None], rows)])
+        .await
+        .expect("commit");
 
-    let found = store.lookup(&[3, 3, 4], &["k1".into(), "k9".into(), "k2".into()]).await.expect("lookup");
+    let found = store
+        .lookup(&[3, 3, 4], &["k1".into(), "k9".into(), "k2".into()])
+        .await
+        .expect("lookup");
     let ids: Vec<&str> = found.iter().map(|(_, e)| e.event_id.as_str()).collect();
     assert_eq!(ids, vec!["e1"], "scoped by pair and payment id");
-    let stored = store.stored_event_ids(&[Input::Payments, Input::Settlements], &["e4", "e4"]).await.expect("ids");
+    let stored = store
+        .stored_event_ids(&[Input::Payments, Input::Settlements], &["e4", "e4"])
+        .await
+        .expect("ids");
     assert_eq!(stored, vec![(Input::Payments, "e4".to_owned())]);
 
     let request = SweepRequest {
@@ -120,5 +158,44 @@ async fn lookups_and_sweeps_see_committed_state(pool: PgPool) {
     let due = store.due_keys(3, request, 10).await.expect("sweep");
     assert_eq!(due.payment_ids.len(), 3);
     assert!(due.complete);
-    assert!(store.due_keys(4, request, 10).await.expect("sweep").payment_ids.is_empty(), "other pairs are not swept");
+    assert!(
+        store
+            .due_keys(4, request, 10)
+            .await
+            .expect("sweep")
+            .payment_ids
+            .is_empty(),
+        "other pairs are not swept"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_unbounded_sweep_finds_every_pending_item(pool: PgPool) {
+    let store = store(pool).await;
+    store.acquire_pairs(&[0]).await.expect("own");
+    let rows = vec![
+        pending_payment("e0", "k0", 0),
+        pending_payment("e1", "k1", 1),
+    ];
+    store
+        .checkpoint(&[checkpoint(0, 1, [Some(2), None], rows)])
+        .await
+        .expect("commit");
+    let everything = SweepRequest {
+        payments_before: i64::MAX,
+        settlements_before: i64::MAX,
+    };
+    let due = store.due_keys(0, everything, 10).await.expect("sweep");
+    assert_eq!(due.payment_ids, vec!["k0".to_owned(), "k1".to_owned()]);
+}
+
+#[sqlx::test(migrations = false)]
+async fn sweep_bounds_far_in_the_past_are_valid(pool: PgPool) {
+    let store = store(pool).await;
+    let nothing = SweepRequest {
+        payments_before: i64::MIN,
+        settlements_before: i64::MIN / 2,
+    };
+    let due = store.due_keys(0, nothing, 10).await.expect("a valid query");
+    assert!(due.payment_ids.is_empty() && due.complete);
 }

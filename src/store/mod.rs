@@ -121,8 +121,13 @@ pub struct Store {
     settlements_topic: String,
 }
 
+/// Microseconds to a timestamp, clamped to years 1..=9999: every event time the
+/// decoder accepts is inside, and sweep bounds far outside stay valid for PostgreSQL.
 fn to_time(micros: Micros) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(micros).unwrap_or(DateTime::<Utc>::MIN_UTC)
+    const YEAR_1: Micros = -62_135_596_800_000_000;
+    const YEAR_9999_END: Micros = 253_402_300_799_999_999;
+    DateTime::from_timestamp_micros(micros.clamp(YEAR_1, YEAR_9999_END))
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
 
 impl Store {
