@@ -23,6 +23,10 @@ fi
 echo "== tests"
 cargo nextest run --locked --profile ci
 
+echo "== deployment files and a live /metrics scrape, checked with real tools"
+cargo build --locked --quiet
+scripts/validate-deploy.sh target/debug/recon-worker
+
 # The chaos test restarts the shared PostgreSQL and broker, so it runs alone, last.
 echo "== chaos test (kills, restarts, a frozen worker)"
 cargo nextest run --locked --profile ci --run-ignored only --no-capture

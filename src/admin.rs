@@ -49,6 +49,47 @@ pub fn producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
         .create()
 }
 
+/// Produces records at `rate` messages per second (0: as fast as possible), with a
+/// progress line on stderr every second, and waits until all are acknowledged. Each
+/// record carries the current time as its Kafka timestamp, so latency can be measured.
+pub async fn produce_paced(
+    producer: &FutureProducer,
+    records: &[crate::loadgen::Record],
+    topics: [&str; 2],
+    rate: u64,
+) -> Result<(), KafkaError> {
+    if rate == 0 && records.len() < 100_000 {
+        return produce_all(producer, records, topics).await;
+    }
+    let started = std::time::Instant::now();
+    let step = if rate == 0 {
+        10_000
+    } else {
+        (rate / 20).max(1) as usize
+    };
+    let mut last_report = started;
+    for (i, chunk) in records.chunks(step).enumerate() {
+        produce_all(producer, chunk, topics).await?;
+        let sent = (i + 1) * step;
+        if rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = std::time::Instant::now();
+            eprintln!(
+                "loadgen: {}/{} messages, {:.0} msg/s",
+                sent.min(records.len()),
+                records.len(),
+                sent as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Produces records in order and waits until all are acknowledged.
 pub async fn produce_all(
     producer: &FutureProducer,
@@ -58,7 +99,8 @@ pub async fn produce_all(
     let mut pending = Vec::with_capacity(records.len().min(10_000));
     for record in records {
         let topic = topics[record.input.index()];
-        let mut future_record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+        let mut future_record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(topic).timestamp(chrono::Utc::now().timestamp_millis());
         if let Some(key) = &record.key {
             future_record = future_record.key(key.as_slice());
         }

@@ -366,11 +366,18 @@ pub fn format_timestamp(micros: Micros) -> String {
         .unwrap_or_else(|| micros.to_string())
 }
 
-impl fmt::Display for Input {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Input {
+    /// The `topic` label of metrics: the input's role, whatever the topic is named.
+    pub fn label(self) -> &'static str {
+        match self {
             Input::Payments => "payments",
             Input::Settlements => "settlements",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Input {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
     }
 }

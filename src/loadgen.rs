@@ -62,6 +62,36 @@ impl Default for Mix {
     }
 }
 
+/// Parses `name=weight,…` over the defaults (names: matched, late, currency, amount,
+/// fee, dup_payment, dup_settlement, missing, orphan, pending, redelivery).
+pub fn parse_mix(text: &str) -> Result<Mix, String> {
+    let mut mix = Mix::default();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("mix entry {part:?}: expected name=weight"))?;
+        let weight: u32 = value
+            .parse()
+            .map_err(|_| format!("mix entry {part:?}: weight must be a whole number"))?;
+        let slot = match name {
+            "matched" => &mut mix.matched,
+            "late" => &mut mix.matched_late,
+            "currency" => &mut mix.currency_mismatch,
+            "amount" => &mut mix.amount_mismatch,
+            "fee" => &mut mix.fee_mismatch,
+            "dup_payment" => &mut mix.duplicate_payment,
+            "dup_settlement" => &mut mix.duplicate_settlement,
+            "missing" => &mut mix.missing_settlement,
+            "orphan" => &mut mix.orphan_settlement,
+            "pending" => &mut mix.pending,
+            "redelivery" => &mut mix.redelivery,
+            other => return Err(format!("unknown mix entry {other:?}")),
+        };
+        *slot = weight;
+    }
+    Ok(mix)
+}
+
 /// Parameters of a generated stream.
 #[derive(Debug, Clone)]
 pub struct Plan {

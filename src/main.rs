@@ -45,6 +45,43 @@ enum Command {
         /// Prefix for every generated id, to keep runs apart.
         #[arg(long, default_value = "")]
         id_prefix: String,
+        /// Target rate in messages per second (0: as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Scenario weights, e.g. `matched=70,late=3,currency=2,amount=3,fee=2,dup_payment=2,dup_settlement=2,missing=3,orphan=3,pending=0,redelivery=5`.
+        #[arg(long)]
+        mix: Option<String>,
+    },
+    /// Measurements for scripts/bench.sh (they print figures and assert nothing).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// RSS growth per open payment held in the in-memory window.
+    WindowMemory {
+        #[arg(long, default_value_t = 1_000_000)]
+        items: usize,
+    },
+    /// Raw consume rate of both topics from the beginning (a consumer that only counts).
+    Consume {
+        #[arg(long)]
+        messages: u64,
+    },
+    /// Raw PostgreSQL write rate of outcome rows (batched UNNEST insert).
+    PgWrite {
+        #[arg(long, default_value_t = 500_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 5_000)]
+        batch: usize,
+    },
+    /// The worker's ceiling without the broker: pre-decoded events through engine and checkpoint.
+    Pipeline {
+        #[arg(long, default_value_t = 200_000)]
+        scenarios: usize,
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
     },
 }
 
@@ -111,11 +148,14 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Bench(command) => bench(command, config).await,
         Command::Loadgen {
             scenarios,
             seed,
             poison_every,
             id_prefix,
+            rate,
+            mix,
         } => {
             let engine = recon_worker::engine::EngineConfig::new(&config.matching, config.window);
             let plan = loadgen::Plan {
@@ -123,7 +163,8 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                 scenarios,
                 mix: loadgen::Mix {
                     poison_every,
-                    ..loadgen::Mix::default()
+                    ..loadgen::parse_mix(mix.as_deref().unwrap_or(""))
+                        .map_err(anyhow::Error::msg)?
                 },
                 base_time: chrono::Utc::now().timestamp_micros(),
                 deadline: engine.deadline,
@@ -134,10 +175,11 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             let (records, truth) = loadgen::generate(&plan);
             let producer = admin::producer(&config.brokers).context("creating the producer")?;
             let started = std::time::Instant::now();
-            admin::produce_all(
+            admin::produce_paced(
                 &producer,
                 &records,
                 [&config.payments_topic, &config.settlements_topic],
+                rate,
             )
             .await
             .context("producing")?;
@@ -153,4 +195,60 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn bench(command: BenchCommand, config: Config) -> anyhow::Result<()> {
+    use recon_worker::bench;
+    match command {
+        BenchCommand::WindowMemory { items } => {
+            let (before, after, per_item, estimated) = bench::window_memory(items);
+            println!(
+                "window_memory: items={items} rss_before_mb={:.1} rss_after_mb={:.1} rss_bytes_per_item={per_item:.1} accounted_bytes_per_item={estimated}",
+                before as f64 / 1e6,
+                after as f64 / 1e6
+            );
+        }
+        BenchCommand::Consume { messages } => {
+            let (count, elapsed) =
+                tokio::task::spawn_blocking(move || bench::raw_consume(&config, messages))
+                    .await??;
+            println!(
+                "raw_consume: messages={count} seconds={:.2} eps={:.0}",
+                elapsed.as_secs_f64(),
+                count as f64 / elapsed.as_secs_f64().max(1e-9)
+            );
+        }
+        BenchCommand::PgWrite { rows, batch } => {
+            let store = Store::connect_lazy(
+                config.database.clone(),
+                &config.payments_topic,
+                &config.settlements_topic,
+            );
+            let elapsed = bench::raw_pg_write(&store, rows, batch).await?;
+            println!(
+                "pg_write: rows={rows} batch={batch} seconds={:.2} rows_per_s={:.0}",
+                elapsed.as_secs_f64(),
+                rows as f64 / elapsed.as_secs_f64().max(1e-9)
+            );
+        }
+        BenchCommand::Pipeline {
+            scenarios,
+            partitions,
+        } => {
+            let store = Store::connect_lazy(
+                config.database.clone(),
+                &config.payments_topic,
+                &config.settlements_topic,
+            );
+            let (count, elapsed) =
+                bench::pipeline_only(&config, store, scenarios, partitions).await?;
+            println!(
+                "pipeline: messages={count} seconds={:.2} eps={:.0} peak_rss_mb={:.1}",
+                elapsed.as_secs_f64(),
+                count as f64 / elapsed.as_secs_f64().max(1e-9),
+                bench::peak_rss_bytes() as f64 / 1e6
+            );
+        }
+    }
+    Ok(())
 }

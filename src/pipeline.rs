@@ -264,8 +264,7 @@ impl Pipeline {
                     };
                     let input = message.input;
                     owned.read[input.index()] = Some(message.offset + 1);
-                    metrics::counter!(m::EVENTS_CONSUMED, "topic" => input.to_string())
-                        .increment(1);
+                    metrics::counter!(m::EVENTS_CONSUMED, "topic" => input.label()).increment(1);
                     if let Some(ts) = message.timestamp_ms {
                         timestamps.push(ts);
                     }
@@ -273,12 +272,13 @@ impl Pipeline {
                         Ok(event) => match owned.engine.apply(event, message.offset) {
                             Applied::Accepted(_) => {}
                             Applied::Redelivery => {
-                                metrics::counter!(m::EVENTS_REDELIVERED, "topic" => input.to_string()).increment(1);
+                                metrics::counter!(m::EVENTS_REDELIVERED, "topic" => input.label())
+                                    .increment(1);
                             }
                         },
                         Err(rejection) => {
                             owned.engine.observe_activity(input);
-                            metrics::counter!(m::EVENTS_REJECTED, "topic" => input.to_string(), "reason" => rejection.class)
+                            metrics::counter!(m::EVENTS_REJECTED, "topic" => input.label(), "reason" => rejection.class)
                                 .increment(1);
                             rejected
                                 .entry(message.partition)
@@ -528,7 +528,7 @@ impl Pipeline {
                     continue;
                 }
                 let stored = owned.committed[input.index()].unwrap_or(0);
-                metrics::gauge!(m::CONSUMER_LAG, "topic" => input.to_string(), "partition" => pair.to_string())
+                metrics::gauge!(m::CONSUMER_LAG, "topic" => input.label(), "partition" => pair.to_string())
                     .set((high - stored).max(0) as f64);
             }
         }

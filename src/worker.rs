@@ -53,6 +53,7 @@ fn is_unreachable(error: &sqlx::Error) -> bool {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(config = ?config, "starting recon-worker");
     let prometheus = telemetry::init_metrics().context("installing the metrics recorder")?;
+    telemetry::metrics::init_series();
     let health = Arc::new(Health::default());
     let _server = telemetry::serve(config.metrics_addr, prometheus, health.clone())
         .await

@@ -19,7 +19,43 @@ pub const RETRIES: &str = "recon_retries_total";
 pub const KAFKA_ERRORS: &str = "recon_kafka_errors_total";
 pub const WATERMARK: &str = "recon_watermark_timestamp_seconds";
 
-/// Registers descriptions so every series exists from the first scrape.
+/// Creates every low-cardinality series at zero, so alerts on `increase()` see the
+/// first failure and dashboards show a line from the start.
+pub fn init_series() {
+    for counter in [REBALANCES, FENCED_CHECKPOINTS, KAFKA_ERRORS] {
+        metrics::counter!(counter).absolute(0);
+    }
+    for kind in ["transient", "permanent"] {
+        metrics::counter!(CHECKPOINT_FAILURES, "kind" => kind).absolute(0);
+    }
+    for operation in [
+        "checkpoint",
+        "lookup",
+        "lookup_event_ids",
+        "sweep",
+        "sweep_lookup",
+        "acquire_pairs",
+        "warm",
+        "warm_lookup",
+    ] {
+        metrics::counter!(RETRIES, "operation" => operation).absolute(0);
+    }
+    for topic in crate::event::Input::ALL.map(crate::event::Input::label) {
+        metrics::counter!(EVENTS_CONSUMED, "topic" => topic).absolute(0);
+        metrics::counter!(EVENTS_REDELIVERED, "topic" => topic).absolute(0);
+        for reason in crate::event::Rejection::CLASSES {
+            metrics::counter!(EVENTS_REJECTED, "topic" => topic, "reason" => reason).absolute(0);
+        }
+    }
+    for outcome in crate::engine::Outcome::ALL {
+        metrics::counter!(OUTCOMES, "outcome" => outcome.as_str()).absolute(0);
+    }
+    metrics::gauge!(ASSIGNED_PARTITIONS).set(0.0);
+    metrics::gauge!(WINDOW_ITEMS).set(0.0);
+    metrics::gauge!(WINDOW_BYTES).set(0.0);
+}
+
+/// Registers descriptions (HELP lines) for every metric.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(EVENTS_CONSUMED, "Messages read from Kafka, by topic.");

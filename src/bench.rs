@@ -1,0 +1,254 @@
+//! Measurements behind `recon-worker bench …` and `scripts/bench.sh`: the physical
+//! limits around the worker (raw broker consume rate, raw PostgreSQL write rate), the
+//! worker's own ceiling without the broker (pre-decoded events through engine and
+//! checkpoint), and the window's memory per item. They print figures; they assert
+//! nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, WindowConfig};
+use crate::consumer::{Delivery, ReadMessage};
+use crate::engine::{EngineConfig, PairEngine, StoredEvent};
+use crate::event::{decode, Input};
+use crate::loadgen::{self, Mix, Plan};
+use crate::pipeline::Pipeline;
+use crate::store::{PairCheckpoint, Store};
+use crate::telemetry::Health;
+
+/// Resident set size of this process in bytes (Linux).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Loads `items` open payments into one window and reports RSS growth per item.
+pub fn window_memory(items: usize) -> (u64, u64, f64, usize) {
+    let config = EngineConfig::new(
+        &crate::config::MatchConfig::default(),
+        WindowConfig {
+            max_items: items * 2,
+            max_bytes: usize::MAX / 2,
+        },
+    );
+    let eur = crate::money::Currency::from_code("EUR").expect("EUR is active");
+    let mut engine = PairEngine::new(config, [None, None]);
+    let before = rss_bytes();
+    let chunk = 100_000;
+    for start in (0..items).step_by(chunk) {
+        let end = (start + chunk).min(items);
+        let keys: Vec<String> = (start..end).map(|i| format!("pay-{i:012}")).collect();
+        let rows = keys
+            .iter()
+            .enumerate()
+            .map(|(j, key)| StoredEvent {
+                input: Input::Payments,
+                event_id: format!("evt-{:012}-p", start + j),
+                payment_id: key.clone(),
+                outcome: crate::engine::Outcome::Pending,
+                event_time: 1_700_000_000_000_000,
+                amount: 1_000,
+                fee: 0,
+                net: 0,
+                currency: eur,
+            })
+            .collect();
+        engine.load(keys, rows);
+    }
+    let after = rss_bytes();
+    let per_item = after.saturating_sub(before) as f64 / items as f64;
+    (
+        before,
+        after,
+        per_item,
+        engine.window_bytes() / items.max(1),
+    )
+}
+
+/// Counts messages from the start of both topics with a minimal consumer.
+pub fn raw_consume(
+    config: &Config,
+    expected: u64,
+) -> Result<(u64, Duration), rdkafka::error::KafkaError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", format!("bench-raw-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("queued.max.messages.kbytes", "8192")
+        .set("fetch.max.bytes", "8388608")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for topic in [&config.payments_topic, &config.settlements_topic] {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map_or(0, |t| t.partitions().len());
+        for partition in 0..partitions {
+            tpl.add_partition_offset(topic, partition as i32, Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    let mut count = 0u64;
+    let mut started = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count < expected && Instant::now() < deadline {
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+            started.get_or_insert_with(Instant::now);
+            count += 1;
+        }
+    }
+    Ok((count, started.map_or(Duration::ZERO, |s| s.elapsed())))
+}
+
+/// Writes `rows` outcome rows with the checkpoint's batched UNNEST insert.
+pub async fn raw_pg_write(
+    store: &Store,
+    rows: usize,
+    batch: usize,
+) -> Result<Duration, crate::store::StoreError> {
+    store.migrate().await?;
+    let epoch = store.acquire_pairs(&[0]).await?[0].epoch;
+    let eur = crate::money::Currency::from_code("EUR").expect("EUR is active");
+    let started = Instant::now();
+    for start in (0..rows).step_by(batch) {
+        let end = (start + batch).min(rows);
+        let writes = (start..end)
+            .map(|i| crate::engine::RowWrite {
+                input: Input::Payments,
+                event_id: format!("raw-{i:012}").into(),
+                payment_id: format!("pay-{i:012}").into(),
+                outcome: crate::engine::Outcome::Matched,
+                counterpart: Some(format!("raw-{i:012}-s").into()),
+                new: Some(crate::engine::NewEvent {
+                    kafka_offset: i as i64,
+                    event_time: 1_700_000_000_000_000,
+                    amount: 1_000,
+                    fee: None,
+                    net: None,
+                    currency: eur,
+                    reference: "merchant".into(),
+                }),
+            })
+            .collect();
+        let checkpoint = PairCheckpoint {
+            pair: 0,
+            epoch,
+            next_offsets: [Some(end as i64), None],
+            changes: crate::engine::PairChanges {
+                rows: writes,
+                ..Default::default()
+            },
+            rejected: Vec::new(),
+        };
+        store.checkpoint(&[checkpoint]).await?;
+    }
+    Ok(started.elapsed())
+}
+
+/// The worker's own ceiling: a generated stream, decoded up front, fed through the
+/// real pipeline (engine and PostgreSQL checkpoints) with no broker.
+pub async fn pipeline_only(
+    config: &Config,
+    store: Store,
+    scenarios: usize,
+    partitions: i32,
+) -> anyhow::Result<(usize, Duration)> {
+    store.migrate().await?;
+    let engine = EngineConfig::new(&config.matching, config.window);
+    let plan = Plan {
+        seed: 1,
+        scenarios,
+        mix: Mix::default(),
+        base_time: chrono::Utc::now().timestamp_micros(),
+        deadline: engine.deadline,
+        orphan_timeout: engine.orphan_timeout,
+        max_message_bytes: config.max_message_bytes,
+        id_prefix: format!("bench{}-", std::process::id()),
+    };
+    let (records, _) = loadgen::generate(&plan);
+    let mut offsets = vec![[0i64; 2]; partitions as usize];
+    let messages: Vec<Delivery> = records
+        .iter()
+        .map(|record| {
+            let partition = record
+                .key
+                .as_deref()
+                .map_or(0, |k| partition_of(k, partitions));
+            let offset = &mut offsets[partition as usize][record.input.index()];
+            *offset += 1;
+            let decoded = decode(
+                record.input,
+                record.key.as_deref(),
+                record.value.as_deref(),
+                config.max_message_bytes,
+            )
+            .map_err(|r| crate::store::RejectedMessage {
+                input: record.input,
+                partition,
+                offset: *offset - 1,
+                reason: r.to_string(),
+                class: r.class(),
+                payload: record.value.clone(),
+                payload_size: record.value.as_ref().map_or(0, |v| v.len() as i32),
+                key: record.key.clone(),
+            });
+            Delivery::Message(ReadMessage {
+                input: record.input,
+                partition,
+                offset: *offset - 1,
+                timestamp_ms: None,
+                decoded,
+            })
+        })
+        .collect();
+    let count = messages.len();
+    let (sender, receiver) = mpsc::channel(config.batch_max_messages * 2);
+    let pipeline = Pipeline::new(config, store, None, Arc::new(Health::default()));
+    let task = tokio::spawn(pipeline.run(receiver));
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    sender
+        .send(Delivery::Assign {
+            pairs: (0..partitions).collect(),
+            reply,
+        })
+        .await?;
+    tokio::task::spawn_blocking(move || answer.recv())
+        .await??
+        .map_err(anyhow::Error::msg)?;
+    let started = Instant::now();
+    for message in messages {
+        sender.send(message).await?;
+    }
+    let (done, stopped) = std::sync::mpsc::sync_channel(1);
+    sender.send(Delivery::Stop { done }).await?;
+    task.await??;
+    let elapsed = started.elapsed();
+    let _ = stopped.recv();
+    Ok((count, elapsed))
+}
+
+/// Any stable spread of keys over partitions will do without a broker.
+fn partition_of(key: &[u8], partitions: i32) -> i32 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    (hasher.finish() % partitions.max(1) as u64) as i32
+}
