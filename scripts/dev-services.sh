@@ -80,7 +80,9 @@ broker_up() {
     tansu_install
     log "starting tansu (sqlite storage: $BROKER_DB)"
     # tansu reads the sqlite path relative to its working directory.
-    (cd "$STATE_DIR" && exec nohup tansu broker \
+    # setsid: the broker gets its own session, so it outlives whoever started it (a
+    # test runner cleans up its tests' process groups).
+    (cd "$STATE_DIR" && exec setsid nohup tansu broker \
         --storage-engine "sqlite://$(basename "$BROKER_DB")" \
         --listener-url "tcp://127.0.0.1:$BROKER_PORT" \
         --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" \

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# One-command benchmark (issue "Performance"): on this machine and broker, in one run,
+# measures and prints
+#   - raw broker consume rate of the benchmark backlog (a consumer that only counts),
+#   - raw PostgreSQL write rate of as many outcome rows (batched UNNEST insert),
+#   - recon-worker end to end draining that backlog (first assignment to last commit),
+#   - the pipeline alone, without the broker (pre-decoded events → engine → checkpoint),
+#   - p50/p99 latency from Kafka timestamp to PostgreSQL commit at 50% of the measured
+#     end-to-end maximum,
+#   - the worker's peak RSS,
+# and ends with one `bench:` line. BENCH_SCENARIOS sets the backlog size (≈2.1
+# messages per scenario). Uses the services from scripts/dev-services.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+SCENARIOS=${BENCH_SCENARIOS:-150000}
+LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-30}
+PARTITIONS=4
+
+scripts/dev-services.sh up >/dev/null
+cargo build --release --locked --quiet
+bin=$PWD/target/release/recon-worker
+id=$(date +%s)
+work=$(mktemp -d)
+psql_() { psql -q -h 127.0.0.1 -U postgres "$@"; }
+for db in bench_e2e bench_pg bench_pipe; do
+    psql_ -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
+done
+export RECON_PAYMENTS_TOPIC="bench-p-$id" RECON_SETTLEMENTS_TOPIC="bench-s-$id" RECON_GROUP_ID="bench-$id"
+export RECON_METRICS_ADDR=127.0.0.1:19898 RUST_LOG=warn,recon_worker=info
+export DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_e2e
+worker=""
+cleanup() { [ -n "$worker" ] && kill -TERM "$worker" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+"$bin" create-topics --partitions $PARTITIONS >/dev/null
+echo "== backlog: $SCENARIOS scenarios"
+"$bin" loadgen --scenarios "$SCENARIOS" --seed "$id" --poison-every 200 --id-prefix "b$id-" >"$work/loadgen.txt"
+messages=$(awk '/^produced/ {print $2}' "$work/loadgen.txt")
+echo "produced $messages messages"
+
+echo "== raw consume"
+raw=$("$bin" bench consume --messages "$messages" | tee /dev/stderr)
+raw_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$raw")
+
+echo "== raw PostgreSQL write"
+pg=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pg "$bin" bench pg-write --rows "$messages" | tee /dev/stderr)
+pg_rps=$(sed -E 's/.* rows_per_s=([0-9]+).*/\1/' <<<"$pg")
+
+echo "== recon-worker end to end (draining the backlog)"
+"$bin" run >"$work/worker.log" 2>&1 &
+worker=$!
+for _ in $(seq 1200); do
+    done_count=$(psql_ -d bench_e2e -tAc "SELECT COALESCE(SUM(payments_next_offset + settlements_next_offset), 0) FROM recon_partition_pairs" 2>/dev/null || echo 0)
+    [ "${done_count:-0}" -ge "$messages" ] && break
+    sleep 0.2
+done
+[ "${done_count:-0}" -ge "$messages" ] || { echo "worker did not drain the backlog"; tail "$work/worker.log"; exit 1; }
+peak_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$worker/status")
+first=$(grep -m1 "took ownership" "$work/worker.log" | awk '{print $1}')
+e2e_seconds=$(psql_ -d bench_e2e -tAc "SELECT extract(epoch FROM max(updated_at) - '$first'::timestamptz) FROM recon_partition_pairs")
+e2e_eps=$(awk -v m="$messages" -v s="$e2e_seconds" 'BEGIN {printf "%d", m / s}')
+echo "e2e: messages=$messages seconds=$e2e_seconds eps=$e2e_eps peak_rss_mb=$((peak_rss_kb / 1024))"
+kill -TERM "$worker"; wait "$worker" || true; worker=""
+
+echo "== pipeline only (no broker)"
+pipe=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pipe "$bin" bench pipeline --scenarios "$SCENARIOS" --partitions $PARTITIONS | tee /dev/stderr)
+pipeline_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$pipe")
+
+rate=$((e2e_eps / 2))
+echo "== latency at 50% load: $rate msg/s for ${LATENCY_SECONDS}s"
+"$bin" run >"$work/worker2.log" 2>&1 &
+worker=$!
+for _ in $(seq 100); do curl -sf "http://$RECON_METRICS_ADDR/readyz" >/dev/null && break; sleep 0.2; done
+latency_scenarios=$((rate * LATENCY_SECONDS * 10 / 21))
+"$bin" loadgen --scenarios "$latency_scenarios" --seed $((id + 1)) --poison-every 0 --id-prefix "l$id-" --rate "$rate" >/dev/null
+sleep 2
+curl -s "http://$RECON_METRICS_ADDR/metrics" >"$work/metrics.txt"
+peak2_kb=$(awk '/VmHWM/ {print $2}' "/proc/$worker/status")
+kill -TERM "$worker"; wait "$worker" || true; worker=""
+read -r p50 p99 < <(python3 - "$work/metrics.txt" <<'PY'
+import sys
+buckets = []
+for line in open(sys.argv[1]):
+    if line.startswith("recon_processing_latency_seconds_bucket"):
+        le = line.split('le="')[1].split('"')[0]
+        buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+buckets.sort()
+total = buckets[-1][1] if buckets else 0
+def quantile(q):
+    rank, prev_le, prev_count = q * total, 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le * 1000
+            fraction = (rank - prev_count) / (count - prev_count) if count > prev_count else 1
+            return (prev_le + (le - prev_le) * fraction) * 1000
+        prev_le, prev_count = le, count
+    return float("nan")
+print(f"{quantile(0.5):.1f} {quantile(0.99):.1f}")
+PY
+)
+echo "latency: p50_ms=$p50 p99_ms=$p99 (histogram interpolation) peak_rss_mb=$((peak2_kb / 1024))"
+peak_mb=$(( (peak_rss_kb > peak2_kb ? peak_rss_kb : peak2_kb) / 1024 ))
+ratio=$(awk -v e="$e2e_eps" -v r="$raw_eps" 'BEGIN {printf "%.2f", e / r}')
+echo "bench: e2e_eps=$e2e_eps raw_consume_eps=$raw_eps e2e_ratio=$ratio pipeline_eps=$pipeline_eps pg_raw_rows_per_s=$pg_rps p50_ms=$p50 p99_ms=$p99 peak_rss_mb=$peak_mb"
