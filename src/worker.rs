@@ -76,8 +76,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let consumer_config = config.clone();
     let consumer_stop = stop.clone();
+    let consumer_health = health.clone();
     let (poll_thread, consumer) = tokio::task::spawn_blocking(move || {
-        crate::consumer::start(&consumer_config, deliveries, consumer_stop)
+        crate::consumer::start(&consumer_config, deliveries, consumer_stop, consumer_health)
     })
     .await
     .context("consumer start task")?

@@ -635,3 +635,22 @@ fn invalid_configuration_stops_the_worker_naming_the_variable() {
     let text = String::from_utf8_lossy(&help.stdout);
     assert!(text.contains("migrate") && text.contains("run"), "{text}");
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_permanent_database_error_fails_fast_with_a_clear_message(pool: PgPool) {
+    let world = World::new(pool, 1).await;
+    let url = world.database_url.replacen("postgres@", "no_such_role@", 1);
+    let mut worker = world.spawn_worker("no-role", &[("DATABASE_URL", &url)]);
+    let started = std::time::Instant::now();
+    let status = worker.wait(Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "failed fast, not retried"
+    );
+    let log = worker.log_text();
+    assert!(
+        log.contains("migrations") && log.contains("no_such_role"),
+        "{log}"
+    );
+}

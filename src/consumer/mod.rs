@@ -20,13 +20,14 @@ use std::time::{Duration, Instant};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::event::{decode, Event, Input, Micros, REJECTED_PAYLOAD_CAP};
 use crate::store::{PairPosition, RejectedMessage};
+use crate::telemetry::Health;
 
 /// A Kafka failure at start, saying whether retrying can help.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +102,7 @@ pub struct RebalanceContext {
     settlements_topic: String,
     /// Set when an assignment could not be taken: the worker must stop.
     failed: Arc<AtomicBool>,
+    health: Arc<Health>,
 }
 
 impl ClientContext for RebalanceContext {
@@ -127,6 +129,9 @@ impl ClientContext for RebalanceContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(%error, reason, "Kafka client error");
         metrics::counter!(crate::telemetry::metrics::KAFKA_ERRORS).increment(1);
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.health.set_brokers_down(true);
+        }
     }
 }
 
@@ -309,6 +314,7 @@ pub fn start(
     config: &Config,
     deliveries: mpsc::Sender<Delivery>,
     stop: Arc<AtomicBool>,
+    health: Arc<Health>,
 ) -> Result<(PollThread, Arc<KafkaConsumer>), ConsumerError> {
     let failed = Arc::new(AtomicBool::new(false));
     let context = RebalanceContext {
@@ -316,6 +322,7 @@ pub fn start(
         payments_topic: config.payments_topic.clone(),
         settlements_topic: config.settlements_topic.clone(),
         failed: failed.clone(),
+        health: health.clone(),
     };
     let consumer: KafkaConsumer = client_config(config).create_with_context(context)?;
     let partitions = check_co_partitioned(&consumer, config)?;
@@ -335,6 +342,7 @@ pub fn start(
         payments_topic: config.payments_topic.clone(),
         max_message_bytes: config.max_message_bytes,
         positions: HashMap::new(),
+        health,
     };
     let handle = thread::Builder::new()
         .name("kafka-poll".into())
@@ -352,6 +360,7 @@ struct Poller {
     max_message_bytes: usize,
     /// Next offset to read per (input, partition), as far as this thread has read.
     positions: HashMap<(Input, i32), i64>,
+    health: Arc<Health>,
 }
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -376,6 +385,7 @@ impl Poller {
             }
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
+                self.check_brokers_back();
                 let progress = self.progress();
                 if !progress.is_empty()
                     && self
@@ -439,6 +449,20 @@ impl Poller {
             timestamp_ms: message.timestamp().to_millis(),
             decoded,
         })
+    }
+
+    /// After "all brokers down", readiness returns once the cluster answers again.
+    /// (A metadata request blocks this thread briefly, which is what it is for.)
+    fn check_brokers_back(&self) {
+        if self.health.brokers_down()
+            && self
+                .consumer
+                .fetch_metadata(None, Duration::from_secs(1))
+                .is_ok()
+        {
+            tracing::info!("Kafka brokers reachable again");
+            self.health.set_brokers_down(false);
+        }
     }
 
     /// For every assigned partition: is there anything left to read?

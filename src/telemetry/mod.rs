@@ -75,6 +75,7 @@ pub struct Health {
     assigned_pairs: AtomicUsize,
     database_ok: AtomicBool,
     backing_off: AtomicBool,
+    brokers_down: AtomicBool,
 }
 
 /// The loop must turn at least this often to count as alive (it ticks every 250 ms
@@ -99,6 +100,14 @@ impl Health {
         self.backing_off.store(backing_off, Ordering::Relaxed);
     }
 
+    pub fn set_brokers_down(&self, down: bool) {
+        self.brokers_down.store(down, Ordering::Relaxed);
+    }
+
+    pub fn brokers_down(&self) -> bool {
+        self.brokers_down.load(Ordering::Relaxed)
+    }
+
     pub fn alive(&self) -> bool {
         let last = self.last_progress.load(Ordering::Relaxed);
         last == 0 || chrono::Utc::now().timestamp() - last <= LIVENESS_WINDOW_SECS
@@ -108,6 +117,8 @@ impl Health {
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         if !self.database_ok.load(Ordering::Relaxed) {
             Some("database unreachable")
+        } else if self.brokers_down.load(Ordering::Relaxed) {
+            Some("Kafka brokers unreachable")
         } else if self.backing_off.load(Ordering::Relaxed) {
             Some("backing off after errors")
         } else if self.assigned_pairs.load(Ordering::Relaxed) == 0 {
