@@ -249,6 +249,8 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("queued.max.messages.kbytes", "8192")
         .set("queued.min.messages", "20000")
         .set("fetch.max.bytes", "8388608")
+        // Latency: do not let a fetch wait long on a quiet partition (default 500 ms).
+        .set("fetch.wait.max.ms", "50")
         .set("statistics.interval.ms", "0")
         .set_log_level(RDKafkaLogLevel::Warning);
     for (name, value) in &config.kafka_properties {
