@@ -51,7 +51,8 @@ pub fn window_memory(items: usize) -> (u64, u64, f64, usize) {
     let eur = crate::money::Currency::from_code("EUR").expect("EUR is active");
     let mut engine = PairEngine::new(config, [None, None]);
     let before = rss_bytes();
-    let chunk = 100_000;
+    // Loaded as the worker does: at most one batch of keys (5,000) at a time.
+    let chunk = 5_000;
     for start in (0..items).step_by(chunk) {
         let end = (start + chunk).min(items);
         let keys: Vec<String> = (start..end).map(|i| format!("pay-{i:012}")).collect();

@@ -17,9 +17,9 @@
 
 pub mod rules;
 pub mod watermark;
+pub mod window;
 
 use std::collections::{HashMap, HashSet};
-use std::mem::size_of;
 
 use crate::config::{MatchConfig, WindowConfig};
 use crate::event::{Event, Input, Micros, Payment, Settlement};
@@ -28,8 +28,8 @@ pub use rules::Outcome;
 use rules::{classify, PaymentTerms, SettlementTerms};
 use watermark::Watermark;
 
-/// Identifiers held in the window.
-pub type Id = Box<str>;
+pub use window::{Id, SettlementItem};
+use window::{KeyState, Window};
 
 /// Engine parameters in microseconds.
 #[derive(Debug, Clone, Copy)]
@@ -51,75 +51,6 @@ impl EngineConfig {
             idle_timeout: micros(matching.idle_timeout),
             window,
         }
-    }
-}
-
-/// A payment as the window keeps it: what matching needs, nothing else.
-#[derive(Debug, Clone)]
-pub struct PaymentItem {
-    pub event_id: Id,
-    pub terms: PaymentTerms,
-    pub outcome: Outcome,
-}
-
-/// A settlement line as the window keeps it.
-#[derive(Debug, Clone)]
-pub struct SettlementItem {
-    pub event_id: Id,
-    pub terms: SettlementTerms,
-    pub outcome: Outcome,
-}
-
-/// Everything known about one `payment_id`.
-#[derive(Debug, Default)]
-struct KeyState {
-    payment: Option<PaymentItem>,
-    settlement: Option<SettlementItem>,
-    /// Event ids of `duplicate_payment` / `duplicate_settlement` events, for redelivery.
-    duplicates: Vec<(Input, Id)>,
-    /// Changed since the last checkpoint: must not be evicted.
-    dirty: bool,
-}
-
-impl KeyState {
-    fn is_open(&self) -> bool {
-        self.payment.as_ref().is_some_and(|p| p.outcome.is_open())
-            || self
-                .settlement
-                .as_ref()
-                .is_some_and(|s| s.outcome.is_open())
-    }
-
-    fn knows(&self, input: Input, event_id: &str) -> bool {
-        let first = match input {
-            Input::Payments => self.payment.as_ref().map(|p| &*p.event_id),
-            Input::Settlements => self.settlement.as_ref().map(|s| &*s.event_id),
-        };
-        first == Some(event_id)
-            || self
-                .duplicates
-                .iter()
-                .any(|(i, id)| *i == input && &**id == event_id)
-    }
-
-    /// Approximate heap and table bytes, for the window bound and its metric.
-    fn bytes(&self, key: &str) -> usize {
-        const ENTRY: usize = size_of::<Id>() + size_of::<KeyState>() + 8;
-        ENTRY
-            + key.len()
-            + self
-                .payment
-                .as_ref()
-                .map_or(0, |p| size_of::<PaymentItem>() + p.event_id.len())
-            + self
-                .settlement
-                .as_ref()
-                .map_or(0, |s| size_of::<SettlementItem>() + s.event_id.len())
-            + self
-                .duplicates
-                .iter()
-                .map(|(_, id)| size_of::<(Input, Id)>() + id.len())
-                .sum::<usize>()
     }
 }
 
@@ -215,7 +146,7 @@ pub struct SweepRequest {
 #[derive(Debug)]
 pub struct PairEngine {
     config: EngineConfig,
-    keys: HashMap<Id, KeyState>,
+    keys: Window,
     watermark: Watermark,
     /// Watermark up to which stored pending items have been swept.
     swept_through: Option<Micros>,
@@ -233,7 +164,7 @@ impl PairEngine {
     pub fn new(config: EngineConfig, high_marks: [Option<Micros>; 2]) -> Self {
         Self {
             config,
-            keys: HashMap::new(),
+            keys: Window::default(),
             watermark: Watermark::with_high_marks(high_marks),
             swept_through: None,
             batch_rows: HashMap::new(),
@@ -267,43 +198,38 @@ impl PairEngine {
         let mut fresh: HashMap<Id, KeyState> = HashMap::new();
         for id in looked_up {
             if !self.keys.contains_key(id.as_str()) {
-                fresh.entry(id.into_boxed_str()).or_default();
+                fresh.entry(Id::from(id)).or_default();
             }
         }
         for row in rows {
             let Some(state) = fresh.get_mut(row.payment_id.as_str()) else {
                 continue;
             };
-            let event_id: Id = row.event_id.into_boxed_str();
+            let event_id = Id::from(row.event_id);
             match (row.input, row.outcome) {
                 (Input::Payments, Outcome::DuplicatePayment)
                 | (Input::Settlements, Outcome::DuplicateSettlement) => {
-                    state.duplicates.push((row.input, event_id));
+                    state.push_duplicate(row.input, event_id);
                 }
                 (Input::Payments, outcome) => {
-                    state.payment = Some(PaymentItem {
-                        event_id,
-                        terms: PaymentTerms {
-                            amount: row.amount,
-                            currency: row.currency,
-                            occurred_at: row.event_time,
-                        },
-                        outcome,
-                    });
+                    let terms = PaymentTerms {
+                        amount: row.amount,
+                        currency: row.currency,
+                        occurred_at: row.event_time,
+                    };
+                    state.set_payment(event_id, terms, outcome);
                 }
-                (Input::Settlements, outcome) => {
-                    state.settlement = Some(SettlementItem {
-                        event_id,
-                        terms: SettlementTerms {
-                            gross: row.amount,
-                            fee: row.fee,
-                            net: row.net,
-                            currency: row.currency,
-                            settled_at: row.event_time,
-                        },
-                        outcome,
-                    });
-                }
+                (Input::Settlements, outcome) => state.set_settlement(SettlementItem {
+                    event_id,
+                    terms: SettlementTerms {
+                        gross: row.amount,
+                        fee: row.fee,
+                        net: row.net,
+                        currency: row.currency,
+                        settled_at: row.event_time,
+                    },
+                    outcome,
+                }),
             }
         }
         for (key, state) in fresh {
@@ -316,10 +242,8 @@ impl PairEngine {
     /// unique for all time (contract §1), so such an event is a redelivery even under
     /// another payment id. Valid until the end of the batch.
     pub fn load_stored_event_ids(&mut self, ids: impl IntoIterator<Item = (Input, String)>) {
-        self.stored_elsewhere.extend(
-            ids.into_iter()
-                .map(|(input, id)| (input, id.into_boxed_str())),
-        );
+        self.stored_elsewhere
+            .extend(ids.into_iter().map(|(input, id)| (input, Id::from(id))));
     }
 
     /// A message was read from `input` (even one that was rejected).
@@ -358,8 +282,8 @@ impl PairEngine {
     }
 
     fn apply_payment(&mut self, p: Payment, kafka_offset: i64) -> Outcome {
-        let key: Id = p.payment_id.into_boxed_str();
-        let event_id: Id = p.event_id.into_boxed_str();
+        let key = Id::from(p.payment_id);
+        let event_id = Id::from(p.event_id);
         let new = NewEvent {
             kafka_offset,
             event_time: p.occurred_at,
@@ -380,10 +304,10 @@ impl PairEngine {
             .keys
             .get_mut(&key)
             .expect("engine invariant: key resident (checked in apply)");
-        if let Some(first) = &state.payment {
-            let original = first.event_id.clone();
-            state.duplicates.push((Input::Payments, event_id.clone()));
-            self.bytes += size_of::<(Input, Id)>() + event_id.len();
+        let before = state.bytes(&key);
+        if let Some(original) = state.payment().map(|p| p.event_id.clone()) {
+            state.push_duplicate(Input::Payments, event_id.clone());
+            self.bytes = self.bytes + state.bytes(&key) - before;
             self.record_new(
                 Input::Payments,
                 &key,
@@ -395,18 +319,14 @@ impl PairEngine {
             self.open(Outcome::DuplicatePayment, &key, Some(event_id), None);
             return Outcome::DuplicatePayment;
         }
-        let matched = state.settlement.as_mut().map(|s| {
+        let matched = state.settlement_mut().map(|s| {
             let previous = s.outcome;
             s.outcome = classify(terms, s.terms, deadline, tolerance);
             (s.event_id.clone(), previous, s.outcome)
         });
         let outcome = matched.as_ref().map_or(Outcome::Pending, |(_, _, o)| *o);
-        state.payment = Some(PaymentItem {
-            event_id: event_id.clone(),
-            terms,
-            outcome,
-        });
-        self.bytes += size_of::<PaymentItem>() + event_id.len();
+        state.set_payment(event_id.clone(), terms, outcome);
+        self.bytes = self.bytes + state.bytes(&key) - before;
         let counterpart = matched.as_ref().map(|(id, _, _)| id.clone());
         self.record_new(Input::Payments, &key, &event_id, outcome, counterpart, new);
         if let Some((settlement_id, previous, outcome)) = matched {
@@ -430,8 +350,8 @@ impl PairEngine {
     }
 
     fn apply_settlement(&mut self, s: Settlement, kafka_offset: i64) -> Outcome {
-        let key: Id = s.payment_id.into_boxed_str();
-        let event_id: Id = s.event_id.into_boxed_str();
+        let key = Id::from(s.payment_id);
+        let event_id = Id::from(s.event_id);
         let new = NewEvent {
             kafka_offset,
             event_time: s.settled_at,
@@ -454,12 +374,10 @@ impl PairEngine {
             .keys
             .get_mut(&key)
             .expect("engine invariant: key resident (checked in apply)");
-        if let Some(first) = &state.settlement {
-            let original = first.event_id.clone();
-            state
-                .duplicates
-                .push((Input::Settlements, event_id.clone()));
-            self.bytes += size_of::<(Input, Id)>() + event_id.len();
+        let before = state.bytes(&key);
+        if let Some(original) = state.settlement().map(|s| s.event_id.clone()) {
+            state.push_duplicate(Input::Settlements, event_id.clone());
+            self.bytes = self.bytes + state.bytes(&key) - before;
             self.record_new(
                 Input::Settlements,
                 &key,
@@ -471,18 +389,23 @@ impl PairEngine {
             self.open(Outcome::DuplicateSettlement, &key, None, Some(event_id));
             return Outcome::DuplicateSettlement;
         }
-        let matched = state.payment.as_mut().map(|p| {
-            let previous = p.outcome;
-            p.outcome = classify(p.terms, terms, deadline, tolerance);
-            (p.event_id.clone(), previous, p.outcome)
+        let matched = state.payment().map(|p| {
+            (
+                p.event_id.clone(),
+                p.outcome,
+                classify(p.terms, terms, deadline, tolerance),
+            )
         });
+        if let Some((_, _, outcome)) = matched {
+            state.set_payment_outcome(outcome);
+        }
         let outcome = matched.as_ref().map_or(Outcome::Pending, |(_, _, o)| *o);
-        state.settlement = Some(SettlementItem {
+        state.set_settlement(SettlementItem {
             event_id: event_id.clone(),
             terms,
             outcome,
         });
-        self.bytes += size_of::<SettlementItem>() + event_id.len();
+        self.bytes = self.bytes + state.bytes(&key) - before;
         let counterpart = matched.as_ref().map(|(id, _, _)| id.clone());
         self.record_new(
             Input::Settlements,
@@ -664,7 +587,7 @@ impl PairEngine {
             return;
         };
         let (deadline, orphan_timeout) = (self.config.deadline, self.config.orphan_timeout);
-        let payment_due = match (&state.payment, &state.settlement) {
+        let payment_due = match (state.payment(), state.settlement()) {
             (Some(p), None)
                 if p.outcome == Outcome::Pending
                     && watermark > p.terms.occurred_at.saturating_add(deadline) =>
@@ -673,7 +596,7 @@ impl PairEngine {
             }
             _ => None,
         };
-        let settlement_due = match (&state.payment, &state.settlement) {
+        let settlement_due = match (state.payment(), state.settlement()) {
             (None, Some(s))
                 if s.outcome == Outcome::Pending
                     && watermark > s.terms.settled_at.saturating_add(orphan_timeout) =>
@@ -684,8 +607,8 @@ impl PairEngine {
         };
         if let Some(event_id) = payment_due {
             self.touch(key);
-            if let Some(p) = self.keys.get_mut(key).and_then(|s| s.payment.as_mut()) {
-                p.outcome = Outcome::MissingSettlement;
+            if let Some(state) = self.keys.get_mut(key) {
+                state.set_payment_outcome(Outcome::MissingSettlement);
             }
             self.record_update(
                 Input::Payments,
@@ -698,7 +621,7 @@ impl PairEngine {
         }
         if let Some(event_id) = settlement_due {
             self.touch(key);
-            if let Some(s) = self.keys.get_mut(key).and_then(|s| s.settlement.as_mut()) {
+            if let Some(s) = self.keys.get_mut(key).and_then(KeyState::settlement_mut) {
                 s.outcome = Outcome::OrphanSettlement;
             }
             self.record_update(

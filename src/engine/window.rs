@@ -1,0 +1,230 @@
+//! The window's storage: every key's state in one dense vector of slots, found through
+//! a hash index of slot numbers.
+//!
+//! Why not a `HashMap<Id, KeyState>`: a hash table stores its entries in power-of-two
+//! bucket arrays at most 7/8 full, so at a million keys it holds two million buckets —
+//! twice the entry size per key. Here the buckets hold 4-byte slot numbers and the
+//! 80-byte slots sit densely in a vector (freed slots are reused), which keeps an open
+//! payment near 90 bytes. Ids up to 24 bytes are stored inline (`CompactString`).
+
+use std::hash::BuildHasher;
+
+use compact_str::CompactString;
+use hashbrown::HashTable;
+
+use super::rules::{Outcome, PaymentTerms, SettlementTerms};
+use crate::event::{Input, Micros};
+use crate::money::Currency;
+
+/// Identifiers held in the window: inline up to 24 bytes.
+pub type Id = CompactString;
+
+/// A settlement line as the window keeps it.
+#[derive(Debug, Clone)]
+pub struct SettlementItem {
+    pub event_id: Id,
+    pub terms: SettlementTerms,
+    pub outcome: Outcome,
+}
+
+/// What open payments rarely need, boxed so they do not pay for it.
+#[derive(Debug, Default)]
+struct Extra {
+    settlement: Option<SettlementItem>,
+    /// Event ids of `duplicate_payment` / `duplicate_settlement` events, for redelivery.
+    duplicates: Vec<(Input, Id)>,
+}
+
+/// A view of the payment of a key.
+#[derive(Debug, Clone, Copy)]
+pub struct PaymentRef<'a> {
+    pub event_id: &'a Id,
+    pub terms: PaymentTerms,
+    pub outcome: Outcome,
+}
+
+/// Everything known about one `payment_id`, flattened for size.
+#[derive(Debug, Default)]
+pub struct KeyState {
+    payment_event: Id,
+    payment_amount: i64,
+    payment_time: Micros,
+    extra: Option<Box<Extra>>,
+    payment_currency: Option<Currency>,
+    /// `Some` exactly when the key has a payment.
+    payment_outcome: Option<Outcome>,
+    /// Changed since the last checkpoint: must not be evicted.
+    pub dirty: bool,
+}
+
+impl KeyState {
+    pub fn payment(&self) -> Option<PaymentRef<'_>> {
+        Some(PaymentRef {
+            event_id: &self.payment_event,
+            terms: PaymentTerms {
+                amount: self.payment_amount,
+                currency: self.payment_currency?,
+                occurred_at: self.payment_time,
+            },
+            outcome: self.payment_outcome?,
+        })
+    }
+
+    pub fn set_payment(&mut self, event_id: Id, terms: PaymentTerms, outcome: Outcome) {
+        self.payment_event = event_id;
+        self.payment_amount = terms.amount;
+        self.payment_time = terms.occurred_at;
+        self.payment_currency = Some(terms.currency);
+        self.payment_outcome = Some(outcome);
+    }
+
+    pub fn set_payment_outcome(&mut self, outcome: Outcome) {
+        if self.payment_outcome.is_some() {
+            self.payment_outcome = Some(outcome);
+        }
+    }
+
+    pub fn settlement(&self) -> Option<&SettlementItem> {
+        self.extra.as_ref()?.settlement.as_ref()
+    }
+
+    pub fn settlement_mut(&mut self) -> Option<&mut SettlementItem> {
+        self.extra.as_mut()?.settlement.as_mut()
+    }
+
+    pub fn set_settlement(&mut self, item: SettlementItem) {
+        self.extra.get_or_insert_with(Box::default).settlement = Some(item);
+    }
+
+    pub fn duplicates(&self) -> &[(Input, Id)] {
+        self.extra.as_ref().map_or(&[], |e| &e.duplicates)
+    }
+
+    pub fn push_duplicate(&mut self, input: Input, event_id: Id) {
+        self.extra
+            .get_or_insert_with(Box::default)
+            .duplicates
+            .push((input, event_id));
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.payment_outcome.is_some_and(Outcome::is_open)
+            || self.settlement().is_some_and(|s| s.outcome.is_open())
+    }
+
+    pub fn knows(&self, input: Input, event_id: &str) -> bool {
+        let first = match input {
+            Input::Payments => self.payment().map(|p| p.event_id.as_str()),
+            Input::Settlements => self.settlement().map(|s| s.event_id.as_str()),
+        };
+        first == Some(event_id)
+            || self
+                .duplicates()
+                .iter()
+                .any(|(i, id)| *i == input && id == event_id)
+    }
+
+    /// Bytes this key occupies: its slot, its index bucket, and what lives on the heap.
+    pub fn bytes(&self, key: &Id) -> usize {
+        let heap = |id: &Id| if id.is_heap_allocated() { id.len() } else { 0 };
+        let mut total = std::mem::size_of::<Slot>()
+            + 2 * std::mem::size_of::<u32>()
+            + heap(key)
+            + heap(&self.payment_event);
+        if let Some(extra) = &self.extra {
+            total += std::mem::size_of::<Extra>()
+                + extra.settlement.as_ref().map_or(0, |s| heap(&s.event_id))
+                + extra
+                    .duplicates
+                    .iter()
+                    .map(|(_, id)| std::mem::size_of::<(Input, Id)>() + heap(id))
+                    .sum::<usize>();
+        }
+        total
+    }
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    key: Id,
+    state: KeyState,
+}
+
+/// `payment_id` → [`KeyState`], dense.
+#[derive(Default)]
+pub struct Window {
+    index: HashTable<u32>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    hasher: std::hash::RandomState,
+}
+
+impl std::fmt::Debug for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Window").field("len", &self.len()).finish()
+    }
+}
+
+impl Window {
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    fn find(&self, key: &str) -> Option<u32> {
+        let hash = self.hasher.hash_one(key);
+        self.index
+            .find(hash, |&i| self.slots[i as usize].key == key)
+            .copied()
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.find(key).is_some()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&KeyState> {
+        self.find(key).map(|i| &self.slots[i as usize].state)
+    }
+
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut KeyState> {
+        self.find(key).map(|i| &mut self.slots[i as usize].state)
+    }
+
+    /// Inserts a key that is not present.
+    pub fn insert(&mut self, key: Id, state: KeyState) {
+        debug_assert!(!self.contains_key(&key));
+        let hash = self.hasher.hash_one(key.as_str());
+        let slot = Slot { key, state };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                u32::try_from(self.slots.len() - 1).expect("window holds fewer than 2^32 keys")
+            }
+        };
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index.insert_unique(hash, i, |&j| {
+            hasher.hash_one(slots[j as usize].key.as_str())
+        });
+    }
+
+    /// Keeps the keys for which `keep` says so; frees the others' slots.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Id, &KeyState) -> bool) {
+        let (slots, free) = (&mut self.slots, &mut self.free);
+        self.index.retain(|&mut i| {
+            let slot = &mut slots[i as usize];
+            if keep(&slot.key, &slot.state) {
+                return true;
+            }
+            *slot = Slot::default();
+            free.push(i);
+            false
+        });
+    }
+}
