@@ -234,7 +234,21 @@ impl Pipeline {
         Ok(())
     }
 
-    fn publish_assignment(&self) {
+    /// Splits the worker's window bound evenly among the pairs it owns now.
+    fn share_window(&mut self) {
+        let owned = self.pairs.len().max(1);
+        let total = self.engine_config.window;
+        let share = crate::config::WindowConfig {
+            max_items: (total.max_items / owned).max(1),
+            max_bytes: (total.max_bytes / owned).max(1024),
+        };
+        for owned_pair in self.pairs.values_mut() {
+            owned_pair.engine.set_window(share);
+        }
+    }
+
+    fn publish_assignment(&mut self) {
+        self.share_window();
         self.health.set_assigned(self.pairs.len());
         metrics::gauge!(m::ASSIGNED_PARTITIONS).set(self.pairs.len() as f64);
     }

@@ -394,6 +394,13 @@ async fn results_do_not_depend_on_the_window_size(pool: PgPool) {
         ],
     );
     world.await_truth(&truth, WITHIN).await;
+    // The bound is the worker's, whatever number of pairs it owns.
+    let addr = small.metrics_addr(Duration::from_secs(10));
+    let resident = scrape(&addr, "recon_window_items").await;
+    assert!(
+        resident <= 100.0,
+        "window holds {resident} payment ids, over RECON_WINDOW_MAX_ITEMS=100"
+    );
     small.signal("TERM");
     assert!(small.wait(Duration::from_secs(35)).success());
     let small_result = world.outcomes().await;

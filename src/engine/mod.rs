@@ -175,6 +175,12 @@ impl PairEngine {
         }
     }
 
+    /// This pair's share of the worker's window bound (the worker splits its bound
+    /// among the pairs it owns). Takes effect at the next checkpoint.
+    pub fn set_window(&mut self, window: WindowConfig) {
+        self.config.window = window;
+    }
+
     pub fn window_items(&self) -> usize {
         self.keys.len()
     }
