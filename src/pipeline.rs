@@ -28,6 +28,8 @@ use crate::telemetry::Health;
 
 /// How often the loop turns when nothing arrives, to advance watermarks on idle input.
 const TICK: Duration = Duration::from_millis(250);
+/// How often the open-item gauges are refreshed from PostgreSQL.
+const OPEN_ITEMS_EVERY: Duration = Duration::from_secs(15);
 /// Most payment ids loaded into the window per pair when it is assigned.
 const WARM_LIMIT: usize = 50_000;
 /// Most due items a deadline sweep loads per pair and batch.
@@ -61,6 +63,7 @@ pub struct Pipeline {
     batch_max_wait: Duration,
     health: Arc<Health>,
     pairs: BTreeMap<i32, OwnedPair>,
+    open_items_due: Instant,
 }
 
 enum Item {
@@ -87,6 +90,7 @@ impl Pipeline {
             batch_max_wait: config.batch_max_wait,
             health,
             pairs: BTreeMap::new(),
+            open_items_due: Instant::now(),
         }
     }
 
@@ -100,6 +104,7 @@ impl Pipeline {
             self.health.loop_turned();
             let (items, control) = self.collect(&mut deliveries).await;
             self.process(items).await?;
+            self.refresh_open_items().await;
             match control {
                 None => {}
                 Some(Delivery::Assign { pairs, reply }) => {
@@ -192,6 +197,32 @@ impl Pipeline {
         }
         self.publish_assignment();
         Ok(positions)
+    }
+
+    /// Open items and the age of the oldest, per kind, of the pairs this worker owns.
+    /// A monitoring read: a failure is logged and retried next time, never fatal.
+    async fn refresh_open_items(&mut self) {
+        if Instant::now() < self.open_items_due || self.pairs.is_empty() {
+            return;
+        }
+        self.open_items_due = Instant::now() + OPEN_ITEMS_EVERY;
+        let pairs: Vec<i32> = self.pairs.keys().copied().collect();
+        match self.store.open_items(&pairs).await {
+            Ok(rows) => {
+                let now = now_micros();
+                for (event_kind, outcome) in m::OPEN_KINDS {
+                    let found = rows
+                        .iter()
+                        .find(|(k, o, _, _)| k == event_kind && o == outcome);
+                    let (count, age) = found.map_or((0.0, 0.0), |(_, _, count, oldest)| {
+                        (*count as f64, (now - oldest).max(0) as f64 / 1e6)
+                    });
+                    metrics::gauge!(m::OPEN_ITEMS, "event_kind" => event_kind, "outcome" => outcome).set(count);
+                    metrics::gauge!(m::OLDEST_OPEN_ITEM_AGE, "event_kind" => event_kind, "outcome" => outcome).set(age);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not read open items for the gauges"),
+        }
     }
 
     /// Loads the pending items with the nearest deadlines of newly assigned pairs, up

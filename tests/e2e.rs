@@ -88,6 +88,40 @@ async fn a_known_mix_reaches_exactly_the_expected_outcomes_and_rejections(pool: 
         open_missing as usize,
         truth.outcome_counts()[&Outcome::MissingSettlement]
     );
+    // Open items and the age of the oldest, from the worker's gauges (refreshed every 15 s).
+    let addr = worker.metrics_addr(Duration::from_secs(10));
+    let expected = [
+        ("payment", "missing_settlement", Outcome::MissingSettlement),
+        ("settlement", "orphan_settlement", Outcome::OrphanSettlement),
+        ("payment", "pending", Outcome::Pending),
+    ];
+    let started = std::time::Instant::now();
+    for (event_kind, outcome, truth_outcome) in expected {
+        let labels = [
+            format!("event_kind=\"{event_kind}\""),
+            format!("outcome=\"{outcome}\""),
+        ];
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let want = truth.outcome_counts()[&truth_outcome] as f64;
+        loop {
+            let got = scrape_series(&addr, "recon_open_items", &labels).await;
+            if got == Some(want) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(40),
+                "recon_open_items{labels:?} = {got:?}, expected {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let age = scrape_series(&addr, "recon_oldest_open_item_age_seconds", &labels)
+            .await
+            .unwrap_or(0.0);
+        assert!(
+            age > 0.0,
+            "age of the oldest {event_kind} {outcome} is reported"
+        );
+    }
 
     worker.signal("TERM");
     let status = worker.wait(Duration::from_secs(35));

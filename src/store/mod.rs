@@ -237,6 +237,33 @@ impl Store {
             .collect()
     }
 
+    /// Open items of these pairs: (event_kind, outcome, count, oldest event time).
+    pub async fn open_items(
+        &self,
+        pairs: &[i32],
+    ) -> Result<Vec<(String, String, i64, Micros)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT event_kind, outcome, count(*), min(event_time) FROM recon_events
+             WHERE kafka_partition = ANY($1) AND outcome IN ('pending', 'missing_settlement', 'orphan_settlement')
+             GROUP BY event_kind, outcome",
+        )
+        .bind(pairs)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let oldest: DateTime<Utc> = row.try_get(3)?;
+                Ok((
+                    row.try_get(0)?,
+                    row.try_get(1)?,
+                    row.try_get(2)?,
+                    oldest.timestamp_micros(),
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
     /// Which of these (event_kind, event_id) are already stored, under any payment id.
     pub async fn stored_event_ids(
         &self,

@@ -18,6 +18,16 @@ pub const ASSIGNED_PARTITIONS: &str = "recon_assigned_partitions";
 pub const RETRIES: &str = "recon_retries_total";
 pub const KAFKA_ERRORS: &str = "recon_kafka_errors_total";
 pub const WATERMARK: &str = "recon_watermark_timestamp_seconds";
+pub const OPEN_ITEMS: &str = "recon_open_items";
+pub const OLDEST_OPEN_ITEM_AGE: &str = "recon_oldest_open_item_age_seconds";
+
+/// The (event_kind, outcome) label pairs of open items.
+pub const OPEN_KINDS: [(&str, &str); 4] = [
+    ("payment", "pending"),
+    ("settlement", "pending"),
+    ("payment", "missing_settlement"),
+    ("settlement", "orphan_settlement"),
+];
 
 /// Creates every low-cardinality series at zero, so alerts on `increase()` see the
 /// first failure and dashboards show a line from the start.
@@ -49,6 +59,11 @@ pub fn init_series() {
     }
     for outcome in crate::engine::Outcome::ALL {
         metrics::counter!(OUTCOMES, "outcome" => outcome.as_str()).absolute(0);
+    }
+    for (event_kind, outcome) in OPEN_KINDS {
+        metrics::gauge!(OPEN_ITEMS, "event_kind" => event_kind, "outcome" => outcome).set(0.0);
+        metrics::gauge!(OLDEST_OPEN_ITEM_AGE, "event_kind" => event_kind, "outcome" => outcome)
+            .set(0.0);
     }
     metrics::gauge!(ASSIGNED_PARTITIONS).set(0.0);
     metrics::gauge!(WINDOW_ITEMS).set(0.0);
@@ -110,6 +125,15 @@ pub fn describe() {
     describe_gauge!(ASSIGNED_PARTITIONS, "Partition pairs owned by this worker.");
     describe_counter!(RETRIES, "Retries after transient errors, by operation.");
     describe_counter!(KAFKA_ERRORS, "Errors reported by the Kafka client.");
+    describe_gauge!(
+        OPEN_ITEMS,
+        "Events of owned partition pairs still waiting for a counterpart, by event_kind and outcome."
+    );
+    describe_gauge!(
+        OLDEST_OPEN_ITEM_AGE,
+        Unit::Seconds,
+        "Now minus the event time of the oldest open item, by event_kind and outcome."
+    );
     describe_gauge!(
         WATERMARK,
         Unit::Seconds,

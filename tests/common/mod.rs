@@ -320,3 +320,18 @@ pub async fn scrape(addr: &str, metric: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Scrapes the value of the series of `metric` whose labels include all of `labels`.
+pub async fn scrape_series(addr: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .filter(|l| {
+            l.starts_with(&format!("{metric}{{")) && labels.iter().all(|label| l.contains(label))
+        })
+        .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+}
