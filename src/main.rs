@@ -94,7 +94,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(config.log_format);
+    let log_format = config.log_format;
+    telemetry::init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -108,10 +109,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            if matches!(
-                Config::from_env().map(|c| c.log_format),
-                Ok(LogFormat::Json)
-            ) {
+            if log_format == LogFormat::Json {
                 tracing::error!(error = format!("{error:#}"), "recon-worker failed");
             } else {
                 eprintln!("recon-worker: {error:#}");

@@ -295,6 +295,8 @@ impl Pipeline {
         self.load_misses(&items).await?;
         let mut rejected: HashMap<i32, Vec<RejectedMessage>> = HashMap::new();
         let mut timestamps = Vec::new();
+        // Counted per batch: one registry lookup per label set, not per message.
+        let (mut consumed, mut redelivered) = ([0u64; 2], [0u64; 2]);
         let mut message_count = 0usize;
         for item in items {
             match item {
@@ -309,17 +311,14 @@ impl Pipeline {
                     };
                     let input = message.input;
                     owned.read[input.index()] = Some(message.offset + 1);
-                    metrics::counter!(m::EVENTS_CONSUMED, "topic" => input.label()).increment(1);
+                    consumed[input.index()] += 1;
                     if let Some(ts) = message.timestamp_ms {
                         timestamps.push(ts);
                     }
                     match message.decoded {
                         Ok(event) => match owned.engine.apply(event, message.offset) {
                             Applied::Accepted(_) => {}
-                            Applied::Redelivery => {
-                                metrics::counter!(m::EVENTS_REDELIVERED, "topic" => input.label())
-                                    .increment(1);
-                            }
+                            Applied::Redelivery => redelivered[input.index()] += 1,
                         },
                         Err(rejection) => {
                             owned.engine.observe_activity(input);
@@ -341,6 +340,12 @@ impl Pipeline {
                     }
                 }
             }
+        }
+        for input in Input::ALL {
+            metrics::counter!(m::EVENTS_CONSUMED, "topic" => input.label())
+                .increment(consumed[input.index()]);
+            metrics::counter!(m::EVENTS_REDELIVERED, "topic" => input.label())
+                .increment(redelivered[input.index()]);
         }
         self.fire_deadlines(now).await?;
         let checkpoints = self.checkpoints(rejected);

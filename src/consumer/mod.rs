@@ -370,8 +370,9 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 impl Poller {
     fn run(mut self) {
         let mut last_progress = Instant::now();
+        // A handle of its own, so a borrowed message can coexist with `&mut self`.
+        let consumer = Arc::clone(&self.consumer);
         while !self.stop.load(Ordering::SeqCst) && !self.failed.load(Ordering::SeqCst) {
-            let consumer = Arc::clone(&self.consumer);
             let delivery = match consumer.poll(Duration::from_millis(100)) {
                 None => None,
                 Some(Ok(message)) => Some(self.read(&message)),
@@ -407,6 +408,7 @@ impl Poller {
         {
             let _ = wait.recv();
         }
+        drop(consumer);
         tracing::info!("leaving the consumer group");
         // Dropping the last handle closes the consumer: revoke, leave group.
         drop(self.deliveries);

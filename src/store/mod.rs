@@ -623,29 +623,26 @@ async fn write_discrepancies(
         .await?;
     }
     if !resolved.kinds.is_empty() {
-        // Two statements shaped for the two partial indexes.
-        sqlx::query(
-            "UPDATE recon_discrepancies AS d SET resolved_at = now(), resolution = u.resolution
-             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(kind, subject, resolution)
-             WHERE u.kind = 'missing_settlement' AND d.kind = 'missing_settlement'
-               AND d.resolved_at IS NULL AND d.payment_event_id = u.subject",
-        )
-        .bind(&resolved.kinds)
-        .bind(&resolved.subjects)
-        .bind(&resolved.resolutions)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE recon_discrepancies AS d SET resolved_at = now(), resolution = u.resolution
-             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(kind, subject, resolution)
-             WHERE u.kind = 'orphan_settlement' AND d.kind = 'orphan_settlement'
-               AND d.resolved_at IS NULL AND d.settlement_event_id = u.subject",
-        )
-        .bind(&resolved.kinds)
-        .bind(&resolved.subjects)
-        .bind(&resolved.resolutions)
-        .execute(&mut *tx)
-        .await?;
+        // One statement per kind present, each shaped for that kind's partial index.
+        for (kind, subject_column) in [
+            ("missing_settlement", "payment_event_id"),
+            ("orphan_settlement", "settlement_event_id"),
+        ] {
+            if !resolved.kinds.contains(&kind) {
+                continue;
+            }
+            sqlx::query(&format!(
+                "UPDATE recon_discrepancies AS d SET resolved_at = now(), resolution = u.resolution
+                 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(kind, subject, resolution)
+                 WHERE u.kind = '{kind}' AND d.kind = '{kind}'
+                   AND d.resolved_at IS NULL AND d.{subject_column} = u.subject"
+            ))
+            .bind(&resolved.kinds)
+            .bind(&resolved.subjects)
+            .bind(&resolved.resolutions)
+            .execute(&mut *tx)
+            .await?;
+        }
     }
     Ok(())
 }

@@ -36,9 +36,8 @@ pub fn init_logging(format: LogFormat) {
             .with_current_span(true)
             .try_init(),
     };
-    if result.is_err() {
-        // Already installed (tests call this more than once).
-    }
+    // An error means a subscriber is already installed (tests call this more than once).
+    let _ = result;
 }
 
 /// Installs the Prometheus recorder with histogram buckets chosen for what they measure.
