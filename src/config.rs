@@ -63,8 +63,8 @@ pub struct WindowConfig {
 impl Default for WindowConfig {
     fn default() -> Self {
         Self {
-            max_items: 100_000,
-            max_bytes: 16 * 1024 * 1024,
+            max_items: 50_000,
+            max_bytes: 8 * 1024 * 1024,
         }
     }
 }

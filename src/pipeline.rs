@@ -64,6 +64,17 @@ pub struct Pipeline {
     health: Arc<Health>,
     pairs: BTreeMap<i32, OwnedPair>,
     open_items_due: Instant,
+    /// The previous batch's commit, still running while this batch is collected and
+    /// looked up. At most one: it is awaited before anything is applied.
+    in_flight: Option<tokio::task::JoinHandle<Written>>,
+}
+
+/// What a batch's commit did, pair by pair.
+struct Written {
+    committed: Vec<PairCheckpoint>,
+    fenced: Vec<i32>,
+    /// A permanent failure; the pairs in `committed` did commit.
+    failed: Option<StoreError>,
 }
 
 enum Item {
@@ -91,6 +102,7 @@ impl Pipeline {
             health,
             pairs: BTreeMap::new(),
             open_items_due: Instant::now(),
+            in_flight: None,
         }
     }
 
@@ -105,6 +117,10 @@ impl Pipeline {
             let (items, control) = self.collect(&mut deliveries).await;
             self.process(items).await?;
             self.refresh_open_items().await;
+            if control.is_some() {
+                // Revoke answers only after the batch in hand is durable; so does Stop.
+                self.settle().await?;
+            }
             match control {
                 None => {}
                 Some(Delivery::Assign { pairs, reply }) => {
@@ -292,7 +308,13 @@ impl Pipeline {
     async fn process_batch(&mut self, items: Vec<Item>) -> Result<(), PipelineError> {
         let now = now_micros();
         let started = Instant::now();
+        for owned in self.pairs.values_mut() {
+            owned.engine.evict();
+        }
+        // Overlaps the previous batch's commit: the keys that batch changed are
+        // resident and pinned until it is acknowledged, so the lookup never needs them.
         self.load_misses(&items).await?;
+        self.settle().await?;
         let mut rejected: HashMap<i32, Vec<RejectedMessage>> = HashMap::new();
         let mut timestamps = Vec::new();
         // Counted per batch: one registry lookup per label set, not per message.
@@ -350,16 +372,55 @@ impl Pipeline {
         self.fire_deadlines(now).await?;
         let checkpoints = self.checkpoints(rejected);
         if !checkpoints.is_empty() {
-            self.commit(checkpoints, message_count).await?;
-            metrics::histogram!(m::CHECKPOINT_DURATION).record(started.elapsed().as_secs_f64());
-            let committed_ms = chrono::Utc::now().timestamp_millis();
-            for ts in timestamps {
-                metrics::histogram!(m::PROCESSING_LATENCY)
-                    .record((committed_ms - ts).max(0) as f64 / 1000.0);
-            }
+            let (store, health) = (self.store.clone(), Arc::clone(&self.health));
+            self.in_flight = Some(tokio::spawn(
+                async move {
+                    let written = write(&store, &health, checkpoints).await;
+                    if written.failed.is_none() {
+                        metrics::histogram!(m::CHECKPOINT_DURATION)
+                            .record(started.elapsed().as_secs_f64());
+                        metrics::histogram!(m::CHECKPOINT_BATCH_SIZE).record(message_count as f64);
+                        let committed_ms = chrono::Utc::now().timestamp_millis();
+                        for ts in timestamps {
+                            metrics::histogram!(m::PROCESSING_LATENCY)
+                                .record((committed_ms - ts).max(0) as f64 / 1000.0);
+                        }
+                    }
+                    written
+                }
+                .in_current_span(),
+            ));
         }
         self.publish_gauges();
         Ok(())
+    }
+
+    /// Waits for the batch being committed, then acts on it: fenced pairs are
+    /// dropped, committed ones acknowledged, a permanent failure stops the pipeline.
+    async fn settle(&mut self) -> Result<(), PipelineError> {
+        let Some(in_flight) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let written = in_flight.await.expect("the commit task does not panic");
+        if !written.fenced.is_empty() {
+            metrics::counter!(m::FENCED_CHECKPOINTS).increment(written.fenced.len() as u64);
+            tracing::warn!(pairs = ?written.fenced, "fenced: another worker owns these partition pairs; dropping their state");
+            for pair in &written.fenced {
+                self.pairs.remove(pair);
+            }
+            self.publish_assignment();
+        }
+        // Pairs that did commit are acknowledged even when another failed for good,
+        // so their offsets are not replayed on top of their results.
+        self.acknowledge(&written.committed);
+        match written.failed {
+            Some(error) => Err(error.into()),
+            None => {
+                self.health.set_backing_off(false);
+                self.health.set_database_ok(true);
+                Ok(())
+            }
+        }
     }
 
     /// One lookup for every key the batch needs that is not in memory, and one probe
@@ -503,43 +564,11 @@ impl Pipeline {
         checkpoints
     }
 
-    async fn commit(
-        &mut self,
-        mut checkpoints: Vec<PairCheckpoint>,
-        message_count: usize,
-    ) -> Result<(), PipelineError> {
-        let mut backoff = BACKOFF_START;
-        loop {
-            match self.store.checkpoint(&checkpoints).await {
-                Ok(()) => break,
-                Err(StoreError::Fenced(fenced)) => {
-                    metrics::counter!(m::FENCED_CHECKPOINTS).increment(fenced.len() as u64);
-                    tracing::warn!(pairs = ?fenced, "fenced: another worker owns these partition pairs; dropping their state");
-                    for pair in &fenced {
-                        self.pairs.remove(pair);
-                    }
-                    checkpoints.retain(|c| !fenced.contains(&c.pair));
-                    self.publish_assignment();
-                    if checkpoints.is_empty() {
-                        return Ok(());
-                    }
-                }
-                Err(error) if error.is_transient() => {
-                    metrics::counter!(m::CHECKPOINT_FAILURES, "kind" => "transient").increment(1);
-                    metrics::counter!(m::RETRIES, "operation" => "checkpoint").increment(1);
-                    self.backing_off(&error, "checkpoint", &mut backoff).await;
-                }
-                Err(error) => {
-                    metrics::counter!(m::CHECKPOINT_FAILURES, "kind" => "permanent").increment(1);
-                    return Err(error.into());
-                }
-            }
-        }
-        self.health.set_backing_off(false);
-        self.health.set_database_ok(true);
-        metrics::histogram!(m::CHECKPOINT_BATCH_SIZE).record(message_count as f64);
+    /// After the commit: counts outcomes, makes the pairs' keys evictable again,
+    /// records the committed offsets and commits them to Kafka (advisory).
+    fn acknowledge(&mut self, committed: &[PairCheckpoint]) {
         let mut advisory = Vec::new();
-        for checkpoint in &checkpoints {
+        for checkpoint in committed {
             // Outcomes as committed: each event's outcome after this batch, counted once
             // per batch in which it was set or changed.
             for row in &checkpoint.changes.rows {
@@ -559,7 +588,6 @@ impl Pipeline {
         if let Some(consumer) = &self.consumer {
             commit_advisory(consumer, &advisory);
         }
-        Ok(())
     }
 
     fn publish_gauges(&self) {
@@ -584,20 +612,6 @@ impl Pipeline {
         }
     }
 
-    async fn backing_off(
-        &self,
-        error: &StoreError,
-        operation: &'static str,
-        backoff: &mut Duration,
-    ) {
-        tracing::warn!(%error, operation, retry_in = ?*backoff, "transient database error; retrying");
-        self.health.set_backing_off(true);
-        self.health.set_database_ok(false);
-        self.health.loop_turned();
-        tokio::time::sleep(*backoff).await;
-        *backoff = (*backoff * 2).min(BACKOFF_CAP);
-    }
-
     /// Runs a store operation until it succeeds or fails for good.
     async fn retry<T, F, Fut>(
         &self,
@@ -618,12 +632,79 @@ impl Pipeline {
                 }
                 Err(error) if error.is_transient() => {
                     metrics::counter!(m::RETRIES, "operation" => operation).increment(1);
-                    self.backing_off(&error, operation, &mut backoff).await;
+                    back_off(&self.health, &error, operation, &mut backoff).await;
                 }
                 Err(error) => return Err(error),
             }
         }
     }
+}
+
+/// Marks the worker not ready, keeps the liveness probe fed and sleeps, doubling the
+/// next wait up to the cap.
+async fn back_off(
+    health: &Health,
+    error: &StoreError,
+    operation: &'static str,
+    backoff: &mut Duration,
+) {
+    tracing::warn!(%error, operation, retry_in = ?*backoff, "transient database error; retrying");
+    health.set_backing_off(true);
+    health.set_database_ok(false);
+    health.loop_turned();
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(BACKOFF_CAP);
+}
+
+/// Writes each pair's part of a batch in its own transaction, all at once on separate
+/// connections: a pair's offsets and results stay in one transaction (everything a
+/// pair writes concerns only that pair, as the topics are co-partitioned), and
+/// PostgreSQL spreads the work over its cores instead of one backend. A fenced pair is
+/// reported, not retried; a transient failure retries only the pairs that did not
+/// commit, with backoff.
+async fn write(store: &Store, health: &Health, checkpoints: Vec<PairCheckpoint>) -> Written {
+    let mut backoff = BACKOFF_START;
+    let mut pending = checkpoints;
+    let mut written = Written {
+        committed: Vec::with_capacity(pending.len()),
+        fenced: Vec::new(),
+        failed: None,
+    };
+    while !pending.is_empty() {
+        let mut writes = tokio::task::JoinSet::new();
+        for checkpoint in pending.drain(..) {
+            let store = store.clone();
+            writes.spawn(async move {
+                let result = store.checkpoint(std::slice::from_ref(&checkpoint)).await;
+                (checkpoint, result)
+            });
+        }
+        let mut transient = None;
+        while let Some(joined) = writes.join_next().await {
+            let (checkpoint, result) = joined.expect("checkpoint tasks do not panic");
+            match result {
+                Ok(()) => written.committed.push(checkpoint),
+                Err(StoreError::Fenced(pairs)) => written.fenced.extend(pairs),
+                Err(error) if error.is_transient() => {
+                    pending.push(checkpoint);
+                    transient = Some(error);
+                }
+                Err(error) => {
+                    metrics::counter!(m::CHECKPOINT_FAILURES, "kind" => "permanent").increment(1);
+                    written.failed = Some(error);
+                }
+            }
+        }
+        if written.failed.is_some() {
+            break;
+        }
+        if let Some(error) = transient {
+            metrics::counter!(m::CHECKPOINT_FAILURES, "kind" => "transient").increment(1);
+            metrics::counter!(m::RETRIES, "operation" => "checkpoint").increment(1);
+            back_off(health, &error, "checkpoint", &mut backoff).await;
+        }
+    }
+    written
 }
 
 /// One span per batch naming the partitions and offset ranges it covers, so every log

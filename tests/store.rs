@@ -199,3 +199,41 @@ async fn sweep_bounds_far_in_the_past_are_valid(pool: PgPool) {
     let due = store.due_keys(0, nothing, 10).await.expect("a valid query");
     assert!(due.payment_ids.is_empty() && due.complete);
 }
+
+#[sqlx::test(migrations = false)]
+async fn an_event_id_stored_concurrently_elsewhere_keeps_the_first_and_commits_the_rest(
+    pool: PgPool,
+) {
+    let store = store(pool.clone()).await;
+    store.acquire_pairs(&[0, 1]).await.expect("own");
+    // Pair 1 stored event "e" first (a producer reused the id under another key).
+    store
+        .checkpoint(&[checkpoint(
+            1,
+            1,
+            [Some(1), None],
+            vec![pending_payment("e", "k1", 1)],
+        )])
+        .await
+        .expect("first");
+    // Pair 0's batch carries the same event id and a new one: the fast insert fails on
+    // the key, the guarded retry keeps the first row and writes everything else.
+    store
+        .checkpoint(&[checkpoint(
+            0,
+            1,
+            [Some(2), None],
+            vec![pending_payment("e", "k0", 1), pending_payment("f", "k0", 2)],
+        )])
+        .await
+        .expect("the clash is absorbed");
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT event_id, payment_id FROM recon_events ORDER BY event_id")
+            .fetch_all(&pool)
+            .await
+            .expect("rows");
+    assert_eq!(rows, [("e".into(), "k1".into()), ("f".into(), "k0".into())]);
+    let offsets = store.acquire_pairs(&[0]).await.expect("reacquire");
+    assert_eq!(offsets[0].next_offsets, [Some(2), None]);
+    assert_eq!(count(&pool, "rejected_events").await, 2);
+}

@@ -246,9 +246,12 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("partition.assignment.strategy", "range")
         .set("isolation.level", "read_committed")
         // Bounded prefetch: memory must not grow with a backlog.
-        .set("queued.max.messages.kbytes", "8192")
+        // 2 MiB of queued messages is about 8,000 events, over 200 ms at the
+        // broker's full rate here; librdkafka keeps each fetch buffer alive until its
+        // last message is consumed, so these two bound most of its memory.
+        .set("queued.max.messages.kbytes", "2048")
         .set("queued.min.messages", "20000")
-        .set("fetch.max.bytes", "8388608")
+        .set("fetch.max.bytes", "2097152")
         // Latency: do not let a fetch wait long on a quiet partition (default 500 ms).
         .set("fetch.wait.max.ms", "50")
         .set("statistics.interval.ms", "0")

@@ -157,6 +157,10 @@ pub struct PairEngine {
     dirty_keys: Vec<Id>,
     /// Event ids of this batch already stored under another payment id: redeliveries.
     stored_elsewhere: HashSet<(Input, Id)>,
+    /// Event ids the previous batch inserted. The pipeline looks up a batch while the
+    /// previous one is still being committed, so its probe of stored event ids cannot
+    /// see them yet.
+    previous_batch_ids: HashSet<(Input, Id)>,
     bytes: usize,
 }
 
@@ -171,6 +175,7 @@ impl PairEngine {
             changes: PairChanges::default(),
             dirty_keys: Vec::new(),
             stored_elsewhere: HashSet::new(),
+            previous_batch_ids: HashSet::new(),
             bytes: 0,
         }
     }
@@ -274,6 +279,7 @@ impl PairEngine {
                 .get(&key)
                 .is_some_and(|&i| self.changes.rows[i].new.is_some())
                 || self.stored_elsewhere.contains(&key)
+                || self.previous_batch_ids.contains(&key)
         };
         if state.knows(input, event.event_id()) || seen_in_batch(event.event_id()) {
             self.watermark.observe_activity(input);
@@ -643,7 +649,12 @@ impl PairEngine {
 
     /// Hands over what this batch changed, for the checkpoint.
     pub fn take_changes(&mut self) -> PairChanges {
-        self.batch_rows.clear();
+        self.previous_batch_ids.clear();
+        for ((input, id), i) in self.batch_rows.drain() {
+            if self.changes.rows[i].new.is_some() {
+                self.previous_batch_ids.insert((input, id));
+            }
+        }
         self.stored_elsewhere.clear();
         let mut changes = std::mem::take(&mut self.changes);
         changes.high_marks = self.watermark.high_marks();
@@ -654,15 +665,20 @@ impl PairEngine {
         self.watermark.high_marks()
     }
 
-    /// The batch's changes are durable: its keys may be evicted again. Evicts down to
-    /// 90% of the bounds when over them — closed keys first, then open ones, which stay
-    /// in PostgreSQL and come back through lookups and sweeps.
+    /// The batch's changes are durable: its keys may be evicted again.
     pub fn checkpointed(&mut self) {
         for key in std::mem::take(&mut self.dirty_keys) {
             if let Some(state) = self.keys.get_mut(&key) {
                 state.dirty = false;
             }
         }
+    }
+
+    /// Evicts down to 90% of the bounds when over them — closed keys first, then open
+    /// ones, which stay in PostgreSQL and come back through lookups and sweeps. Keys
+    /// not yet checkpointed stay. Called before a batch's keys are loaded, never
+    /// between loading and applying them.
+    pub fn evict(&mut self) {
         let window = self.config.window;
         if self.keys.len() <= window.max_items && self.bytes <= window.max_bytes {
             return;

@@ -204,6 +204,11 @@ impl Window {
                 i
             }
             None => {
+                // Grow by a quarter, not double: the slots are most of the window's
+                // memory and a doubling would leave up to half of it unused.
+                if self.slots.len() == self.slots.capacity() {
+                    self.slots.reserve_exact((self.slots.len() / 4).max(1024));
+                }
                 self.slots.push(slot);
                 u32::try_from(self.slots.len() - 1).expect("window holds fewer than 2^32 keys")
             }
