@@ -8,7 +8,9 @@
 //! retried with capped exponential backoff while nothing new is taken; a fenced pair's
 //! state is dropped and the rest of the batch is written without it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use hashbrown::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -157,7 +159,7 @@ impl Pipeline {
         &mut self,
         deliveries: &mut mpsc::Receiver<Delivery>,
     ) -> (Vec<Item>, Option<Delivery>) {
-        let mut items = Vec::new();
+        let mut items = Vec::with_capacity(self.batch_max_messages.min(8192));
         let mut messages = 0usize;
         let first = match tokio::time::timeout(TICK, deliveries.recv()).await {
             Err(_) => return (items, None),

@@ -252,8 +252,9 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("queued.max.messages.kbytes", "2048")
         .set("queued.min.messages", "20000")
         .set("fetch.max.bytes", "2097152")
-        // Latency: do not let a fetch wait long on a quiet partition (default 500 ms).
-        .set("fetch.wait.max.ms", "50")
+        // Latency: do not let a fetch wait long on a quiet partition (default 500 ms;
+        // at 50 ms, fetch waits were half of the mean latency at 8k msg/s here).
+        .set("fetch.wait.max.ms", "10")
         .set("statistics.interval.ms", "0")
         .set_log_level(RDKafkaLogLevel::Warning);
     for (name, value) in &config.kafka_properties {

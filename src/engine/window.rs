@@ -156,7 +156,7 @@ pub struct Window {
     index: HashTable<u32>,
     slots: Vec<Slot>,
     free: Vec<u32>,
-    hasher: std::hash::RandomState,
+    hasher: hashbrown::DefaultHashBuilder,
 }
 
 impl std::fmt::Debug for Window {
