@@ -8,6 +8,7 @@
 #   - p50/p99 latency from Kafka timestamp to PostgreSQL commit at 50% of the measured
 #     end-to-end maximum,
 #   - the worker's peak RSS,
+#   - CPU seconds of broker, PostgreSQL and worker during the raw consume and the drain,
 # and ends with one `bench:` line. BENCH_SCENARIOS sets the backlog size (≈2.1
 # messages per scenario). Uses the services from scripts/dev-services.sh.
 set -euo pipefail
@@ -23,6 +24,15 @@ bin=$PWD/target/release/recon-worker
 id=$(date +%s)
 work=$(mktemp -d)
 psql_() { psql -q -h 127.0.0.1 -U postgres "$@"; }
+# CPU seconds (user + system, with reaped children) of the processes matching $1: on
+# a machine shared by broker, database and worker this shows where the time goes.
+cpu_seconds() {
+    local pid total=0
+    for pid in $(pgrep -f "$1"); do
+        total=$((total + $(awk '{print $14 + $15 + $16 + $17}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    done
+    awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t / hz}'
+}
 for db in bench_e2e bench_pg bench_pipe; do
     psql_ -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
 done
@@ -40,7 +50,9 @@ messages=$(awk '/^produced/ {print $2}' "$work/loadgen.txt")
 echo "produced $messages messages"
 
 echo "== raw consume"
+broker0=$(cpu_seconds "tansu broker")
 raw=$("$bin" bench consume --messages "$messages" | tee /dev/stderr)
+echo "cpu during raw consume: broker=$(awk -v a="$broker0" -v b="$(cpu_seconds "tansu broker")" 'BEGIN {printf "%.1f", b - a}')s"
 raw_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$raw")
 
 echo "== raw PostgreSQL write"
@@ -48,6 +60,7 @@ pg=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pg "$bin" bench pg-wr
 pg_rps=$(sed -E 's/.* rows_per_s=([0-9]+).*/\1/' <<<"$pg")
 
 echo "== recon-worker end to end (draining the backlog)"
+broker0=$(cpu_seconds "tansu broker"); postgres0=$(cpu_seconds "postgres")
 "$bin" run >"$work/worker.log" 2>&1 &
 worker=$!
 for _ in $(seq 1200); do
@@ -57,6 +70,9 @@ for _ in $(seq 1200); do
 done
 [ "${done_count:-0}" -ge "$messages" ] || { echo "worker did not drain the backlog"; tail "$work/worker.log"; exit 1; }
 peak_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$worker/status")
+echo "cpu during the drain: broker=$(awk -v a="$broker0" -v b="$(cpu_seconds "tansu broker")" 'BEGIN {printf "%.1f", b - a}')s" \
+    "postgres=$(awk -v a="$postgres0" -v b="$(cpu_seconds "postgres")" 'BEGIN {printf "%.1f", b - a}')s" \
+    "worker=$(cpu_seconds "$bin run")s (postgres: backends that exited are not counted)"
 first=$(grep -m1 "took ownership" "$work/worker.log" | awk '{print $1}')
 e2e_seconds=$(psql_ -d bench_e2e -tAc "SELECT extract(epoch FROM max(updated_at) - '$first'::timestamptz) FROM recon_partition_pairs")
 e2e_eps=$(awk -v m="$messages" -v s="$e2e_seconds" 'BEGIN {printf "%d", m / s}')

@@ -16,6 +16,7 @@
 //! window is a bounded cache over it. See `shared/design.md` for the reasons.
 
 pub mod admin;
+pub mod allocator;
 pub mod bench;
 pub mod config;
 pub mod consumer;

@@ -86,7 +86,7 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
+    recon_worker::allocator::tune();
     let cli = Cli::parse();
     let config = match Config::from_env() {
         Ok(config) => config,
@@ -250,29 +250,4 @@ async fn bench(command: BenchCommand, config: Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// glibc's allocator, left alone, made the worker's memory grow with the length of a
-/// backlog (1M messages: 104 MB peak, against 64 MB for 100k): every thread gets its
-/// own arena, and the mmap threshold adapts upwards so that large short-lived buffers
-/// (fetch buffers, a batch's statement parameters) land in the arenas and stay
-/// resident after they are freed. Two arenas and a fixed 256 KiB threshold keep such
-/// buffers in their own mappings, returned on free (1M messages: 66 MB).
-/// Environment variables (`MALLOC_ARENA_MAX`, ...) still work for experiments, as
-/// this runs first and only when they are unset.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let set = |name: &str| std::env::var_os(name).is_some();
-        // SAFETY: mallopt only sets allocator parameters; it is called before any
-        // other thread exists.
-        unsafe {
-            if !set("MALLOC_ARENA_MAX") {
-                libc::mallopt(libc::M_ARENA_MAX, 2);
-            }
-            if !set("MALLOC_MMAP_THRESHOLD_") {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
-            }
-        }
-    }
 }
