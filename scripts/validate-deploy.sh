@@ -259,6 +259,7 @@ live_scrape() {
         if curl -sf "http://$addr/metrics" >"$scrape" \
             && grep -q '^recon_checkpoint_duration_seconds_count [1-9]' "$scrape" \
             && grep -q '^recon_consumer_lag_messages{' "$scrape" \
+            && grep -q '^recon_watermark_timestamp_seconds{' "$scrape" \
             && grep -q '^recon_processing_latency_seconds_count [1-9]' "$scrape"; then
             seen=1
             break

@@ -532,10 +532,6 @@ impl Pipeline {
                 owned
                     .engine
                     .fire_deadlines(due.payment_ids, rows, due.complete);
-                if let Some(watermark) = owned.engine.watermark() {
-                    metrics::gauge!(m::WATERMARK, "partition" => pair.to_string())
-                        .set(watermark as f64 / 1e6);
-                }
             }
         }
         Ok(())
@@ -604,6 +600,10 @@ impl Pipeline {
         metrics::gauge!(m::WINDOW_ITEMS).set(items as f64);
         metrics::gauge!(m::WINDOW_BYTES).set(bytes as f64);
         for (&pair, owned) in &self.pairs {
+            if let Some(watermark) = owned.engine.watermark() {
+                metrics::gauge!(m::WATERMARK, "partition" => pair.to_string())
+                    .set(watermark as f64 / 1e6);
+            }
             for input in Input::ALL {
                 let high = owned.high_watermarks[input.index()];
                 if high < 0 {
