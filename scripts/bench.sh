@@ -10,7 +10,8 @@
 #   - the worker's peak RSS,
 #   - CPU seconds of broker, PostgreSQL and worker during the raw consume and the drain,
 # and ends with one `bench:` line. BENCH_SCENARIOS sets the backlog size (≈2.1
-# messages per scenario). Uses the services from scripts/dev-services.sh.
+# messages per scenario). Uses the services from scripts/dev-services.sh. Figures are
+# echoed with `tee -a /dev/stderr`: without -a, a log file given as stderr is truncated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -51,12 +52,12 @@ echo "produced $messages messages"
 
 echo "== raw consume"
 broker0=$(cpu_seconds "tansu broker")
-raw=$("$bin" bench consume --messages "$messages" | tee /dev/stderr)
+raw=$("$bin" bench consume --messages "$messages" | tee -a /dev/stderr)
 echo "cpu during raw consume: broker=$(awk -v a="$broker0" -v b="$(cpu_seconds "tansu broker")" 'BEGIN {printf "%.1f", b - a}')s"
 raw_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$raw")
 
 echo "== raw PostgreSQL write"
-pg=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pg "$bin" bench pg-write --rows "$messages" | tee /dev/stderr)
+pg=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pg "$bin" bench pg-write --rows "$messages" | tee -a /dev/stderr)
 pg_rps=$(sed -E 's/.* rows_per_s=([0-9]+).*/\1/' <<<"$pg")
 
 echo "== recon-worker end to end (draining the backlog)"
@@ -80,7 +81,7 @@ echo "e2e: messages=$messages seconds=$e2e_seconds eps=$e2e_eps peak_rss_mb=$((p
 kill -TERM "$worker"; wait "$worker" || true; worker=""
 
 echo "== pipeline only (no broker)"
-pipe=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pipe "$bin" bench pipeline --scenarios "$SCENARIOS" --partitions $PARTITIONS | tee /dev/stderr)
+pipe=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pipe "$bin" bench pipeline --scenarios "$SCENARIOS" --partitions $PARTITIONS | tee -a /dev/stderr)
 pipeline_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$pipe")
 
 rate=$((e2e_eps / 2))
