@@ -157,16 +157,17 @@ impl Pipeline {
         &mut self,
         deliveries: &mut mpsc::Receiver<Delivery>,
     ) -> (Vec<Item>, Option<Delivery>) {
-        let mut items = Vec::with_capacity(self.batch_max_messages.min(8192));
-        let mut messages = 0usize;
         let first = match tokio::time::timeout(TICK, deliveries.recv()).await {
-            Err(_) => return (items, None),
+            Err(_) => return (Vec::new(), None),
             Ok(None) => {
                 let (done, _) = std::sync::mpsc::sync_channel(1);
-                return (items, Some(Delivery::Stop { done }));
+                return (Vec::new(), Some(Delivery::Stop { done }));
             }
             Ok(Some(delivery)) => delivery,
         };
+        // Sized once a delivery is in hand, not on every idle tick.
+        let mut items = Vec::with_capacity(self.batch_max_messages.min(8192));
+        let mut messages = 0usize;
         let deadline = tokio::time::Instant::now() + self.batch_max_wait;
         let mut next = Some(first);
         while let Some(delivery) = next.take() {
