@@ -77,8 +77,9 @@ fn run_engine(config: EngineConfig, events: Vec<Event>) -> usize {
         if engine.advance(1_800_000_000_000_000).is_some() {
             engine.fire_deadlines(Vec::new(), Vec::new(), true);
         }
-        rows += engine.take_changes().rows.len();
-        engine.checkpointed();
+        let changes = engine.take_changes();
+        rows += changes.rows.len();
+        engine.checkpointed(changes.generation);
     }
     rows
 }

@@ -34,6 +34,24 @@ cpu_seconds() {
     done
     awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t / hz}'
 }
+# Each phase leaves work behind that would be billed to the next one: autovacuum of
+# the rows it wrote, a checkpoint of its WAL. Measured here: the pipeline phase ran at
+# 35-43k events/s right after the drain and at 90k on a quiet machine. So the rows are
+# vacuumed and checkpointed between phases (what autovacuum would do anyway), and each
+# phase starts only once the machine is idle.
+quiesce() {
+    local db
+    for db in "$@"; do psql_ -d "$db" -c "VACUUM (ANALYZE)"; done
+    psql_ -c "CHECKPOINT"
+    local busy0 total0 busy1 total1
+    for _ in $(seq 30); do
+        read -r busy0 total0 < <(awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
+        sleep 1
+        read -r busy1 total1 < <(awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
+        awk -v b=$((busy1 - busy0)) -v t=$((total1 - total0)) 'BEGIN {exit !(b <= 0.1 * t)}' && return 0
+    done
+    echo "(the machine did not go idle within 30 s; measuring anyway)"
+}
 for db in bench_e2e bench_pg bench_pipe; do
     psql_ -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
 done
@@ -50,6 +68,7 @@ echo "== backlog: $SCENARIOS scenarios"
 messages=$(awk '/^produced/ {print $2}' "$work/loadgen.txt")
 echo "produced $messages messages"
 
+quiesce
 echo "== raw consume"
 broker0=$(cpu_seconds "tansu broker")
 raw=$("$bin" bench consume --messages "$messages" | tee -a /dev/stderr)
@@ -59,6 +78,8 @@ raw_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$raw")
 echo "== raw PostgreSQL write"
 pg=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pg "$bin" bench pg-write --rows "$messages" | tee -a /dev/stderr)
 pg_rps=$(sed -E 's/.* rows_per_s=([0-9]+).*/\1/' <<<"$pg")
+psql_ -c "DROP DATABASE bench_pg WITH (FORCE)"
+quiesce
 
 echo "== recon-worker end to end (draining the backlog)"
 broker0=$(cpu_seconds "tansu broker"); postgres0=$(cpu_seconds "postgres")
@@ -79,17 +100,34 @@ e2e_seconds=$(psql_ -d bench_e2e -tAc "SELECT extract(epoch FROM max(updated_at)
 e2e_eps=$(awk -v m="$messages" -v s="$e2e_seconds" 'BEGIN {printf "%d", m / s}')
 echo "e2e: messages=$messages seconds=$e2e_seconds eps=$e2e_eps peak_rss_mb=$((peak_rss_kb / 1024))"
 kill -TERM "$worker"; wait "$worker" || true; worker=""
+quiesce bench_e2e
 
 echo "== pipeline only (no broker)"
 pipe=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pipe "$bin" bench pipeline --scenarios "$SCENARIOS" --partitions $PARTITIONS | tee -a /dev/stderr)
 pipeline_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$pipe")
+psql_ -c "DROP DATABASE bench_pipe WITH (FORCE)"
+quiesce
 
 rate=$((e2e_eps / 2))
+latency_scenarios=$((rate * LATENCY_SECONDS * 10 / 21))
+echo "== the broker's share of latency at the same load: a consumer with the worker's fetch settings, no worker"
+(
+    # Topics of its own: the worker below resumes where the drain stopped.
+    export RECON_PAYMENTS_TOPIC="bench-kp-$id" RECON_SETTLEMENTS_TOPIC="bench-ks-$id"
+    "$bin" create-topics --partitions $PARTITIONS >/dev/null
+    "$bin" bench broker-latency --messages $((latency_scenarios * 2)) >"$work/broker-latency.txt" &
+    probe=$!
+    sleep 2
+    "$bin" loadgen --scenarios "$latency_scenarios" --seed $((id + 2)) --poison-every 0 --id-prefix "k$id-" --rate "$rate" >/dev/null 2>&1
+    wait "$probe"
+)
+cat "$work/broker-latency.txt" >&2
+quiesce bench_e2e
+
 echo "== latency at 50% load: $rate msg/s for ${LATENCY_SECONDS}s"
 "$bin" run >"$work/worker2.log" 2>&1 &
 worker=$!
 for _ in $(seq 100); do curl -sf "http://$RECON_METRICS_ADDR/readyz" >/dev/null && break; sleep 0.2; done
-latency_scenarios=$((rate * LATENCY_SECONDS * 10 / 21))
 "$bin" loadgen --scenarios "$latency_scenarios" --seed $((id + 1)) --poison-every 0 --id-prefix "l$id-" --rate "$rate" >/dev/null
 sleep 2
 curl -s "http://$RECON_METRICS_ADDR/metrics" >"$work/metrics.txt"

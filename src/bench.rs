@@ -83,6 +83,26 @@ pub fn window_memory(items: usize) -> (u64, u64, f64, usize) {
     )
 }
 
+/// Every partition of both topics, each starting at `offset`.
+fn every_partition(
+    consumer: &BaseConsumer,
+    config: &Config,
+    offset: Offset,
+) -> Result<TopicPartitionList, rdkafka::error::KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for topic in [&config.payments_topic, &config.settlements_topic] {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map_or(0, |t| t.partitions().len());
+        for partition in 0..partitions {
+            tpl.add_partition_offset(topic, partition as i32, offset)?;
+        }
+    }
+    Ok(tpl)
+}
+
 /// Counts messages from the start of both topics with a minimal consumer.
 pub fn raw_consume(
     config: &Config,
@@ -95,18 +115,7 @@ pub fn raw_consume(
         .set("queued.max.messages.kbytes", "8192")
         .set("fetch.max.bytes", "8388608")
         .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for topic in [&config.payments_topic, &config.settlements_topic] {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .map_or(0, |t| t.partitions().len());
-        for partition in 0..partitions {
-            tpl.add_partition_offset(topic, partition as i32, Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&tpl)?;
+    consumer.assign(&every_partition(&consumer, config, Offset::Beginning)?)?;
     let mut count = 0u64;
     let mut started = None;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -117,6 +126,47 @@ pub fn raw_consume(
         }
     }
     Ok((count, started.map_or(Duration::ZERO, |s| s.elapsed())))
+}
+
+/// Consumes both topics from their current end with the worker's client settings and
+/// measures, per message, the time from its Kafka timestamp to its arrival: what the
+/// producer's queue, the broker and the fetch settings add before the worker sees it.
+/// Returns (messages, p50 ms, p99 ms).
+pub fn broker_latency(
+    config: &Config,
+    messages: u64,
+) -> Result<(u64, f64, f64), rdkafka::error::KafkaError> {
+    use rdkafka::Message;
+    let mut client = crate::consumer::client_config(config);
+    client.set("group.id", format!("bench-latency-{}", std::process::id()));
+    let consumer: BaseConsumer = client.create()?;
+    consumer.assign(&every_partition(&consumer, config, Offset::End)?)?;
+    let mut latencies_ms = Vec::new();
+    let mut last_arrival = None::<Instant>;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while (latencies_ms.len() as u64) < messages && Instant::now() < deadline {
+        if last_arrival.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+            break;
+        }
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            last_arrival = Some(Instant::now());
+            if let Some(ts) = message.timestamp().to_millis() {
+                let now = chrono::Utc::now().timestamp_millis();
+                latencies_ms.push((now - ts).max(0) as f64);
+            }
+        }
+    }
+    latencies_ms.sort_by(f64::total_cmp);
+    let quantile = |q: f64| {
+        latencies_ms
+            .get(
+                ((latencies_ms.len() as f64 * q) as usize)
+                    .min(latencies_ms.len().saturating_sub(1)),
+            )
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok((latencies_ms.len() as u64, quantile(0.5), quantile(0.99)))
 }
 
 /// Writes `rows` outcome rows with the checkpoint's batched UNNEST insert.

@@ -89,6 +89,8 @@ pub struct Config {
     pub batch_max_messages: usize,
     /// Longest a batch waits to fill before it is processed.
     pub batch_max_wait: Duration,
+    /// Transactions a batch's commit is split into (by partition pair), run at once.
+    pub commit_parallelism: usize,
     /// Bound on graceful shutdown after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
     /// librdkafka properties from `RECON_KAFKA_PROP_<NAME>`.
@@ -115,6 +117,7 @@ impl fmt::Debug for Config {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("batch_max_messages", &self.batch_max_messages)
             .field("batch_max_wait", &self.batch_max_wait)
+            .field("commit_parallelism", &self.commit_parallelism)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("kafka_properties", &redacted_props)
             .finish()
@@ -213,11 +216,17 @@ impl Config {
             )?,
             batch_max_messages: env.number(
                 "RECON_BATCH_MAX_MESSAGES",
-                5_000,
+                10_000,
                 1..=100_000,
                 "a whole number from 1 to 100000",
             )?,
             batch_max_wait: env.duration("RECON_BATCH_MAX_WAIT", Duration::from_millis(20))?,
+            commit_parallelism: env.number(
+                "RECON_COMMIT_PARALLELISM",
+                2,
+                1..=64,
+                "a whole number from 1 to 64",
+            )?,
             shutdown_timeout: env.duration("RECON_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
             kafka_properties,
         })

@@ -69,6 +69,13 @@ enum BenchCommand {
         #[arg(long)]
         messages: u64,
     },
+    /// Latency from Kafka timestamp to a consumer with the worker's fetch settings, for
+    /// messages produced while it runs: the broker's share of end-to-end latency.
+    BrokerLatency {
+        /// Stop after this many messages, or when none arrives for 5 seconds.
+        #[arg(long)]
+        messages: u64,
+    },
     /// Raw PostgreSQL write rate of outcome rows (batched UNNEST insert).
     PgWrite {
         #[arg(long, default_value_t = 500_000)]
@@ -216,6 +223,12 @@ async fn bench(command: BenchCommand, config: Config) -> anyhow::Result<()> {
                 elapsed.as_secs_f64(),
                 count as f64 / elapsed.as_secs_f64().max(1e-9)
             );
+        }
+        BenchCommand::BrokerLatency { messages } => {
+            let (count, p50, p99) =
+                tokio::task::spawn_blocking(move || bench::broker_latency(&config, messages))
+                    .await??;
+            println!("broker_latency: messages={count} p50_ms={p50:.1} p99_ms={p99:.1}");
         }
         BenchCommand::PgWrite { rows, batch } => {
             let store = Store::connect_lazy(

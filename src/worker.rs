@@ -72,7 +72,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     health.set_database_ok(true);
     tracing::info!(database = %config.database_display, "migrations applied");
 
-    let (deliveries, receiver) = mpsc::channel(config.batch_max_messages.max(256) * 2);
+    // One batch of read-ahead: the next batch is ready when the pipeline asks for it,
+    // and librdkafka's bounded prefetch holds the rest (a deeper queue only adds memory).
+    let (deliveries, receiver) = mpsc::channel(config.batch_max_messages.max(256));
     let stop = Arc::new(AtomicBool::new(false));
     let consumer_config = config.clone();
     let consumer_stop = stop.clone();

@@ -80,6 +80,19 @@ async fn a_known_mix_reaches_exactly_the_expected_outcomes_and_rejections(pool: 
         records.len(),
         "stored offsets cover every message"
     );
+    // The same offsets reach Kafka too (advisory, for lag tools), soon after.
+    let started = std::time::Instant::now();
+    loop {
+        let behind = kafka_offsets_behind(&world);
+        if behind.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "Kafka committed offsets behind the end: {behind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     // Deadline discrepancies are in the history.
     let open_missing = world
         .count("SELECT count(*) FROM recon_discrepancies WHERE kind = 'missing_settlement' AND resolved_at IS NULL")
@@ -224,26 +237,64 @@ async fn sigkill_mid_stream_and_restart_lose_nothing(pool: PgPool) {
     world.await_truth(&truth, WITHIN).await;
 }
 
-/// Commits `offset_of(partition, high_watermark)` to Kafka for the group, as a lag tool
-/// or an operator resetting offsets would.
-fn set_kafka_offsets(world: &World, offset_of: impl Fn(i64) -> i64) {
-    let consumer: BaseConsumer = ClientConfig::new()
+/// A client of the worker's consumer group that never joins it: it only reads and
+/// commits the group's offsets, as a lag tool or an operator would.
+fn group_client(world: &World) -> BaseConsumer {
+    ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", &world.group)
         .set("enable.auto.commit", "false")
         .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
+        .expect("consumer")
+}
+
+/// (topic, partition, high watermark) of every partition of both topics.
+fn high_watermarks(world: &World, client: &BaseConsumer) -> Vec<(String, i32, i64)> {
+    let mut highs = Vec::new();
     for topic in [&world.payments, &world.settlements] {
         for partition in 0..world.partitions {
-            let (_, high) = consumer
+            let (_, high) = client
                 .fetch_watermarks(topic, partition, Duration::from_secs(10))
                 .expect("watermarks");
-            tpl.add_partition_offset(topic, partition, Offset::Offset(offset_of(high)))
-                .expect("tpl");
+            highs.push((topic.clone(), partition, high));
         }
     }
-    consumer
+    highs
+}
+
+/// The group's partitions whose offset committed to Kafka is not yet their high
+/// watermark: (topic, partition, committed, high).
+fn kafka_offsets_behind(world: &World) -> Vec<(String, i32, Offset, i64)> {
+    let client = group_client(world);
+    let highs = high_watermarks(world, &client);
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, _) in &highs {
+        tpl.add_partition(topic, *partition);
+    }
+    let committed = client
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    highs
+        .into_iter()
+        .filter_map(|(topic, partition, high)| {
+            let offset = committed
+                .find_partition(&topic, partition)
+                .map_or(Offset::Invalid, |p| p.offset());
+            (offset != Offset::Offset(high)).then_some((topic, partition, offset, high))
+        })
+        .collect()
+}
+
+/// Commits `offset_of(partition, high_watermark)` to Kafka for the group, as a lag tool
+/// or an operator resetting offsets would.
+fn set_kafka_offsets(world: &World, offset_of: impl Fn(i64) -> i64) {
+    let client = group_client(world);
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, high) in high_watermarks(world, &client) {
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(offset_of(high)))
+            .expect("tpl");
+    }
+    client
         .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
         .expect("commit");
 }

@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use proptest::prelude::*;
 use recon_worker::config::{MatchConfig, WindowConfig};
-use recon_worker::engine::{EngineConfig, Outcome, PairEngine, StoredEvent, SweepRequest};
+use recon_worker::engine::{
+    EngineConfig, Outcome, PairChanges, PairEngine, StoredEvent, SweepRequest,
+};
 use recon_worker::event::{Event, Input, Micros, Payment, Settlement};
 use recon_worker::money::{Currency, MinorUnits};
 
@@ -219,11 +221,11 @@ struct Row {
 
 #[derive(Default)]
 struct FakeStore {
+    /// Committed rows: all that lookups, probes and sweeps see.
     rows: BTreeMap<(Input, String), Row>,
-    /// Rows the previous batch inserted. The pipeline probes a batch's event ids
-    /// while the previous batch is still being committed, so the probe cannot see
-    /// them.
-    in_flight: std::collections::HashSet<(Input, String)>,
+    /// The previous batch's changes. The pipeline looks up, applies and sweeps a batch
+    /// while the previous one is still being committed.
+    in_flight: Option<PairChanges>,
 }
 
 impl FakeStore {
@@ -290,8 +292,8 @@ fn run_batch(
     now: Micros,
     sweep_limit: usize,
 ) {
-    // As the pipeline runs it: eviction and this batch's lookups overlap the previous
-    // batch's commit, which is acknowledged (`checkpointed`) just before applying.
+    // As the pipeline runs it: eviction, lookups, applying and sweeps overlap the
+    // previous batch's commit, which is acknowledged just before this batch's starts.
     engine.evict();
     let keys: Vec<String> = {
         let mut keys: Vec<String> = batch
@@ -310,10 +312,9 @@ fn run_batch(
         .iter()
         .filter_map(|(_, _, m)| to_event(m))
         .map(|e| (e.input(), e.event_id().to_owned()))
-        .filter(|k| store.rows.contains_key(k) && !store.in_flight.contains(k))
+        .filter(|k| store.rows.contains_key(k))
         .collect();
     engine.load_stored_event_ids(stored);
-    engine.checkpointed();
     for (input, offset, msg) in batch {
         match to_event(msg) {
             Some(event) => {
@@ -336,13 +337,21 @@ fn run_batch(
         None => engine.fire_deadlines(Vec::new(), Vec::new(), false),
     }
     let changes = engine.take_changes();
-    store.in_flight.clear();
+    settle(engine, store);
+    store.in_flight = Some(changes);
+}
+
+/// The in-flight batch commits and is acknowledged.
+fn settle(engine: &mut PairEngine, store: &mut FakeStore) {
+    let Some(changes) = store.in_flight.take() else {
+        return;
+    };
+    engine.checkpointed(changes.generation);
     for row in changes.rows {
         let key = (row.input, row.event_id.to_string());
         match row.new {
             Some(new) => {
                 assert!(!store.rows.contains_key(&key), "inserted twice: {key:?}");
-                store.in_flight.insert(key.clone());
                 store.rows.insert(
                     key,
                     Row {
@@ -485,6 +494,7 @@ proptest! {
                 break;
             }
         }
+        settle(&mut engine, &mut store);
 
         let actual: Truth = store
             .rows

@@ -53,6 +53,7 @@ fn checkpoint(
                 settlement_event_id: None,
             }],
             high_marks: [Some(5), None],
+            generation: 1,
         },
         rejected: vec![RejectedMessage {
             input: Input::Payments,

@@ -120,6 +120,15 @@ pub struct PairChanges {
     pub rows: Vec<RowWrite>,
     pub discrepancies: Vec<DiscrepancyChange>,
     pub high_marks: [Option<Micros>; 2],
+    /// Which [`PairEngine::take_changes`] call produced these: acknowledge with
+    /// [`PairEngine::checkpointed`] once they are durable.
+    pub generation: u64,
+}
+
+/// A key's pin: the generation that last changed it, in one byte (0: not pinned). At
+/// most two generations are unacknowledged at once, so 255 tags never collide.
+fn pin_tag(generation: u64) -> u8 {
+    (generation % 255) as u8 + 1
 }
 
 impl PairChanges {
@@ -155,8 +164,14 @@ pub struct PairEngine {
     /// Row index by (input, event_id) for this batch, so each row is written once.
     batch_rows: HashMap<(Input, Id), usize>,
     changes: PairChanges,
+    /// Numbers the batches of changes handed out; keys touched now are pinned with it.
+    generation: u64,
     /// Keys changed in this batch (the deadline candidates besides swept ones).
     dirty_keys: Vec<Id>,
+    /// Keys of batches handed out but not yet acknowledged durable, oldest first. The
+    /// pipeline applies a batch while the previous one is still committing, so up to
+    /// two generations are pinned at once.
+    unacknowledged: std::collections::VecDeque<(u64, Vec<Id>)>,
     /// Event ids of this batch already stored under another payment id: redeliveries.
     stored_elsewhere: HashSet<(Input, Id)>,
     /// Event ids the previous batch inserted. The pipeline looks up a batch while the
@@ -175,7 +190,9 @@ impl PairEngine {
             swept_through: None,
             batch_rows: HashMap::new(),
             changes: PairChanges::default(),
+            generation: 1,
             dirty_keys: Vec::new(),
+            unacknowledged: std::collections::VecDeque::new(),
             stored_elsewhere: HashSet::new(),
             previous_batch_ids: HashSet::new(),
             bytes: 0,
@@ -502,8 +519,9 @@ impl PairEngine {
     /// Marks a key changed in this batch: a deadline candidate, not evictable.
     fn touch(&mut self, key: &Id) {
         if let Some(state) = self.keys.get_mut(key) {
-            if !state.dirty {
-                state.dirty = true;
+            let pin = pin_tag(self.generation);
+            if state.pin != pin {
+                state.pin = pin;
                 self.dirty_keys.push(key.clone());
             }
         }
@@ -586,7 +604,12 @@ impl PairEngine {
         if sweep_complete {
             self.swept_through = Some(watermark);
         }
+        // Keys of a batch still being committed are candidates too: the sweep reads
+        // PostgreSQL, which does not show their pending items yet.
         let mut candidates: Vec<Id> = self.dirty_keys.clone();
+        for (_, keys) in &self.unacknowledged {
+            candidates.extend(keys.iter().cloned());
+        }
         candidates.extend(swept);
         let mut seen = HashSet::with_capacity(candidates.len());
         for key in candidates {
@@ -660,6 +683,12 @@ impl PairEngine {
         self.stored_elsewhere.clear();
         let mut changes = std::mem::take(&mut self.changes);
         changes.high_marks = self.watermark.high_marks();
+        changes.generation = self.generation;
+        if !self.dirty_keys.is_empty() {
+            let keys = std::mem::take(&mut self.dirty_keys);
+            self.unacknowledged.push_back((self.generation, keys));
+        }
+        self.generation += 1;
         changes
     }
 
@@ -667,11 +696,23 @@ impl PairEngine {
         self.watermark.high_marks()
     }
 
-    /// The batch's changes are durable: its keys may be evicted again.
-    pub fn checkpointed(&mut self) {
-        for key in std::mem::take(&mut self.dirty_keys) {
-            if let Some(state) = self.keys.get_mut(&key) {
-                state.dirty = false;
+    /// The changes of `generation` (and of every earlier one) are durable: their keys
+    /// may be evicted again, unless a later batch changed them since.
+    pub fn checkpointed(&mut self, generation: u64) {
+        while let Some((oldest, _)) = self.unacknowledged.front() {
+            if *oldest > generation {
+                break;
+            }
+            let Some((oldest, keys)) = self.unacknowledged.pop_front() else {
+                break;
+            };
+            let pin = pin_tag(oldest);
+            for key in keys {
+                if let Some(state) = self.keys.get_mut(&key) {
+                    if state.pin == pin {
+                        state.pin = 0;
+                    }
+                }
             }
         }
     }
@@ -692,7 +733,7 @@ impl PairEngine {
             let mut remaining = self.keys.len();
             self.keys.retain(|key, state| {
                 let over = remaining > target_items || self.bytes - freed > target_bytes;
-                if over && !state.dirty && (evict_open || !state.is_open()) {
+                if over && state.pin == 0 && (evict_open || !state.is_open()) {
                     freed += state.bytes(key);
                     remaining -= 1;
                     return false;

@@ -53,8 +53,9 @@ pub struct KeyState {
     payment_currency: Option<Currency>,
     /// `Some` exactly when the key has a payment.
     payment_outcome: Option<Outcome>,
-    /// Changed since the last checkpoint: must not be evicted.
-    pub dirty: bool,
+    /// The generation of changes not yet durable that last touched this key (see
+    /// `pin_tag`; 0: none). A pinned key must not be evicted.
+    pub pin: u8,
 }
 
 impl KeyState {
