@@ -164,6 +164,15 @@ impl Store {
         &self.pool
     }
 
+    /// A pooled connection that gives back its buffers when it returns to the pool.
+    /// sqlx keeps a connection's buffers at the size of the largest message it ever
+    /// carried; a batch's statements are up to a few MB, so over a long drain each of
+    /// the pool's connections ratcheted up to the largest batch seen (measured: peak
+    /// RSS rising from 47 to 82 MB over 1M messages).
+    async fn connection(&self) -> Result<ShrinkOnReturn, StoreError> {
+        Ok(ShrinkOnReturn(self.pool.acquire().await?))
+    }
+
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
@@ -229,7 +238,9 @@ impl Store {
         if payment_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(
+        use futures_util::TryStreamExt;
+        let mut connection = self.connection().await?;
+        let mut rows = sqlx::query(
             "SELECT e.kafka_partition, e.event_kind, e.event_id, e.payment_id, e.outcome, e.event_time,
                     e.amount_minor, e.fee_minor, e.net_minor, e.currency
              FROM UNNEST($1::int[], $2::text[]) AS k(kafka_partition, payment_id)
@@ -240,11 +251,15 @@ impl Store {
         )
         .bind(pairs)
         .bind(payment_ids)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|row| Ok((row.try_get::<i32, _>(0)?, stored_event(&row, 1)?)))
-            .collect()
+        .fetch(&mut *connection);
+        // Decoded row by row: a batch's lookup can return a row per key (a stream of
+        // settlements whose payments were stored earlier), and holding every raw row
+        // beside its decoded copy cost a few MB at the peak.
+        let mut found = Vec::new();
+        while let Some(row) = rows.try_next().await? {
+            found.push((row.try_get::<i32, _>(0)?, stored_event(&row, 1)?));
+        }
+        Ok(found)
     }
 
     /// Open items of these pairs: (event_kind, outcome, count, oldest event time).
@@ -293,7 +308,7 @@ impl Store {
         )
         .bind(kinds)
         .bind(event_ids)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.connection().await?)
         .await?;
         rows.into_iter()
             .map(|row| {
@@ -373,7 +388,8 @@ impl Store {
         batch: &[PairCheckpoint],
         on_conflict: OnConflict,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut connection = self.connection().await?;
+        let mut tx = sqlx::Connection::begin(&mut *connection).await?;
         self.advance_pairs(&mut tx, batch).await?;
         insert_events(&mut tx, batch, on_conflict).await?;
         update_events(&mut tx, batch).await?;
@@ -488,6 +504,28 @@ fn stored_event(row: &sqlx::postgres::PgRow, first: usize) -> Result<StoredEvent
         currency: Currency::from_code(currency)
             .ok_or_else(|| corrupt(format!("unknown currency {currency:?}")))?,
     })
+}
+
+/// See [`Store::connection`].
+struct ShrinkOnReturn(sqlx::pool::PoolConnection<sqlx::Postgres>);
+
+impl std::ops::Deref for ShrinkOnReturn {
+    type Target = sqlx::PgConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ShrinkOnReturn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for ShrinkOnReturn {
+    fn drop(&mut self) {
+        sqlx::Connection::shrink_buffers(&mut *self.0);
+    }
 }
 
 /// What an event insert does when the event id is already stored.
