@@ -216,7 +216,7 @@ impl Config {
             )?,
             batch_max_messages: env.number(
                 "RECON_BATCH_MAX_MESSAGES",
-                10_000,
+                5_000,
                 1..=100_000,
                 "a whole number from 1 to 100000",
             )?,
