@@ -4,9 +4,9 @@
 //! Per batch, while the previous batch is still committing: evict, load window misses
 //! (one query), apply events in partition order, advance watermarks and fire deadlines
 //! (sweeping due stored items). Then wait for the previous commit and start this
-//! batch's: one transaction per partition pair, all at once, so a pair's transactions
-//! commit in batch order. Only after a pair commits are its offsets committed to Kafka
-//! (advisory) and its keys made evictable. Transient database errors are retried with
+//! batch's: a few transactions at once, each holding whole partition pairs, so a
+//! pair's transactions commit in batch order. Only after a pair commits are its keys
+//! made evictable and its offsets committed to Kafka (advisory, coalesced). Transient database errors are retried with
 //! capped exponential backoff (no further batch starts committing meanwhile); a fenced
 //! pair's state is dropped, with what the next batch applied to it, and the other pairs
 //! are unaffected.
