@@ -643,8 +643,8 @@ impl Pipeline {
         checkpoints
     }
 
-    /// After the commit: counts outcomes, makes the pairs' keys evictable again,
-    /// records the committed offsets and commits them to Kafka (advisory).
+    /// After the commit: counts outcomes, makes the pairs' keys evictable again and
+    /// records the committed offsets (for the next advisory Kafka commit).
     fn acknowledge(&mut self, committed: &[PairCheckpoint]) {
         for checkpoint in committed {
             // Outcomes as committed: each event's outcome after this batch, counted once
