@@ -717,9 +717,10 @@ impl PairEngine {
         }
     }
 
-    /// Evicts down to 90% of the bounds when over them — closed keys first, then open
-    /// ones, which stay in PostgreSQL and come back through lookups and sweeps. Keys
-    /// not yet checkpointed stay. Called before a batch's keys are loaded, never
+    /// Evicts down to 90% of the bounds when over them, in [`KeyState::eviction_rank`]
+    /// order: closed keys, then keys open only through a fired deadline, then pending
+    /// ones. Evicted keys stay in PostgreSQL and come back through lookups and sweeps.
+    /// Keys not yet checkpointed stay. Called before a batch's keys are loaded, never
     /// between loading and applying them.
     pub fn evict(&mut self) {
         let window = self.config.window;
@@ -728,12 +729,12 @@ impl PairEngine {
         }
         let target_items = window.max_items - window.max_items / 10;
         let target_bytes = window.max_bytes - window.max_bytes / 10;
-        for evict_open in [false, true] {
+        for rank in 0..=KeyState::MAX_EVICTION_RANK {
             let mut freed = 0usize;
             let mut remaining = self.keys.len();
             self.keys.retain(|key, state| {
                 let over = remaining > target_items || self.bytes - freed > target_bytes;
-                if over && state.pin == 0 && (evict_open || !state.is_open()) {
+                if over && state.pin == 0 && state.eviction_rank() <= rank {
                     freed += state.bytes(key);
                     remaining -= 1;
                     return false;
@@ -745,5 +746,75 @@ impl PairEngine {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(input: Input, payment_id: &str, outcome: Outcome) -> StoredEvent {
+        StoredEvent {
+            input,
+            event_id: format!("{payment_id}-{}", input.event_kind()),
+            payment_id: payment_id.to_owned(),
+            outcome,
+            event_time: 0,
+            amount: 100,
+            fee: 1,
+            net: 99,
+            currency: Currency::from_code("EUR").expect("EUR is a currency"),
+        }
+    }
+
+    #[test]
+    fn a_full_window_gives_up_closed_keys_then_fired_deadlines_then_pending_ones() {
+        let window = WindowConfig {
+            max_items: 10,
+            max_bytes: usize::MAX / 2,
+        };
+        let mut engine = PairEngine::new(
+            EngineConfig::new(&MatchConfig::default(), window),
+            [None, None],
+        );
+        // 4 closed, 4 open through a fired deadline, 4 pending: 12 keys over a cap
+        // of 10 are evicted down to 9.
+        let mut keys = Vec::new();
+        let mut rows = Vec::new();
+        for i in 0..4 {
+            for (name, input, outcome) in [
+                ("closed", Input::Payments, Outcome::Matched),
+                ("missing", Input::Payments, Outcome::MissingSettlement),
+                ("pending", Input::Settlements, Outcome::Pending),
+            ] {
+                let key = format!("{name}-{i}");
+                rows.push(stored(input, &key, outcome));
+                keys.push(key);
+            }
+        }
+        engine.load(keys, rows);
+        engine.evict();
+        let resident = |engine: &PairEngine, name: &str| {
+            (0..4)
+                .filter(|i| engine.is_resident(&format!("{name}-{i}")))
+                .count()
+        };
+        assert_eq!(engine.window_items(), 9);
+        assert_eq!(resident(&engine, "pending"), 4);
+        assert_eq!(resident(&engine, "missing"), 4);
+        assert_eq!(resident(&engine, "closed"), 1);
+
+        // Over the cap again with no closed key left to spare: fired deadlines go next.
+        let extra: Vec<String> = (0..4).map(|i| format!("pending-x{i}")).collect();
+        let extra_rows = extra
+            .iter()
+            .map(|k| stored(Input::Payments, k, Outcome::Pending))
+            .collect();
+        engine.load(extra, extra_rows);
+        engine.evict();
+        assert_eq!(engine.window_items(), 9);
+        assert_eq!(resident(&engine, "closed"), 0);
+        assert_eq!(resident(&engine, "pending"), 4);
+        assert_eq!(resident(&engine, "missing"), 1);
     }
 }

@@ -113,6 +113,25 @@ impl KeyState {
             || self.settlement().is_some_and(|s| s.outcome.is_open())
     }
 
+    pub const MAX_EVICTION_RANK: u8 = 2;
+
+    /// The order in which a full window gives keys up (lowest first): 0 closed, 1 open
+    /// only through a fired deadline (`missing_settlement`/`orphan_settlement`, which a
+    /// counterpart rarely resolves), 2 pending (its counterpart is expected). Evicting
+    /// at random among all open keys let deadline discrepancies, which never leave,
+    /// crowd out pending payments over a long drain: their settlements then missed
+    /// memory and had to be looked up.
+    pub fn eviction_rank(&self) -> u8 {
+        let outcomes = [self.payment_outcome, self.settlement().map(|s| s.outcome)];
+        if outcomes.contains(&Some(Outcome::Pending)) {
+            2
+        } else if outcomes.iter().flatten().any(|o| o.is_open()) {
+            1
+        } else {
+            0
+        }
+    }
+
     pub fn knows(&self, input: Input, event_id: &str) -> bool {
         let first = match input {
             Input::Payments => self.payment().map(|p| p.event_id.as_str()),
