@@ -147,7 +147,8 @@ enum Scenario {
 const CURRENCIES: [&str; 4] = ["EUR", "USD", "GBP", "JPY"];
 
 /// Generates the records (topic order within each payment id as a producer would send
-/// them; the two topics interleaved at random) and their ground truth.
+/// them; the two topics interleaved at random, at most [`MAX_SKEW_SCENARIOS`] apart)
+/// and their ground truth.
 pub fn generate(plan: &Plan) -> (Vec<Record>, GroundTruth) {
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let mix = &plan.mix;
