@@ -39,6 +39,14 @@ impl Input {
         }
     }
 
+    /// The co-partitioned topic.
+    pub fn other(self) -> Input {
+        match self {
+            Input::Payments => Input::Settlements,
+            Input::Settlements => Input::Payments,
+        }
+    }
+
     /// The `event_kind` of the events this topic carries.
     pub fn event_kind(self) -> &'static str {
         match self {

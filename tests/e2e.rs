@@ -465,6 +465,89 @@ async fn a_backlog_on_one_topic_raises_no_false_missing_settlement(pool: PgPool)
 }
 
 #[sqlx::test(migrations = false)]
+async fn a_topic_running_ahead_of_its_co_partition_waits_for_it(pool: PgPool) {
+    let world = World::new(pool, 1).await;
+    let (records, truth) = generate(&world.plan(10_000, 41, Mix::default()));
+    let (payments, settlements): (Vec<_>, Vec<_>) = records
+        .into_iter()
+        .partition(|r| r.input == recon_worker::event::Input::Payments);
+    // Settlements carrying Kafka timestamps a minute ahead of the payments': the
+    // worker starts on them alone, then the payments' backlog arrives while most
+    // settlements are still unread. Read as fetched, the settlements would run ahead.
+    let now = chrono::Utc::now().timestamp_millis();
+    produce_at(&world, &world.settlements, &settlements, now + 60_000).await;
+    // Small batches and prefetch keep the worker on the settlements for seconds.
+    let worker = world.spawn_worker(
+        "in-step",
+        &[
+            ("RECON_BATCH_MAX_MESSAGES", "50"),
+            ("RECON_KAFKA_PROP_QUEUED_MAX_MESSAGES_KBYTES", "64"),
+        ],
+    );
+    let started = std::time::Instant::now();
+    while world.count("SELECT count(*) FROM recon_outcomes").await == 0 {
+        assert!(started.elapsed() < WITHIN, "no settlement consumed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    produce_at(&world, &world.payments, &payments, now).await;
+    assert!(
+        world.count("SELECT count(*) FROM recon_outcomes").await < settlements.len() as i64 / 2,
+        "the worker read most settlements before the payments arrived: the test proves nothing"
+    );
+    world.await_truth(&truth, WITHIN).await;
+    let addr = worker.metrics_addr(WITHIN);
+    let paused = |topic: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let label = format!("topic=\"{topic}\"");
+            scrape_series(&addr, "recon_topic_pauses_total", &[&label]).await
+        }
+    };
+    let settlements_paused = paused("settlements").await.unwrap_or_default();
+    assert!(
+        settlements_paused >= 1.0,
+        "the leading topic was never paused"
+    );
+    assert_eq!(
+        paused("payments").await,
+        Some(0.0),
+        "the lagging topic was paused"
+    );
+}
+
+/// Produces records to one topic with a fixed Kafka timestamp.
+async fn produce_at(
+    world: &World,
+    topic: &str,
+    records: &[recon_worker::loadgen::Record],
+    timestamp_ms: i64,
+) {
+    let producer = recon_worker::admin::producer(&brokers()).expect("producer");
+    let mut deliveries = Vec::with_capacity(records.len());
+    for record in records {
+        let mut message = rdkafka::producer::FutureRecord::<Vec<u8>, Vec<u8>>::to(topic)
+            .partition(0)
+            .timestamp(timestamp_ms);
+        if let Some(key) = &record.key {
+            message = message.key(key);
+        }
+        if let Some(value) = &record.value {
+            message = message.payload(value);
+        }
+        deliveries.push(
+            producer
+                .send_result(message)
+                .map_err(|(error, _)| error)
+                .expect("enqueue"),
+        );
+    }
+    for delivery in deliveries {
+        delivery.await.expect("delivery").expect("acknowledged");
+    }
+    let _ = world;
+}
+
+#[sqlx::test(migrations = false)]
 async fn results_do_not_depend_on_the_window_size(pool: PgPool) {
     let world = World::new(pool, 2).await;
     let plan = world.plan(1_500, 31, full_mix());

@@ -9,9 +9,10 @@
 //! Everything the pipeline needs arrives as [`Delivery`] values on one bounded channel,
 //! in the order it happened: messages, assignments, revocations and progress reports.
 //! The bound (in messages) plus librdkafka's bounded prefetch keep memory flat under
-//! any backlog.
+//! any backlog. The thread also keeps each pair's two topics in step (by Kafka
+//! timestamp) while both have a backlog, pausing the partition that runs ahead.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::thread;
@@ -349,9 +350,14 @@ pub fn start(
         deliveries,
         stop,
         failed: failed.clone(),
-        payments_topic: config.payments_topic.clone(),
+        topics: [
+            config.payments_topic.clone(),
+            config.settlements_topic.clone(),
+        ],
         max_message_bytes: config.max_message_bytes,
         positions: HashMap::new(),
+        last_timestamps: HashMap::new(),
+        paused: HashSet::new(),
         health,
     };
     let handle = thread::Builder::new()
@@ -366,14 +372,26 @@ struct Poller {
     deliveries: mpsc::Sender<Delivery>,
     stop: Arc<AtomicBool>,
     failed: Arc<AtomicBool>,
-    payments_topic: String,
+    /// Payments, settlements.
+    topics: [String; 2],
     max_message_bytes: usize,
     /// Next offset to read per (input, partition), as far as this thread has read.
     positions: HashMap<(Input, i32), i64>,
+    /// Kafka timestamp of the last message read per (input, partition).
+    last_timestamps: HashMap<(Input, i32), i64>,
+    /// Partitions paused for running ahead of their co-partition.
+    paused: HashSet<(Input, i32)>,
     health: Arc<Health>,
 }
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// How far (in Kafka timestamps) one topic of a pair is read ahead of the other while
+/// the other still has messages to read. librdkafka fetches partitions independently
+/// and hands over thousands of messages of one at a time: in a long backlog one topic
+/// ran ahead of the other by up to 20k messages, so settlements met payments long
+/// evicted (a lookup and an update each) and memory grew with the backlog's length.
+const MAX_LEAD_MS: i64 = 1000;
 
 impl Poller {
     fn run(mut self) {
@@ -383,7 +401,11 @@ impl Poller {
         while !self.stop.load(Ordering::SeqCst) && !self.failed.load(Ordering::SeqCst) {
             let delivery = match consumer.poll(Duration::from_millis(100)) {
                 None => None,
-                Some(Ok(message)) => Some(self.read(&message)),
+                Some(Ok(message)) => {
+                    let delivery = self.read(&message);
+                    self.keep_in_step(message.partition());
+                    Some(delivery)
+                }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "poll error");
                     None
@@ -397,6 +419,7 @@ impl Poller {
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
                 self.check_brokers_back();
+                self.review_paused();
                 let progress = self.progress();
                 if !progress.is_empty()
                     && self
@@ -426,15 +449,22 @@ impl Poller {
         drop(self.consumer);
     }
 
-    fn read(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
-        let input = if message.topic() == self.payments_topic {
+    fn input_of(&self, topic: &str) -> Input {
+        if topic == self.topics[Input::Payments.index()] {
             Input::Payments
         } else {
             Input::Settlements
-        };
+        }
+    }
+
+    fn read(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
+        let input = self.input_of(message.topic());
         let partition = message.partition();
         let offset = message.offset();
         self.positions.insert((input, partition), offset + 1);
+        if let Some(timestamp) = message.timestamp().to_millis() {
+            self.last_timestamps.insert((input, partition), timestamp);
+        }
         let decoded = decode(
             input,
             message.key(),
@@ -477,6 +507,88 @@ impl Poller {
         }
     }
 
+    /// Whether this thread has read everything the broker last reported.
+    fn caught_up(&self, input: Input, partition: i32) -> bool {
+        let (low, high) = cached_watermarks(&self.consumer, &self.topics[input.index()], partition);
+        match self.positions.get(&(input, partition)) {
+            Some(&position) => high >= 0 && position >= high,
+            // Nothing read since assignment: caught up only if the partition is empty.
+            None => high >= 0 && low >= 0 && high == low,
+        }
+    }
+
+    /// Pauses a topic's partition that runs more than [`MAX_LEAD_MS`] ahead of its
+    /// co-partition while that one has a backlog; resumes it once the other has caught
+    /// up to half that lead, or has nothing left to read. Only the order of reading
+    /// changes: results never depend on it.
+    fn keep_in_step(&mut self, partition: i32) {
+        for input in Input::ALL {
+            let other = input.other();
+            let key = (input, partition);
+            let (Some(&mine), Some(&theirs)) = (
+                self.last_timestamps.get(&key),
+                self.last_timestamps.get(&(other, partition)),
+            ) else {
+                continue;
+            };
+            let lead = mine - theirs;
+            let paused = self.paused.contains(&key);
+            if !paused && lead > MAX_LEAD_MS && !self.caught_up(other, partition) {
+                if self.pause_or_resume(key, true) {
+                    self.paused.insert(key);
+                    metrics::counter!(crate::telemetry::metrics::TOPIC_PAUSES, "topic" => input.label())
+                        .increment(1);
+                }
+            } else if paused
+                && (lead <= MAX_LEAD_MS / 2 || self.caught_up(other, partition))
+                && self.pause_or_resume(key, false)
+            {
+                self.paused.remove(&key);
+            }
+        }
+    }
+
+    /// Resumes what a rebalance took away (a partition assigned again starts afresh)
+    /// and re-checks paused partitions whose co-partition went quiet.
+    fn review_paused(&mut self) {
+        if self.paused.is_empty() {
+            return;
+        }
+        let assigned: HashSet<(Input, i32)> = match self.consumer.assignment() {
+            Ok(assignment) => assignment
+                .elements()
+                .iter()
+                .map(|e| (self.input_of(e.topic()), e.partition()))
+                .collect(),
+            Err(_) => return,
+        };
+        self.paused.retain(|key| assigned.contains(key));
+        let partitions: HashSet<i32> = self.paused.iter().map(|&(_, p)| p).collect();
+        for partition in partitions {
+            self.keep_in_step(partition);
+        }
+    }
+
+    fn pause_or_resume(&self, (input, partition): (Input, i32), pause: bool) -> bool {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topics[input.index()], partition);
+        let result = if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!(%input, partition, pause, "keeping the pair's topics in step");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, %input, partition, pause, "pause/resume failed");
+                false
+            }
+        }
+    }
+
     /// For every assigned partition: is there anything left to read?
     fn progress(&mut self) -> Vec<PartitionProgress> {
         let Ok(assignment) = self.consumer.assignment() else {
@@ -484,22 +596,13 @@ impl Poller {
         };
         let mut progress = Vec::new();
         for element in assignment.elements() {
-            let input = if element.topic() == self.payments_topic {
-                Input::Payments
-            } else {
-                Input::Settlements
-            };
+            let input = self.input_of(element.topic());
             let partition = element.partition();
-            let (low, high) = cached_watermarks(&self.consumer, element.topic(), partition);
-            let caught_up = match self.positions.get(&(input, partition)) {
-                Some(&position) => high >= 0 && position >= high,
-                // Nothing read since assignment: caught up only if the partition is empty.
-                None => high >= 0 && low >= 0 && high == low,
-            };
+            let (_, high) = cached_watermarks(&self.consumer, element.topic(), partition);
             progress.push(PartitionProgress {
                 input,
                 partition,
-                caught_up,
+                caught_up: self.caught_up(input, partition),
                 high_watermark: high,
             });
         }

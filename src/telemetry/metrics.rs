@@ -14,6 +14,7 @@ pub const FENCED_CHECKPOINTS: &str = "recon_fenced_checkpoints_total";
 pub const CONSUMER_LAG: &str = "recon_consumer_lag_messages";
 pub const PROCESSING_LATENCY: &str = "recon_processing_latency_seconds";
 pub const REBALANCES: &str = "recon_rebalances_total";
+pub const TOPIC_PAUSES: &str = "recon_topic_pauses_total";
 pub const ASSIGNED_PARTITIONS: &str = "recon_assigned_partitions";
 pub const RETRIES: &str = "recon_retries_total";
 pub const KAFKA_ERRORS: &str = "recon_kafka_errors_total";
@@ -53,6 +54,7 @@ pub fn init_series() {
     for topic in crate::event::Input::ALL.map(crate::event::Input::label) {
         metrics::counter!(EVENTS_CONSUMED, "topic" => topic).absolute(0);
         metrics::counter!(EVENTS_REDELIVERED, "topic" => topic).absolute(0);
+        metrics::counter!(TOPIC_PAUSES, "topic" => topic).absolute(0);
         for reason in crate::event::Rejection::CLASSES {
             metrics::counter!(EVENTS_REJECTED, "topic" => topic, "reason" => reason).absolute(0);
         }
@@ -122,6 +124,10 @@ pub fn describe() {
         "Kafka message timestamp to PostgreSQL commit."
     );
     describe_counter!(REBALANCES, "Consumer group rebalance callbacks.");
+    describe_counter!(
+        TOPIC_PAUSES,
+        "Partitions paused for running ahead of their co-partition in a backlog, by topic."
+    );
     describe_gauge!(ASSIGNED_PARTITIONS, "Partition pairs owned by this worker.");
     describe_counter!(RETRIES, "Retries after transient errors, by operation.");
     describe_counter!(KAFKA_ERRORS, "Errors reported by the Kafka client.");
