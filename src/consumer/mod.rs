@@ -155,6 +155,11 @@ impl ConsumerContext for RebalanceContext {
                             tracing::error!(%error, "assign failed");
                             self.failed.store(true, Ordering::SeqCst);
                         }
+                        // A partition paused to keep its pair in step before it was
+                        // revoked must not come back paused.
+                        if let Err(error) = consumer.resume(&assignment) {
+                            tracing::warn!(%error, "resume after assign failed");
+                        }
                     }
                     Err(error) => {
                         tracing::error!(%error, ?pairs, "could not take ownership of partition pairs; stopping");
@@ -531,25 +536,23 @@ impl Poller {
             ) else {
                 continue;
             };
-            let lead = mine - theirs;
             let paused = self.paused.contains(&key);
-            if !paused && lead > MAX_LEAD_MS && !self.caught_up(other, partition) {
-                if self.pause_or_resume(key, true) {
+            match step(mine - theirs, paused, || self.caught_up(other, partition)) {
+                Some(true) if self.pause_or_resume(key, true) => {
                     self.paused.insert(key);
                     metrics::counter!(crate::telemetry::metrics::TOPIC_PAUSES, "topic" => input.label())
                         .increment(1);
                 }
-            } else if paused
-                && (lead <= MAX_LEAD_MS / 2 || self.caught_up(other, partition))
-                && self.pause_or_resume(key, false)
-            {
-                self.paused.remove(&key);
+                Some(false) if self.pause_or_resume(key, false) => {
+                    self.paused.remove(&key);
+                }
+                _ => {}
             }
         }
     }
 
-    /// Resumes what a rebalance took away (a partition assigned again starts afresh)
-    /// and re-checks paused partitions whose co-partition went quiet.
+    /// Forgets partitions a rebalance took away (an assignment resumes whatever it
+    /// assigns) and re-checks paused partitions whose co-partition went quiet.
     fn review_paused(&mut self) {
         if self.paused.is_empty() {
             return;
@@ -610,6 +613,18 @@ impl Poller {
     }
 }
 
+/// What to do with a partition `lead_ms` (Kafka timestamps) ahead of its co-partition:
+/// pause it (`Some(true)`) when more than [`MAX_LEAD_MS`] ahead while the other still
+/// has messages to read, resume it (`Some(false)`) once within half that or the other
+/// has caught up, else leave it (the gap between the two keeps it from flapping).
+fn step(lead_ms: i64, paused: bool, other_caught_up: impl FnOnce() -> bool) -> Option<bool> {
+    if !paused {
+        (lead_ms > MAX_LEAD_MS && !other_caught_up()).then_some(true)
+    } else {
+        (lead_ms <= MAX_LEAD_MS / 2 || other_caught_up()).then_some(false)
+    }
+}
+
 /// The low and high watermarks librdkafka cached from its last fetch response for this
 /// partition (no network round trip); −1 when not known yet.
 fn cached_watermarks(consumer: &KafkaConsumer, topic: &str, partition: i32) -> (i64, i64) {
@@ -653,4 +668,27 @@ pub fn commit_advisory(consumer: &KafkaConsumer, offsets: &[(&str, i32, i64)]) {
 /// Micros now, from the wall clock: the only place the worker reads time.
 pub fn now_micros() -> Micros {
     chrono::Utc::now().timestamp_micros()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{step, MAX_LEAD_MS};
+
+    #[test]
+    fn a_partition_ahead_of_a_backlogged_co_partition_is_paused() {
+        assert_eq!(step(MAX_LEAD_MS + 1, false, || false), Some(true));
+        // Not while the other has nothing left to read, nor within the lead.
+        assert_eq!(step(MAX_LEAD_MS + 1, false, || true), None);
+        assert_eq!(step(MAX_LEAD_MS, false, || false), None);
+        assert_eq!(step(-10 * MAX_LEAD_MS, false, || false), None);
+    }
+
+    #[test]
+    fn a_paused_partition_resumes_within_half_the_lead_or_once_the_other_caught_up() {
+        assert_eq!(step(MAX_LEAD_MS / 2, true, || false), Some(false));
+        assert_eq!(step(10 * MAX_LEAD_MS, true, || true), Some(false));
+        // Between half the lead and the lead it stays paused: no flapping.
+        assert_eq!(step(MAX_LEAD_MS / 2 + 1, true, || false), None);
+        assert_eq!(step(MAX_LEAD_MS, true, || false), None);
+    }
 }
