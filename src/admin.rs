@@ -79,7 +79,7 @@ pub async fn produce_paced(
         if rate == 0 {
             produce_all(producer, chunk, topics).await?;
         } else {
-            let deliveries = send_all(producer, chunk, topics)?;
+            let deliveries = send_all(producer, chunk, topics, None)?;
             acknowledging.push_back(tokio::spawn(async move {
                 for delivery in deliveries {
                     await_delivery(delivery).await?;
@@ -117,17 +117,19 @@ pub async fn produce_paced(
 }
 
 /// Hands records to the producer without waiting; one delivery future per record.
+/// Each carries `timestamp_ms` as its Kafka timestamp, or the time it is sent.
 fn send_all(
     producer: &FutureProducer,
     records: &[crate::loadgen::Record],
     topics: [&str; 2],
+    timestamp_ms: Option<i64>,
 ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, KafkaError> {
     records
         .iter()
         .map(|record| {
             let topic = topics[record.input.index()];
-            let mut future_record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(topic).timestamp(chrono::Utc::now().timestamp_millis());
+            let mut future_record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+                .timestamp(timestamp_ms.unwrap_or_else(|| chrono::Utc::now().timestamp_millis()));
             if let Some(key) = &record.key {
                 future_record = future_record.key(key.as_slice());
             }
@@ -147,9 +149,20 @@ pub async fn produce_all(
     records: &[crate::loadgen::Record],
     topics: [&str; 2],
 ) -> Result<(), KafkaError> {
+    produce_all_at(producer, records, topics, None).await
+}
+
+/// [`produce_all`] with every record carrying `timestamp_ms` as its Kafka timestamp
+/// (`None`: the time it is sent).
+pub async fn produce_all_at(
+    producer: &FutureProducer,
+    records: &[crate::loadgen::Record],
+    topics: [&str; 2],
+    timestamp_ms: Option<i64>,
+) -> Result<(), KafkaError> {
     // In slices of 10,000, so the producer's queue (100,000 messages) never fills.
     for slice in records.chunks(10_000) {
-        for delivery in send_all(producer, slice, topics)? {
+        for delivery in send_all(producer, slice, topics, timestamp_ms)? {
             await_delivery(delivery).await?;
         }
     }

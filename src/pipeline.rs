@@ -6,10 +6,10 @@
 //! (sweeping due stored items). Then wait for the previous commit and start this
 //! batch's: a few transactions at once, each holding whole partition pairs, so a
 //! pair's transactions commit in batch order. Only after a pair commits are its keys
-//! made evictable and its offsets committed to Kafka (advisory, coalesced). Transient database errors are retried with
-//! capped exponential backoff (no further batch starts committing meanwhile); a fenced
-//! pair's state is dropped, with what the next batch applied to it, and the other pairs
-//! are unaffected.
+//! made evictable and its offsets committed to Kafka (advisory, coalesced). Transient
+//! database errors are retried with capped exponential backoff (no further batch
+//! starts committing meanwhile); a fenced pair's state is dropped, with what the next
+//! batch applied to it, and the other pairs are unaffected.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -763,9 +763,8 @@ async fn back_off(
 /// pair writes concerns only that pair, as the topics are co-partitioned), and
 /// PostgreSQL spreads the work over its cores instead of one backend (measured on 2
 /// cores, batches of 10,000: 82k events/s in one transaction, 119k in two, 112k in
-/// four). A fenced pair
-/// is reported and the rest of its transaction written again without it; a transient
-/// failure retries the pairs that did not commit, with backoff.
+/// four). A fenced pair is reported and the rest of its transaction written again
+/// without it; a transient failure retries the pairs that did not commit, with backoff.
 async fn write(
     store: &Store,
     health: &Health,

@@ -477,7 +477,7 @@ async fn topics_far_apart_in_kafka_time_are_read_in_step_without_a_stall(pool: P
     // serves first varies, so the pause itself is checked in the consumer's unit
     // tests). Pausing must never stall a pair nor change a result.
     let now = chrono::Utc::now().timestamp_millis();
-    produce_at(&world, &world.settlements, &settlements, now + 60_000).await;
+    produce_at(&world, &settlements, now + 60_000).await;
     let _worker = world.spawn_worker(
         "in-step",
         &[
@@ -490,40 +490,21 @@ async fn topics_far_apart_in_kafka_time_are_read_in_step_without_a_stall(pool: P
         assert!(started.elapsed() < WITHIN, "no settlement consumed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    produce_at(&world, &world.payments, &payments, now).await;
+    produce_at(&world, &payments, now).await;
     world.await_truth(&truth, WITHIN).await;
 }
 
-/// Produces records to one topic with a fixed Kafka timestamp.
-async fn produce_at(
-    world: &World,
-    topic: &str,
-    records: &[recon_worker::loadgen::Record],
-    timestamp_ms: i64,
-) {
+/// Produces records with a fixed Kafka timestamp.
+async fn produce_at(world: &World, records: &[recon_worker::loadgen::Record], timestamp_ms: i64) {
     let producer = recon_worker::admin::producer(&brokers()).expect("producer");
-    let mut deliveries = Vec::with_capacity(records.len());
-    for record in records {
-        let mut message = rdkafka::producer::FutureRecord::<Vec<u8>, Vec<u8>>::to(topic)
-            .partition(0)
-            .timestamp(timestamp_ms);
-        if let Some(key) = &record.key {
-            message = message.key(key);
-        }
-        if let Some(value) = &record.value {
-            message = message.payload(value);
-        }
-        deliveries.push(
-            producer
-                .send_result(message)
-                .map_err(|(error, _)| error)
-                .expect("enqueue"),
-        );
-    }
-    for delivery in deliveries {
-        delivery.await.expect("delivery").expect("acknowledged");
-    }
-    let _ = world;
+    recon_worker::admin::produce_all_at(
+        &producer,
+        records,
+        [&world.payments, &world.settlements],
+        Some(timestamp_ms),
+    )
+    .await
+    .expect("produce");
 }
 
 #[sqlx::test(migrations = false)]

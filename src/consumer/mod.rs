@@ -514,7 +514,11 @@ impl Poller {
 
     /// Whether this thread has read everything the broker last reported.
     fn caught_up(&self, input: Input, partition: i32) -> bool {
-        let (low, high) = cached_watermarks(&self.consumer, &self.topics[input.index()], partition);
+        let watermarks = cached_watermarks(&self.consumer, &self.topics[input.index()], partition);
+        self.caught_up_to(input, partition, watermarks)
+    }
+
+    fn caught_up_to(&self, input: Input, partition: i32, (low, high): (i64, i64)) -> bool {
         match self.positions.get(&(input, partition)) {
             Some(&position) => high >= 0 && position >= high,
             // Nothing read since assignment: caught up only if the partition is empty.
@@ -601,12 +605,12 @@ impl Poller {
         for element in assignment.elements() {
             let input = self.input_of(element.topic());
             let partition = element.partition();
-            let (_, high) = cached_watermarks(&self.consumer, element.topic(), partition);
+            let watermarks = cached_watermarks(&self.consumer, element.topic(), partition);
             progress.push(PartitionProgress {
                 input,
                 partition,
-                caught_up: self.caught_up(input, partition),
-                high_watermark: high,
+                caught_up: self.caught_up_to(input, partition, watermarks),
+                high_watermark: watermarks.1,
             });
         }
         progress
