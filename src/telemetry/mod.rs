@@ -144,9 +144,13 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+    // Histogram samples are buffered (8 bytes each, per message for the latency)
+    // until upkeep folds them into buckets. Every 5 s that buffer reached 2.4 MB while
+    // draining at 40k msg/s, and a 1M-message drain peaked 2 MB higher than with
+    // upkeep every second (47 against 45 MB; 100k messages: 40-42 MB either way).
     let upkeep = prometheus.clone();
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(5));
+        let mut every = tokio::time::interval(Duration::from_secs(1));
         loop {
             every.tick().await;
             upkeep.run_upkeep();
