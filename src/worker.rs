@@ -72,9 +72,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     health.set_database_ok(true);
     tracing::info!(database = %config.database_display, "migrations applied");
 
-    // One batch of read-ahead: the next batch is ready when the pipeline asks for it,
-    // and librdkafka's bounded prefetch holds the rest (a deeper queue only adds memory).
-    let (deliveries, receiver) = mpsc::channel(config.batch_max_messages.max(256));
+    // A fifth of a batch between the poll thread and the pipeline: enough to hand
+    // messages over while the pipeline turns; librdkafka's bounded prefetch is the
+    // read-ahead, as raw bytes, which take less memory than decoded events. With a
+    // whole batch here a 5M-message drain peaked at 50-51 MB, with a fifth at 47 MB,
+    // in the same time.
+    let (deliveries, receiver) = mpsc::channel((config.batch_max_messages / 5).max(256));
     let stop = Arc::new(AtomicBool::new(false));
     let consumer_config = config.clone();
     let consumer_stop = stop.clone();
