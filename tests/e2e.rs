@@ -522,12 +522,22 @@ async fn results_do_not_depend_on_the_window_size(pool: PgPool) {
         ],
     );
     world.await_truth(&truth, WITHIN).await;
-    // The bound is the worker's, whatever number of pairs it owns.
+    // The bound is the worker's, whatever number of pairs it owns. Keys a batch
+    // loaded or changed stay pinned until its commit is acknowledged, so right after
+    // the last commit the window may still exceed the bound; the next turn of the
+    // loop (every 250 ms at the latest) evicts down to it.
     let addr = small.metrics_addr(Duration::from_secs(10));
-    let resident = scrape(&addr, "recon_window_items").await;
+    let settle_by = std::time::Instant::now() + Duration::from_secs(5);
+    let resident = loop {
+        let resident = scrape(&addr, "recon_window_items").await;
+        if resident <= 100.0 || std::time::Instant::now() > settle_by {
+            break resident;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(
         resident <= 100.0,
-        "window holds {resident} payment ids, over RECON_WINDOW_MAX_ITEMS=100"
+        "window at rest holds {resident} payment ids, over RECON_WINDOW_MAX_ITEMS=100"
     );
     small.signal("TERM");
     assert!(small.wait(Duration::from_secs(35)).success());
