@@ -54,6 +54,21 @@ quiesce() {
     done
     echo "(the machine did not go idle within 30 s; measuring anyway)"
 }
+# Messages the worker has committed so far (both topics), as stored with the results.
+stored_offsets() {
+    psql_ -d bench_e2e -tAc "SELECT COALESCE(SUM(payments_next_offset + settlements_next_offset), 0) FROM recon_partition_pairs" 2>/dev/null || echo 0
+}
+# Waits up to 4 minutes for the worker to have committed $1 messages; else shows the
+# tail of its log ($2) and fails.
+await_stored() {
+    for _ in $(seq 1200); do
+        [ "$(stored_offsets)" -ge "$1" ] && return 0
+        sleep 0.2
+    done
+    echo "the worker did not commit $1 messages"
+    tail "$2"
+    exit 1
+}
 for db in bench_e2e bench_pg bench_pipe; do
     psql_ -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
 done
@@ -87,12 +102,7 @@ echo "== recon-worker end to end (draining the backlog)"
 broker0=$(cpu_seconds "tansu broker"); postgres0=$(cpu_seconds "postgres")
 "$bin" run >"$work/worker.log" 2>&1 &
 worker=$!
-for _ in $(seq 1200); do
-    done_count=$(psql_ -d bench_e2e -tAc "SELECT COALESCE(SUM(payments_next_offset + settlements_next_offset), 0) FROM recon_partition_pairs" 2>/dev/null || echo 0)
-    [ "${done_count:-0}" -ge "$messages" ] && break
-    sleep 0.2
-done
-[ "${done_count:-0}" -ge "$messages" ] || { echo "worker did not drain the backlog"; tail "$work/worker.log"; exit 1; }
+await_stored "$messages" "$work/worker.log"
 peak_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$worker/status")
 echo "cpu during the drain: broker=$(awk -v a="$broker0" -v b="$(cpu_seconds "tansu broker")" 'BEGIN {printf "%.1f", b - a}')s" \
     "postgres=$(awk -v a="$postgres0" -v b="$(cpu_seconds "postgres")" 'BEGIN {printf "%.1f", b - a}')s" \
@@ -110,10 +120,6 @@ pipeline_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$pipe")
 psql_ -c "DROP DATABASE bench_pipe WITH (FORCE)"
 quiesce
 
-# Submitted messages so far (both topics), as stored with the results.
-stored_offsets() {
-    psql_ -d bench_e2e -tAc "SELECT COALESCE(SUM(payments_next_offset + settlements_next_offset), 0) FROM recon_partition_pairs" 2>/dev/null || echo 0
-}
 echo "== live maximum: the load generator producing as fast as it can, the worker reading as it goes"
 # The latency below is measured live: the broker takes the generator's writes and
 # serves the worker's reads at the same time, on the same two cores. The drain above
@@ -129,11 +135,7 @@ before=$(stored_offsets)
 produced_at=$(date +%s.%N)
 live_messages=$(awk '/^produced/ {print $2}' "$work/live.txt")
 produce_seconds=$(sed -nE 's/^produced .* in ([0-9.]+)s.*/\1/p' "$work/live.txt")
-for _ in $(seq 1200); do
-    [ "$(stored_offsets)" -ge $((before + live_messages)) ] && break
-    sleep 0.2
-done
-[ "$(stored_offsets)" -ge $((before + live_messages)) ] || { echo "worker did not keep up"; tail "$work/worker-live.log"; exit 1; }
+await_stored $((before + live_messages)) "$work/worker-live.log"
 last_commit=$(psql_ -d bench_e2e -tAc "SELECT extract(epoch FROM max(updated_at)) FROM recon_partition_pairs")
 kill -TERM "$worker"; wait "$worker" || true; worker=""
 live_eps=$(awk -v m="$live_messages" -v end="$produced_at" -v p="$produce_seconds" -v last="$last_commit" \
