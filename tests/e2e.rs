@@ -72,9 +72,7 @@ async fn a_known_mix_reaches_exactly_the_expected_outcomes_and_rejections(pool: 
         }
     }
     // Offsets in PostgreSQL account for every message produced, per topic partition.
-    let stored: i64 = world
-        .count("SELECT COALESCE(SUM(payments_next_offset + settlements_next_offset), 0)::bigint FROM recon_partition_pairs")
-        .await;
+    let stored: i64 = stored_offsets_total(&world).await;
     assert_eq!(
         stored as usize,
         records.len(),
@@ -136,13 +134,7 @@ async fn a_known_mix_reaches_exactly_the_expected_outcomes_and_rejections(pool: 
         );
     }
 
-    worker.signal("TERM");
-    let status = worker.wait(Duration::from_secs(35));
-    assert!(
-        status.success(),
-        "SIGTERM exits 0: {status:?}\n{}",
-        worker.log_text()
-    );
+    stop_cleanly(&mut worker);
 }
 
 #[sqlx::test(migrations = false)]
@@ -299,14 +291,37 @@ fn set_kafka_offsets(world: &World, offset_of: impl Fn(i64) -> i64) {
         .expect("commit");
 }
 
-#[sqlx::test(migrations = false)]
-async fn postgres_offsets_win_over_kafka_offsets_ahead_or_behind(pool: PgPool) {
-    let world = World::new(pool, 2).await;
-    let no_redelivery = Mix {
+/// SIGTERM, and the worker exits 0 in time.
+fn stop_cleanly(worker: &mut Worker) {
+    worker.signal("TERM");
+    let status = worker.wait(Duration::from_secs(35));
+    assert!(
+        status.success(),
+        "SIGTERM exits 0: {status:?}\n{}",
+        worker.log_text()
+    );
+}
+
+/// Messages accounted for by the offsets stored in PostgreSQL, over both topics.
+async fn stored_offsets_total(world: &World) -> i64 {
+    world
+        .count("SELECT COALESCE(SUM(payments_next_offset + settlements_next_offset), 0)::bigint FROM recon_partition_pairs")
+        .await
+}
+
+/// No redeliveries and no bad messages: what a run reads can be counted exactly.
+fn exact_mix() -> Mix {
+    Mix {
         redelivery: 0,
         poison_every: 0,
         ..Mix::default()
-    };
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn postgres_offsets_win_over_kafka_offsets_ahead_or_behind(pool: PgPool) {
+    let world = World::new(pool, 2).await;
+    let no_redelivery = exact_mix();
     let (first, mut truth) = generate(&world.plan(200, 21, no_redelivery.clone()));
     world.produce(&first).await;
     let mut worker = world.spawn_worker("one", &[]);
@@ -577,6 +592,71 @@ async fn results_do_not_depend_on_the_window_size(pool: PgPool) {
         .execute(&world.pool)
         .await
         .expect("drop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_event_id_reused_under_another_payment_id_mid_stream_is_a_redelivery(pool: PgPool) {
+    use recon_worker::event::{format_timestamp, Input};
+    let world = World::new(pool, 2).await;
+    let exact = exact_mix();
+    let (first, mut truth) = generate(&world.plan(150, 51, exact.clone()));
+    world.produce(&first).await;
+    // Small batches: the clash is found while later batches are already applied.
+    let mut worker = world.spawn_worker("reuse", &[("RECON_BATCH_MAX_MESSAGES", "50")]);
+    world.await_truth(&truth, WITHIN).await;
+
+    // Event ids stored above come again under payment ids never seen, in the middle
+    // of more traffic: the window has nothing of those payment ids, only the stored
+    // event ids say these are redeliveries.
+    let stored_ids = |kind: &str| -> Vec<String> {
+        truth
+            .outcomes
+            .keys()
+            .filter(|(k, _)| k == kind)
+            .map(|(_, id)| id.clone())
+            .take(3)
+            .collect()
+    };
+    let at = format_timestamp(chrono::Utc::now().timestamp_micros());
+    let mut reused = Vec::new();
+    for (i, event_id) in stored_ids("payment").into_iter().enumerate() {
+        let payment_id = format!("reused-p-{i}");
+        reused.push(record(
+            Input::Payments,
+            &payment_id,
+            serde_json::json!({
+            "event_id": event_id, "type": "payment_captured", "payment_id": payment_id,
+            "merchant_id": "m", "amount_minor": 500, "currency": "EUR", "occurred_at": at}),
+        ));
+    }
+    for (i, event_id) in stored_ids("settlement").into_iter().enumerate() {
+        let payment_id = format!("reused-s-{i}");
+        reused.push(record(Input::Settlements, &payment_id, serde_json::json!({
+            "event_id": event_id, "type": "settlement_line", "settlement_id": "po", "payment_id": payment_id,
+            "gross_minor": 500, "fee_minor": 5, "net_minor": 495, "currency": "EUR", "settled_at": at})));
+    }
+    assert_eq!(reused.len(), 6);
+    let (mut second, truth_2) = generate(&world.plan(150, 52, exact));
+    let tail = second.split_off(second.len() / 2);
+    let produced = first.len() + second.len() + reused.len() + tail.len();
+    second.extend(reused);
+    second.extend(tail);
+    world.produce(&second).await;
+    truth.outcomes.extend(truth_2.outcomes);
+    world.await_truth(&truth, WITHIN).await;
+
+    let addr = worker.metrics_addr(Duration::from_secs(10));
+    assert!(
+        scrape(&addr, "recon_pair_replays_total").await >= 1.0,
+        "a clash with stored event ids replays the pair"
+    );
+    assert_eq!(scrape(&addr, "recon_events_redelivered_total").await, 6.0);
+    let stored: i64 = stored_offsets_total(&world).await;
+    assert_eq!(
+        stored as usize, produced,
+        "stored offsets cover every message"
+    );
+    stop_cleanly(&mut worker);
 }
 
 fn record(

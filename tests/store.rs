@@ -202,9 +202,7 @@ async fn sweep_bounds_far_in_the_past_are_valid(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = false)]
-async fn an_event_id_stored_concurrently_elsewhere_keeps_the_first_and_commits_the_rest(
-    pool: PgPool,
-) {
+async fn a_batch_inserting_a_stored_event_id_names_the_pair_and_writes_nothing(pool: PgPool) {
     let store = store(pool.clone()).await;
     store.acquire_pairs(&[0, 1]).await.expect("own");
     // Pair 1 stored event "e" first (a producer reused the id under another key).
@@ -217,24 +215,53 @@ async fn an_event_id_stored_concurrently_elsewhere_keeps_the_first_and_commits_t
         )])
         .await
         .expect("first");
-    // Pair 0's batch carries the same event id and a new one: the fast insert fails on
-    // the key, the guarded retry keeps the first row and writes everything else.
-    store
-        .checkpoint(&[checkpoint(
-            0,
-            1,
-            [Some(2), None],
-            vec![pending_payment("e", "k0", 1), pending_payment("f", "k0", 2)],
-        )])
-        .await
-        .expect("the clash is absorbed");
+    // Pair 0 carries the same event id beside a new one; pair 1 only new ones.
+    let result = store
+        .checkpoint(&[
+            checkpoint(
+                0,
+                1,
+                [Some(2), None],
+                vec![pending_payment("e", "k0", 1), pending_payment("f", "k0", 2)],
+            ),
+            checkpoint(1, 1, [Some(3), None], vec![pending_payment("g", "k2", 3)]),
+        ])
+        .await;
+    match result {
+        Err(StoreError::EventIdsClash(pairs)) => assert_eq!(pairs, vec![0]),
+        other => panic!("expected a clash of pair 0, got {other:?}"),
+    }
+    assert!(!StoreError::EventIdsClash(vec![0]).is_transient());
+    // Nothing of the batch was written: no rows, offsets unchanged.
     let rows: Vec<(String, String)> =
         sqlx::query_as("SELECT event_id, payment_id FROM recon_events ORDER BY event_id")
             .fetch_all(&pool)
             .await
             .expect("rows");
-    assert_eq!(rows, [("e".into(), "k1".into()), ("f".into(), "k0".into())]);
-    let offsets = store.acquire_pairs(&[0]).await.expect("reacquire");
-    assert_eq!(offsets[0].next_offsets, [Some(2), None]);
-    assert_eq!(count(&pool, "rejected_events").await, 2);
+    assert_eq!(rows, [("e".into(), "k1".into())]);
+    assert_eq!(count(&pool, "rejected_events").await, 1);
+    let position = store.owned_position(1, 1).await.expect("position");
+    assert_eq!(
+        position.map(|p| p.next_offsets),
+        Some([Some(1), None]),
+        "pair 1 as stored before the batch"
+    );
+    assert_eq!(store.owned_position(1, 2).await.expect("query"), None);
+}
+
+#[sqlx::test(migrations = false)]
+async fn two_pairs_inserting_one_event_id_in_a_batch_keep_it_with_the_first(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    store.acquire_pairs(&[0, 1]).await.expect("own");
+    let result = store
+        .checkpoint(&[
+            checkpoint(0, 1, [Some(1), None], vec![pending_payment("e", "k0", 1)]),
+            checkpoint(1, 1, [Some(1), None], vec![pending_payment("e", "k1", 1)]),
+        ])
+        .await;
+    match result {
+        Err(StoreError::EventIdsClash(pairs)) => assert_eq!(pairs, vec![1]),
+        other => panic!("expected a clash of pair 1, got {other:?}"),
+    }
+    assert_eq!(count(&pool, "recon_events").await, 0);
 }

@@ -9,7 +9,9 @@
 //! Everything the pipeline needs arrives as [`Delivery`] values on one bounded channel,
 //! in the order it happened: messages, assignments, revocations and progress reports.
 //! The bound (in messages) plus librdkafka's bounded prefetch keep memory flat under
-//! any backlog. The thread also keeps each pair's two topics in step (by Kafka
+//! any backlog. The pipeline can ask the thread to read a pair again from given
+//! offsets ([`Rewind`]); the thread seeks and answers with a marker in the same
+//! channel, so everything of that pair before the marker is stale. The thread also keeps each pair's two topics in step (by Kafka
 //! timestamp) while both have a backlog, pausing the partition that runs ahead.
 
 use std::collections::{HashMap, HashSet};
@@ -87,6 +89,11 @@ pub enum Delivery {
         done: std_mpsc::SyncSender<()>,
     },
     Progress(Vec<PartitionProgress>),
+    /// A [`Rewind`] of this pair took effect: its messages from here on are read from
+    /// the requested offsets; any of its messages before this were read before.
+    Rewound {
+        pair: i32,
+    },
     /// Shutdown: the pipeline commits what it holds and replies before the consumer
     /// leaves the group.
     Stop {
@@ -95,6 +102,20 @@ pub enum Delivery {
 }
 
 pub type KafkaConsumer = BaseConsumer<RebalanceContext>;
+
+/// The pipeline's request to read a partition pair again from these offsets (the
+/// beginning where `None`): both topics' partitions are sought there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewind {
+    pub pair: i32,
+    pub next_offsets: [Option<i64>; 2],
+}
+
+/// The pipeline's handle on the consumer: advisory offset commits and rewinds.
+pub struct ConsumerHandle {
+    pub consumer: Arc<KafkaConsumer>,
+    pub rewinds: std_mpsc::Sender<Rewind>,
+}
 
 /// Callbacks librdkafka runs on the poll thread.
 pub struct RebalanceContext {
@@ -331,7 +352,7 @@ pub fn start(
     deliveries: mpsc::Sender<Delivery>,
     stop: Arc<AtomicBool>,
     health: Arc<Health>,
-) -> Result<(PollThread, Arc<KafkaConsumer>), ConsumerError> {
+) -> Result<(PollThread, ConsumerHandle), ConsumerError> {
     let failed = Arc::new(AtomicBool::new(false));
     let context = RebalanceContext {
         deliveries: deliveries.clone(),
@@ -350,9 +371,12 @@ pub fn start(
     );
     consumer.subscribe(&[&config.payments_topic, &config.settlements_topic])?;
     let consumer = Arc::new(consumer);
+    let (rewinds, rewind_requests) = std_mpsc::channel();
     let poller = Poller {
         consumer: Arc::clone(&consumer),
         deliveries,
+        rewind_requests,
+        rewinds_pending: Vec::new(),
         stop,
         failed: failed.clone(),
         topics: [
@@ -369,12 +393,18 @@ pub fn start(
         .name("kafka-poll".into())
         .spawn(move || poller.run())
         .map_err(|e| ConsumerError::Kafka(KafkaError::ClientCreation(e.to_string())))?;
-    Ok((PollThread { handle, failed }, consumer))
+    Ok((
+        PollThread { handle, failed },
+        ConsumerHandle { consumer, rewinds },
+    ))
 }
 
 struct Poller {
     consumer: Arc<KafkaConsumer>,
     deliveries: mpsc::Sender<Delivery>,
+    rewind_requests: std_mpsc::Receiver<Rewind>,
+    /// Rewinds not yet done (a seek that failed is tried again on the next turn).
+    rewinds_pending: Vec<Rewind>,
     stop: Arc<AtomicBool>,
     failed: Arc<AtomicBool>,
     /// Payments, settlements.
@@ -390,6 +420,8 @@ struct Poller {
 }
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// How long a seek may wait for the fetcher to move to the new offset.
+const REWIND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How far (in Kafka timestamps) one topic of a pair is read ahead of the other while
 /// the other still has messages to read. librdkafka fetches partitions independently
@@ -420,6 +452,9 @@ impl Poller {
                 if self.deliveries.blocking_send(delivery).is_err() {
                     break;
                 }
+            }
+            if self.rewind().is_err() {
+                break;
             }
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
@@ -498,6 +533,54 @@ impl Poller {
         })
     }
 
+    /// Does the rewinds the pipeline asked for: seeks both partitions of the pair and
+    /// sends the marker after which the pair's messages come from the new offsets.
+    /// (librdkafka's seek with a timeout waits until the fetcher has moved, so no
+    /// message fetched from the old position is polled after it.) A pair no longer
+    /// assigned is skipped: its revocation reached the pipeline first. Errs when the
+    /// pipeline is gone.
+    fn rewind(&mut self) -> Result<(), ()> {
+        self.rewinds_pending.extend(self.rewind_requests.try_iter());
+        if self.rewinds_pending.is_empty() {
+            return Ok(());
+        }
+        let Some(assigned) = self.assigned() else {
+            return Ok(());
+        };
+        let mut retry = Vec::new();
+        for rewind in std::mem::take(&mut self.rewinds_pending) {
+            let pair = rewind.pair;
+            if !Input::ALL.iter().all(|&i| assigned.contains(&(i, pair))) {
+                tracing::info!(pair, "rewind skipped: the pair is no longer assigned");
+                continue;
+            }
+            let sought = Input::ALL.iter().try_for_each(|&input| {
+                let offset =
+                    rewind.next_offsets[input.index()].map_or(Offset::Beginning, Offset::Offset);
+                self.consumer
+                    .seek(&self.topics[input.index()], pair, offset, REWIND_TIMEOUT)
+            });
+            if let Err(error) = sought {
+                tracing::warn!(%error, pair, "seek for a rewind failed; trying again");
+                retry.push(rewind);
+                continue;
+            }
+            for input in Input::ALL {
+                self.last_timestamps.remove(&(input, pair));
+                match rewind.next_offsets[input.index()] {
+                    Some(offset) => self.positions.insert((input, pair), offset),
+                    None => self.positions.remove(&(input, pair)),
+                };
+            }
+            tracing::info!(pair, offsets = ?rewind.next_offsets, "partition pair rewound");
+            self.deliveries
+                .blocking_send(Delivery::Rewound { pair })
+                .map_err(|_| ())?;
+        }
+        self.rewinds_pending = retry;
+        Ok(())
+    }
+
     /// After "all brokers down", readiness returns once the cluster answers again.
     /// (A metadata request blocks this thread briefly, which is what it is for.)
     fn check_brokers_back(&self) {
@@ -555,19 +638,26 @@ impl Poller {
         }
     }
 
+    /// The (input, partition)s assigned to this consumer now.
+    fn assigned(&self) -> Option<HashSet<(Input, i32)>> {
+        let assignment = self.consumer.assignment().ok()?;
+        Some(
+            assignment
+                .elements()
+                .iter()
+                .map(|e| (self.input_of(e.topic()), e.partition()))
+                .collect(),
+        )
+    }
+
     /// Forgets partitions a rebalance took away (an assignment resumes whatever it
     /// assigns) and re-checks paused partitions whose co-partition went quiet.
     fn review_paused(&mut self) {
         if self.paused.is_empty() {
             return;
         }
-        let assigned: HashSet<(Input, i32)> = match self.consumer.assignment() {
-            Ok(assignment) => assignment
-                .elements()
-                .iter()
-                .map(|e| (self.input_of(e.topic()), e.partition()))
-                .collect(),
-            Err(_) => return,
+        let Some(assigned) = self.assigned() else {
+            return;
         };
         self.paused.retain(|key| assigned.contains(key));
         let partitions: HashSet<i32> = self.paused.iter().map(|&(_, p)| p).collect();

@@ -32,6 +32,11 @@ pub enum StoreError {
     /// Another worker owns these partition pairs now (their epoch moved on).
     #[error("fenced: partition pairs {0:?} now belong to another worker")]
     Fenced(Vec<i32>),
+    /// These partition pairs would insert event ids that are already stored (under
+    /// another payment id, or by another pair of the same batch): their state must be
+    /// rebuilt from their stored offsets with every event id checked against storage.
+    #[error("partition pairs {0:?} insert event ids that are already stored")]
+    EventIdsClash(Vec<i32>),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -213,6 +218,34 @@ impl Store {
             .map_err(StoreError::from)
     }
 
+    /// Where a pair this worker owns stands in storage: its stored offsets and high
+    /// marks, or `None` when its epoch moved on (another worker owns it now).
+    pub async fn owned_position(
+        &self,
+        pair: i32,
+        epoch: i64,
+    ) -> Result<Option<PairPosition>, StoreError> {
+        let row = sqlx::query(
+            "SELECT payments_next_offset, settlements_next_offset, payments_high_mark, settlements_high_mark
+             FROM recon_partition_pairs
+             WHERE payments_topic = $1 AND settlements_topic = $2 AND kafka_partition = $3 AND epoch = $4",
+        )
+        .bind(&self.payments_topic)
+        .bind(&self.settlements_topic)
+        .bind(pair)
+        .bind(epoch)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let marks: [Option<DateTime<Utc>>; 2] = [row.try_get(2)?, row.try_get(3)?];
+        Ok(Some(PairPosition {
+            pair,
+            epoch,
+            next_offsets: [row.try_get(0)?, row.try_get(1)?],
+            high_marks: marks.map(|m| m.map(|t| t.timestamp_micros())),
+        }))
+    }
+
     /// Stored offsets of all pairs of these topics, without taking ownership (for lag).
     pub async fn stored_offsets(&self) -> Result<Vec<(i32, [Option<i64>; 2])>, StoreError> {
         let rows = sqlx::query(
@@ -367,40 +400,62 @@ impl Store {
     }
 
     /// Writes one batch atomically. Fails with [`StoreError::Fenced`] (and writes
-    /// nothing) if any pair's epoch moved on.
+    /// nothing) if any pair's epoch moved on, and with [`StoreError::EventIdsClash`]
+    /// (writing nothing) if a pair inserts an event id that is already stored.
     pub async fn checkpoint(&self, batch: &[PairCheckpoint]) -> Result<(), StoreError> {
-        match self.checkpoint_once(batch, OnConflict::Fail).await {
-            // The engine only inserts event ids that neither memory nor storage knew,
-            // so a clash means another worker stored the same (reused) event id at the
-            // same moment on another partition. Keep the first, as the contract says
-            // redeliveries are ignored; this costs a second attempt, not the common
-            // path (a guarded insert is about 40% slower per row).
+        match self.checkpoint_once(batch).await {
             Err(StoreError::Permanent(sqlx::Error::Database(db)))
                 if db.constraint() == Some("recon_events_pkey") =>
             {
-                tracing::warn!(
-                    "an event id was stored concurrently by another partition; keeping the first"
-                );
-                self.checkpoint_once(batch, OnConflict::KeepFirst).await
+                Err(match self.clashing_pairs(batch).await? {
+                    pairs if pairs.is_empty() => {
+                        // The row it met was another transaction's, rolled back since.
+                        StoreError::Transient(sqlx::Error::Database(db))
+                    }
+                    pairs => StoreError::EventIdsClash(pairs),
+                })
             }
             other => other,
         }
     }
 
-    async fn checkpoint_once(
-        &self,
-        batch: &[PairCheckpoint],
-        on_conflict: OnConflict,
-    ) -> Result<(), StoreError> {
+    async fn checkpoint_once(&self, batch: &[PairCheckpoint]) -> Result<(), StoreError> {
         let mut connection = self.connection().await?;
         let mut tx = sqlx::Connection::begin(&mut *connection).await?;
         self.advance_pairs(&mut tx, batch).await?;
-        insert_events(&mut tx, batch, on_conflict).await?;
+        insert_events(&mut tx, batch).await?;
         update_events(&mut tx, batch).await?;
         write_discrepancies(&mut tx, batch).await?;
         self.insert_rejected(&mut tx, batch).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The pairs of a batch whose event inserts clash: with a stored event, or with
+    /// an earlier pair's insert in the same batch (the first keeps it).
+    async fn clashing_pairs(&self, batch: &[PairCheckpoint]) -> Result<Vec<i32>, StoreError> {
+        let mut first_pair: std::collections::HashMap<(Input, &str), i32> =
+            std::collections::HashMap::new();
+        let mut clashing = std::collections::BTreeSet::new();
+        let (mut inputs, mut ids) = (Vec::new(), Vec::new());
+        for pair in batch {
+            for row in pair.changes.rows.iter().filter(|row| row.new.is_some()) {
+                let first = *first_pair
+                    .entry((row.input, &*row.event_id))
+                    .or_insert(pair.pair);
+                if first != pair.pair {
+                    clashing.insert(pair.pair);
+                }
+                inputs.push(row.input);
+                ids.push(&*row.event_id);
+            }
+        }
+        for stored in self.stored_event_ids(&inputs, &ids).await? {
+            if let Some(&pair) = first_pair.get(&(stored.0, stored.1.as_str())) {
+                clashing.insert(pair);
+            }
+        }
+        Ok(clashing.into_iter().collect())
     }
 
     async fn advance_pairs(
@@ -532,19 +587,12 @@ impl Drop for ShrinkOnReturn {
     }
 }
 
-/// What an event insert does when the event id is already stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OnConflict {
-    /// Fail the transaction (the fast path: no speculative insertion).
-    Fail,
-    /// Keep the stored row.
-    KeepFirst,
-}
-
+/// Inserts the batch's new events. No `ON CONFLICT`: the engine inserts only event
+/// ids it believes new, so a clash is an exception that fails the transaction (a
+/// guarded insert is about 40% slower per row).
 async fn insert_events(
     tx: &mut sqlx::PgConnection,
     batch: &[PairCheckpoint],
-    on_conflict: OnConflict,
 ) -> Result<(), StoreError> {
     let mut kinds = Vec::new();
     let mut event_ids = Vec::new();
@@ -586,22 +634,14 @@ async fn insert_events(
     if kinds.is_empty() {
         return Ok(());
     }
-    macro_rules! insert {
-        () => {
-            "INSERT INTO recon_events (event_kind, event_id, payment_id, kafka_partition, kafka_offset, outcome,
-                                       counterpart_event_id, event_time, amount_minor, fee_minor, net_minor,
-                                       currency, merchant_id, settlement_id)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::text[],
-                                  $8::timestamptz[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[],
-                                  $13::text[], $14::text[])"
-        };
-    }
-    sqlx::query(match on_conflict {
-        OnConflict::Fail => insert!(),
-        OnConflict::KeepFirst => {
-            concat!(insert!(), " ON CONFLICT (event_kind, event_id) DO NOTHING")
-        }
-    })
+    sqlx::query(
+        "INSERT INTO recon_events (event_kind, event_id, payment_id, kafka_partition, kafka_offset, outcome,
+                                   counterpart_event_id, event_time, amount_minor, fee_minor, net_minor,
+                                   currency, merchant_id, settlement_id)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::text[],
+                              $8::timestamptz[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[],
+                              $13::text[], $14::text[])",
+    )
     .bind(kinds)
     .bind(event_ids)
     .bind(payment_ids)

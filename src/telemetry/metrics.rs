@@ -11,6 +11,8 @@ pub const CHECKPOINT_DURATION: &str = "recon_checkpoint_duration_seconds";
 pub const CHECKPOINT_BATCH_SIZE: &str = "recon_checkpoint_batch_messages";
 pub const CHECKPOINT_FAILURES: &str = "recon_checkpoint_failures_total";
 pub const FENCED_CHECKPOINTS: &str = "recon_fenced_checkpoints_total";
+/// Partition pairs re-read from their stored offsets after an event id clash.
+pub const PAIR_REPLAYS: &str = "recon_pair_replays_total";
 pub const CONSUMER_LAG: &str = "recon_consumer_lag_messages";
 pub const PROCESSING_LATENCY: &str = "recon_processing_latency_seconds";
 pub const REBALANCES: &str = "recon_rebalances_total";
@@ -33,7 +35,7 @@ pub const OPEN_KINDS: [(&str, &str); 4] = [
 /// Creates every low-cardinality series at zero, so alerts on `increase()` see the
 /// first failure and dashboards show a line from the start.
 pub fn init_series() {
-    for counter in [REBALANCES, FENCED_CHECKPOINTS, KAFKA_ERRORS] {
+    for counter in [REBALANCES, FENCED_CHECKPOINTS, PAIR_REPLAYS, KAFKA_ERRORS] {
         metrics::counter!(counter).absolute(0);
     }
     for kind in ["transient", "permanent"] {
@@ -46,6 +48,7 @@ pub fn init_series() {
         "sweep",
         "sweep_lookup",
         "acquire_pairs",
+        "owned_position",
         "warm",
         "warm_lookup",
     ] {
@@ -113,6 +116,11 @@ pub fn describe() {
     describe_counter!(
         FENCED_CHECKPOINTS,
         "Checkpoints refused because another worker owns the partition pair."
+    );
+    describe_counter!(
+        PAIR_REPLAYS,
+        "Partition pairs re-read from their stored offsets because they inserted an event id \
+         already stored under another payment id (a redelivery; results unaffected)."
     );
     describe_gauge!(
         CONSUMER_LAG,
