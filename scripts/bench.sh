@@ -12,7 +12,8 @@
 #   - the worker's peak RSS,
 #   - CPU seconds of broker, PostgreSQL and worker during the raw consume and the drain,
 # and ends with one `bench:` line. BENCH_SCENARIOS sets the backlog size (≈2.1
-# messages per scenario). Uses the services from scripts/dev-services.sh. Figures are
+# messages per scenario); BENCH_LATENCY_RATE fixes the latency phase's rate (msg/s).
+# Uses the services from scripts/dev-services.sh. Figures are
 # echoed with `tee -a /dev/stderr`: without -a, a log file given as stderr is truncated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -143,7 +144,9 @@ live_eps=$(awk -v m="$live_messages" -v end="$produced_at" -v p="$produce_second
 echo "live: messages=$live_messages produce_seconds=$produce_seconds eps=$live_eps (first message produced to last commit)"
 quiesce bench_e2e
 
-rate=$((live_eps / 2))
+# BENCH_LATENCY_RATE overrides the rate, e.g. half the drain rate instead (see the
+# README's "What 50% load means").
+rate=${BENCH_LATENCY_RATE:-$((live_eps / 2))}
 latency_scenarios=$((rate * LATENCY_SECONDS * 10 / 21))
 echo "== the broker's share of latency at the same load: a consumer with the worker's fetch settings, no worker"
 (

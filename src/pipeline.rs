@@ -95,6 +95,15 @@ impl OwnedPair {
     }
 }
 
+/// Messages a batch read from one pair, counted once the pair's part of the batch is
+/// committed: a batch dropped (fenced, or replayed after a clash) is read again and
+/// must not be counted twice.
+#[derive(Debug, Default)]
+struct ReadCounts {
+    consumed: [u64; 2],
+    redelivered: [u64; 2],
+}
+
 /// A pair whose insert clashed, to be rebuilt from storage and re-read.
 struct Replay {
     pair: i32,
@@ -124,6 +133,8 @@ pub struct Pipeline {
     in_flight: Option<InFlight>,
     /// Pairs dropped after an event id clash, to be replayed before the next batch.
     replays: Vec<Replay>,
+    /// What the batch being committed read, per pair, for the metrics.
+    in_flight_counts: HashMap<i32, ReadCounts>,
 }
 
 /// The previous batch's commit: still running, or finished while the next batch was
@@ -175,6 +186,7 @@ impl Pipeline {
             advisory_due: Instant::now(),
             in_flight: None,
             replays: Vec::new(),
+            in_flight_counts: HashMap::new(),
         }
     }
 
@@ -459,8 +471,7 @@ impl Pipeline {
         let looked_up = started.elapsed();
         let mut rejected: HashMap<i32, Vec<RejectedMessage>> = HashMap::new();
         let mut timestamps = Vec::new();
-        // Counted per batch: one registry lookup per label set, not per message.
-        let (mut consumed, mut redelivered) = ([0u64; 2], [0u64; 2]);
+        let mut counts: HashMap<i32, ReadCounts> = HashMap::new();
         let mut message_count = 0usize;
         for item in items {
             match item {
@@ -482,19 +493,18 @@ impl Pipeline {
                         continue;
                     }
                     owned.read[input.index()] = Some(message.offset + 1);
-                    consumed[input.index()] += 1;
+                    let count = counts.entry(message.partition).or_default();
+                    count.consumed[input.index()] += 1;
                     if let Some(ts) = message.timestamp_ms {
                         timestamps.push(ts);
                     }
                     match message.decoded {
                         Ok(event) => match owned.engine.apply(event, message.offset) {
                             Applied::Accepted(_) => {}
-                            Applied::Redelivery => redelivered[input.index()] += 1,
+                            Applied::Redelivery => count.redelivered[input.index()] += 1,
                         },
                         Err(rejection) => {
                             owned.engine.observe_activity(input);
-                            metrics::counter!(m::EVENTS_REJECTED, "topic" => input.label(), "reason" => rejection.class)
-                                .increment(1);
                             rejected
                                 .entry(message.partition)
                                 .or_default()
@@ -517,12 +527,6 @@ impl Pipeline {
                 }
             }
         }
-        for input in Input::ALL {
-            metrics::counter!(m::EVENTS_CONSUMED, "topic" => input.label())
-                .increment(consumed[input.index()]);
-            metrics::counter!(m::EVENTS_REDELIVERED, "topic" => input.label())
-                .increment(redelivered[input.index()]);
-        }
         let applied = started.elapsed();
         self.fire_deadlines(now).await?;
         let mut checkpoints = self.checkpoints(rejected);
@@ -540,6 +544,7 @@ impl Pipeline {
         // work on it.
         checkpoints.retain(|checkpoint| self.pairs.contains_key(&checkpoint.pair));
         self.start_replays().await?;
+        self.in_flight_counts = counts;
         if !checkpoints.is_empty() {
             let (store, health) = (self.store.clone(), Arc::clone(&self.health));
             let parallelism = self.commit_parallelism;
@@ -614,7 +619,10 @@ impl Pipeline {
     async fn load_misses(&mut self, items: &[Item]) -> Result<(), PipelineError> {
         let mut seen = HashSet::new();
         let (mut pairs, mut ids) = (Vec::new(), Vec::new());
-        let (mut inputs, mut event_ids, mut event_pairs) = (Vec::new(), Vec::new(), HashMap::new());
+        let (mut inputs, mut event_ids) = (Vec::new(), Vec::new());
+        // Every pair that carries each probed event id: one id can come under several
+        // payment ids, on several partitions, in one batch.
+        let mut event_pairs: HashMap<(Input, &str), Vec<i32>> = HashMap::new();
         let mut rewound = HashSet::new();
         for item in items {
             let (partition, event) = match item {
@@ -638,7 +646,12 @@ impl Pipeline {
             if owned.probe_until.is_some() {
                 inputs.push(event.input());
                 event_ids.push(event.event_id());
-                event_pairs.insert((event.input(), event.event_id()), *partition);
+                let carriers = event_pairs
+                    .entry((event.input(), event.event_id()))
+                    .or_default();
+                if !carriers.contains(partition) {
+                    carriers.push(*partition);
+                }
             }
             if !owned.engine.is_resident(event.payment_id())
                 && seen.insert((*partition, event.payment_id()))
@@ -658,11 +671,15 @@ impl Pipeline {
         )?;
         let mut stored_by_pair: HashMap<i32, Vec<(Input, String)>> = HashMap::new();
         for (input, event_id) in stored {
-            if let Some(&pair) = event_pairs.get(&(input, event_id.as_str())) {
+            for &pair in event_pairs
+                .get(&(input, event_id.as_str()))
+                .into_iter()
+                .flatten()
+            {
                 stored_by_pair
                     .entry(pair)
                     .or_default()
-                    .push((input, event_id));
+                    .push((input, event_id.clone()));
             }
         }
         let mut rows_by_pair: HashMap<i32, Vec<_>> = HashMap::new();
@@ -771,14 +788,28 @@ impl Pipeline {
         checkpoints
     }
 
-    /// After the commit: counts outcomes, makes the pairs' keys evictable again and
-    /// records the committed offsets (for the next advisory Kafka commit).
+    /// After the commit: counts what the pairs read and their outcomes, makes their
+    /// keys evictable again and records the committed offsets (for the next advisory
+    /// Kafka commit).
     fn acknowledge(&mut self, committed: &[PairCheckpoint]) {
         for checkpoint in committed {
             // Outcomes as committed: each event's outcome after this batch, counted once
             // per batch in which it was set or changed.
             for row in &checkpoint.changes.rows {
                 metrics::counter!(m::OUTCOMES, "outcome" => row.outcome.as_str()).increment(1);
+            }
+            for rejection in &checkpoint.rejected {
+                metrics::counter!(m::EVENTS_REJECTED, "topic" => rejection.input.label(), "reason" => rejection.class)
+                    .increment(1);
+            }
+            if let Some(counts) = self.in_flight_counts.remove(&checkpoint.pair) {
+                for input in Input::ALL {
+                    let i = input.index();
+                    metrics::counter!(m::EVENTS_CONSUMED, "topic" => input.label())
+                        .increment(counts.consumed[i]);
+                    metrics::counter!(m::EVENTS_REDELIVERED, "topic" => input.label())
+                        .increment(counts.redelivered[i]);
+                }
             }
             let Some(owned) = self.pairs.get_mut(&checkpoint.pair) else {
                 continue;
