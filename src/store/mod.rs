@@ -587,9 +587,6 @@ impl Drop for ShrinkOnReturn {
     }
 }
 
-/// Most event rows per insert statement.
-const INSERT_CHUNK: usize = 1_000;
-
 /// Inserts the batch's new events. No `ON CONFLICT`: the engine inserts only event
 /// ids it believes new, so a clash is an exception that fails the transaction (a
 /// guarded insert is about 40% slower per row).
@@ -637,38 +634,30 @@ async fn insert_events(
     if kinds.is_empty() {
         return Ok(());
     }
-    // In statements of at most INSERT_CHUNK rows: a statement's encoded parameters are
-    // held twice while it is sent (sqlx's argument buffer and the connection's write
-    // buffer), a few MB for a whole 5,000-message batch on each of the parallel
-    // transactions, and the batches grow to that size exactly when the database is
-    // slow.
-    for start in (0..kinds.len()).step_by(INSERT_CHUNK) {
-        let rows = start..(start + INSERT_CHUNK).min(kinds.len());
-        sqlx::query(
-            "INSERT INTO recon_events (event_kind, event_id, payment_id, kafka_partition, kafka_offset, outcome,
-                                       counterpart_event_id, event_time, amount_minor, fee_minor, net_minor,
-                                       currency, merchant_id, settlement_id)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::text[],
-                                  $8::timestamptz[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[],
-                                  $13::text[], $14::text[])",
-        )
-        .bind(&kinds[rows.clone()])
-        .bind(&event_ids[rows.clone()])
-        .bind(&payment_ids[rows.clone()])
-        .bind(&partitions[rows.clone()])
-        .bind(&offsets[rows.clone()])
-        .bind(&outcomes[rows.clone()])
-        .bind(&counterparts[rows.clone()])
-        .bind(&times[rows.clone()])
-        .bind(&amounts[rows.clone()])
-        .bind(&fees[rows.clone()])
-        .bind(&nets[rows.clone()])
-        .bind(&currencies[rows.clone()])
-        .bind(&merchants[rows.clone()])
-        .bind(&settlements[rows])
-        .execute(&mut *tx)
-        .await?;
-    }
+    sqlx::query(
+        "INSERT INTO recon_events (event_kind, event_id, payment_id, kafka_partition, kafka_offset, outcome,
+                                   counterpart_event_id, event_time, amount_minor, fee_minor, net_minor,
+                                   currency, merchant_id, settlement_id)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::text[],
+                              $8::timestamptz[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[],
+                              $13::text[], $14::text[])",
+    )
+    .bind(kinds)
+    .bind(event_ids)
+    .bind(payment_ids)
+    .bind(partitions)
+    .bind(offsets)
+    .bind(outcomes)
+    .bind(counterparts)
+    .bind(times)
+    .bind(amounts)
+    .bind(fees)
+    .bind(nets)
+    .bind(currencies)
+    .bind(merchants)
+    .bind(settlements)
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
