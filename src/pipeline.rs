@@ -78,6 +78,8 @@ struct OwnedPair {
     /// against storage until the committed offsets reach these (how far the pair had
     /// read when it clashed).
     probe_until: Option<[Option<i64>; 2]>,
+    /// What the batch being collected read from this pair, for the metrics.
+    counts: ReadCounts,
 }
 
 impl OwnedPair {
@@ -91,6 +93,7 @@ impl OwnedPair {
             high_watermarks: [-1, -1],
             rewinding: false,
             probe_until: None,
+            counts: ReadCounts::default(),
         }
     }
 }
@@ -471,7 +474,6 @@ impl Pipeline {
         let looked_up = started.elapsed();
         let mut rejected: HashMap<i32, Vec<RejectedMessage>> = HashMap::new();
         let mut timestamps = Vec::new();
-        let mut counts: HashMap<i32, ReadCounts> = HashMap::new();
         let mut message_count = 0usize;
         for item in items {
             match item {
@@ -493,15 +495,14 @@ impl Pipeline {
                         continue;
                     }
                     owned.read[input.index()] = Some(message.offset + 1);
-                    let count = counts.entry(message.partition).or_default();
-                    count.consumed[input.index()] += 1;
+                    owned.counts.consumed[input.index()] += 1;
                     if let Some(ts) = message.timestamp_ms {
                         timestamps.push(ts);
                     }
                     match message.decoded {
                         Ok(event) => match owned.engine.apply(event, message.offset) {
                             Applied::Accepted(_) => {}
-                            Applied::Redelivery => count.redelivered[input.index()] += 1,
+                            Applied::Redelivery => owned.counts.redelivered[input.index()] += 1,
                         },
                         Err(rejection) => {
                             owned.engine.observe_activity(input);
@@ -544,7 +545,11 @@ impl Pipeline {
         // work on it.
         checkpoints.retain(|checkpoint| self.pairs.contains_key(&checkpoint.pair));
         self.start_replays().await?;
-        self.in_flight_counts = counts;
+        self.in_flight_counts = self
+            .pairs
+            .iter_mut()
+            .map(|(&pair, owned)| (pair, std::mem::take(&mut owned.counts)))
+            .collect();
         if !checkpoints.is_empty() {
             let (store, health) = (self.store.clone(), Arc::clone(&self.health));
             let parallelism = self.commit_parallelism;

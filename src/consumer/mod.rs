@@ -11,8 +11,9 @@
 //! The bound (in messages) plus librdkafka's bounded prefetch keep memory flat under
 //! any backlog. The pipeline can ask the thread to read a pair again from given
 //! offsets ([`Rewind`]); the thread seeks and answers with a marker in the same
-//! channel, so everything of that pair before the marker is stale. The thread also keeps each pair's two topics in step (by Kafka
-//! timestamp) while both have a backlog, pausing the partition that runs ahead.
+//! channel, so everything of that pair before the marker is stale. The thread also
+//! keeps each pair's two topics in step (by Kafka timestamp) while both have a
+//! backlog, pausing the partition that runs ahead.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

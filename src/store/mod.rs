@@ -7,6 +7,7 @@
 //! lost its partitions (a zombie) is fenced before it writes anything else, and the
 //! row locks it takes serialise it against the new owner's epoch bump.
 
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -434,9 +435,8 @@ impl Store {
     /// The pairs of a batch whose event inserts clash: with a stored event, or with
     /// an earlier pair's insert in the same batch (the first keeps it).
     async fn clashing_pairs(&self, batch: &[PairCheckpoint]) -> Result<Vec<i32>, StoreError> {
-        let mut first_pair: std::collections::HashMap<(Input, &str), i32> =
-            std::collections::HashMap::new();
-        let mut clashing = std::collections::BTreeSet::new();
+        let mut first_pair: HashMap<(Input, &str), i32> = HashMap::new();
+        let mut clashing = BTreeSet::new();
         let (mut inputs, mut ids) = (Vec::new(), Vec::new());
         for pair in batch {
             for row in pair.changes.rows.iter().filter(|row| row.new.is_some()) {
