@@ -8,7 +8,8 @@
 
 FROM rust:1.95-bookworm AS builder
 
-# rdkafka builds the bundled librdkafka with make (and links OpenSSL and zlib).
+# rdkafka builds the bundled librdkafka and tikv-jemalloc-sys builds jemalloc, both
+# with make (rdkafka also links OpenSSL and zlib).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         g++ make perl pkg-config libssl-dev zlib1g-dev \

@@ -1,17 +1,40 @@
-//! The process's memory allocator (glibc): settings made at start.
+//! The process's memory allocators: jemalloc for Rust, glibc's malloc (tuned) for
+//! librdkafka's C code.
 //!
-//! Left alone, glibc made the worker's memory grow with the length of a backlog
-//! (1M messages: 104 MB peak, against 64 MB for 100k). Every thread got its own
-//! arena, and the mmap threshold adapted upwards, so large short-lived buffers (fetch
-//! buffers, a batch's statement parameters) landed in the arenas and their pages
-//! stayed resident after they were freed. A fixed 256 KiB threshold keeps such
-//! buffers in their own mappings, returned on free. One arena: each arena keeps its
-//! own free fragments, and with two the peak of a 5M-message drain was 59 MB against
-//! 52 MB with one (100k messages: 47 against 44 MB), at the same speed; the worker's
-//! allocating threads (the pipeline, the poll thread, librdkafka's) rarely contend.
-//! (A periodic `malloc_trim` made no measurable difference and was left out.)
+//! Rust allocations go to jemalloc. With glibc's malloc the pipeline thread spent
+//! about half its time allocating and freeing (decoded events, engine changes,
+//! statement parameters: short-lived, and freed on other threads than made them). In
+//! alternating runs of the pipeline benchmark jemalloc raised the rate by 10-18% while
+//! the host was in its slower state and by 4% in its faster one (README).
+//! jemalloc normally keeps freed pages for 10 s before giving them back, which made a
+//! 100k-message drain peak at 57 MB instead of 43-47; with both decays at 0 freed
+//! pages go back at once, so resident memory follows live memory, which is what the
+//! window's and the batch's bounds bound. (Decays of 10 to 500 ms were a little faster
+//! but peaked at 49-54 MB on the same drain.)
+//!
+//! librdkafka's allocations stay with glibc. Left alone, glibc made memory grow with
+//! the length of a backlog: every thread got its own arena, and the mmap threshold
+//! adapted upwards, so large short-lived buffers (fetch buffers) landed in the arenas
+//! and their pages stayed resident after they were freed. A fixed 256 KiB threshold
+//! keeps such buffers in their own mappings, returned on free, and one arena keeps the
+//! free fragments in one place.
 
-/// Sets the allocator up. Call first thing in `main`, before any other thread
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's `malloc_conf`, read before `main`. The environment variable
+/// `_RJEM_MALLOC_CONF` is applied after it, for experiments.
+#[repr(transparent)]
+pub struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: the pointer is to a static, immutable C string.
+unsafe impl Sync for MallocConf {}
+
+#[unsafe(export_name = "_rjem_malloc_conf")]
+#[used]
+pub static MALLOC_CONF: MallocConf = MallocConf(c"dirty_decay_ms:0,muzzy_decay_ms:0".as_ptr());
+
+/// Sets glibc's allocator up. Call first thing in `main`, before any other thread
 /// exists. The environment variables (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`)
 /// still win, for experiments.
 pub fn tune() {
