@@ -4,8 +4,8 @@
 //! Rust allocations go to jemalloc. With glibc's malloc the pipeline thread spent
 //! about half its time allocating and freeing (decoded events, engine changes,
 //! statement parameters: short-lived, and freed on other threads than made them). In
-//! alternating runs of the pipeline benchmark jemalloc raised the rate by 10-18% while
-//! the host was in its slower state and by 4% in its faster one (README).
+//! alternating runs of the pipeline benchmark jemalloc raised the mean rate by 14%
+//! while the host was in its slower state and by 4% in its faster one (README).
 //! jemalloc normally keeps freed pages for 10 s before giving them back, which made a
 //! 100k-message drain peak at 57 MB instead of 43-47; with both decays at 0 freed
 //! pages go back at once, so resident memory follows live memory, which is what the

@@ -410,6 +410,7 @@ async fn a_quiet_partition_still_raises_missing_settlement(pool: PgPool) {
     loop {
         let outcome: Option<String> =
             sqlx::query_scalar("SELECT outcome FROM recon_outcomes WHERE event_id = 'quiet-p'")
+                .persistent(false)
                 .fetch_optional(&world.pool)
                 .await
                 .unwrap_or(None);
@@ -731,6 +732,7 @@ async fn await_outcome(world: &World, event_id: &str, outcome: &str, within: Dur
     loop {
         let current: Option<String> =
             sqlx::query_scalar("SELECT outcome FROM recon_outcomes WHERE event_id = $1")
+                .persistent(false)
                 .bind(event_id)
                 .fetch_optional(&world.pool)
                 .await

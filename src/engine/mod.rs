@@ -682,6 +682,9 @@ impl PairEngine {
         }
         self.stored_elsewhere.clear();
         let mut changes = std::mem::take(&mut self.changes);
+        // The next batch is about as large: sized once, its rows are not copied and
+        // faulted in again at every doubling.
+        self.changes.rows = Vec::with_capacity(changes.rows.len());
         changes.high_marks = self.watermark.high_marks();
         changes.generation = self.generation;
         if !self.dirty_keys.is_empty() {

@@ -125,7 +125,12 @@ impl World {
     }
 
     pub async fn outcomes(&self) -> BTreeMap<(String, String), (String, Outcome, Option<String>)> {
+        // Polling queries are not prepared once and cached: they start while the
+        // worker migrates, and a statement prepared against an earlier migration's
+        // tables fails on that connection ever after ("cached plan must not change
+        // result type"), which a poll reads as "not there yet".
         sqlx::query("SELECT event_kind, event_id, payment_id, outcome, counterpart_event_id FROM recon_outcomes")
+            .persistent(false)
             .fetch_all(&self.pool)
             .await
             .unwrap_or_default()
@@ -144,6 +149,7 @@ impl World {
     pub async fn rejected(&self) -> Vec<(String, String)> {
         let mut rows: Vec<(String, String)> =
             sqlx::query("SELECT topic, reason_class FROM rejected_events")
+                .persistent(false)
                 .fetch_all(&self.pool)
                 .await
                 .unwrap_or_default()
@@ -208,6 +214,7 @@ impl World {
 
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql)
+            .persistent(false)
             .fetch_one(&self.pool)
             .await
             .unwrap_or(-1)
