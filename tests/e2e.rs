@@ -405,24 +405,8 @@ async fn a_quiet_partition_still_raises_missing_settlement(pool: PgPool) {
         ],
     );
     world.produce(&[record]).await;
-    let produced = std::time::Instant::now();
     let within = Duration::from_secs(deadline + 2 + 8);
-    loop {
-        let outcome: Option<String> =
-            sqlx::query_scalar("SELECT outcome FROM recon_outcomes WHERE event_id = 'quiet-p'")
-                .persistent(false)
-                .fetch_optional(&world.pool)
-                .await
-                .unwrap_or(None);
-        if outcome.as_deref() == Some("missing_settlement") {
-            break;
-        }
-        assert!(
-            produced.elapsed() < within,
-            "no missing_settlement within {within:?} (outcome {outcome:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    await_outcome(&world, "quiet-p", "missing_settlement", within).await;
 }
 
 #[sqlx::test(migrations = false)]

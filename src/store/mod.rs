@@ -675,9 +675,7 @@ fn add<'q, T>(arguments: &mut PgArguments, value: T) -> Result<(), StoreError>
 where
     T: sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + 'q,
 {
-    arguments
-        .add(value)
-        .map_err(|error| StoreError::Permanent(sqlx::Error::Encode(error)))
+    Ok(arguments.add(value).map_err(sqlx::Error::Encode)?)
 }
 
 async fn update_events(
