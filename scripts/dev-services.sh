@@ -1,39 +1,49 @@
 #!/usr/bin/env bash
-# Local services for recon-worker: PostgreSQL on 127.0.0.1:5432 and the Kafka-API
-# broker tansu on 127.0.0.1:9092. Idempotent: `up` installs and starts only what is
-# missing, so it is safe to run before every demo or test run.
+# Local services for recon-worker: PostgreSQL on 127.0.0.1:5432 and Apache Kafka 4.1
+# (KRaft, one combined broker+controller node) on 127.0.0.1:9092. Idempotent: `up`
+# installs and starts only what is missing, so it is safe to run before every demo or
+# test run; a second `up` returns at once.
 #
-#   scripts/dev-services.sh up|down|status|restart-broker
+#   scripts/dev-services.sh up|down|status|restart-broker [--hard]
 #
-# tansu is the test broker on machines without Apache Kafka (see README, "Test
-# broker"). It runs with its sqlite storage engine: the memory:// engine returns
-# records from later batches when a consumer seeks into the middle of a batch.
+# Kafka runs from its Maven Central artifacts, not a downloaded tarball: the jars named
+# by scripts/kafka/pom.xml are copied once per machine into a cache directory with
+# `mvn dependency:copy-dependencies`, the storage is formatted with
+# `kafka.tools.StorageTool`, and the broker is `java kafka.Kafka server.properties`.
+# A JDK, Maven and PostgreSQL are installed from Debian's packages where missing.
+#
+# `restart-broker` stops the broker with SIGTERM (a controlled shutdown) and starts it
+# again; `restart-broker --hard` SIGKILLs it first (the chaos test's crash).
 set -euo pipefail
 
+HERE="$(cd "$(dirname "$0")" && pwd)"
 STATE_DIR="${RECON_SERVICES_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/recon-worker}"
-BROKER_DB="$STATE_DIR/tansu.db"
-BROKER_LOG="$STATE_DIR/tansu.log"
-BROKER_PID="$STATE_DIR/tansu.pid"
+CACHE_DIR="${RECON_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/recon-worker}"
+KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$HERE/kafka/pom.xml")
+KAFKA_LIBS="$CACHE_DIR/kafka-$KAFKA_VERSION/libs"
+KAFKA_DIR="$STATE_DIR/kafka"
+KAFKA_DATA="$KAFKA_DIR/data"
+KAFKA_CONF="$KAFKA_DIR/server.properties"
+KAFKA_LOG="$KAFKA_DIR/broker.log"
+KAFKA_PID="$KAFKA_DIR/broker.pid"
+KAFKA_HEAP="${RECON_KAFKA_HEAP:--Xms512m -Xmx512m}"
 PG_HOST=127.0.0.1
 PG_PORT=5432
 BROKER_PORT=9092
-TANSU_VERSION=0.6.0
+CONTROLLER_PORT=9093
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-wait_port() {
-    local port=$1 what=$2 tries=${3:-60}
-    for _ in $(seq "$tries"); do
-        port_open "$port" && return 0
-        sleep 0.5
-    done
-    log "$what did not open 127.0.0.1:$port"
-    return 1
-}
-
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_updated=
+apt_install() {
+    if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+    log "installing Debian's $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
 
 pg_ready() { pg_isready -q -h "$PG_HOST" -p "$PG_PORT" 2>/dev/null; }
 
@@ -42,13 +52,11 @@ postgres_up() {
         log "PostgreSQL already running on $PG_HOST:$PG_PORT"
         return
     fi
-    if ! command -v pg_ctlcluster >/dev/null; then
-        log "installing Debian's postgresql"
-        as_root apt-get update -qq
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-    fi
+    command -v pg_ctlcluster >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
+        || apt_install postgresql
     local version
-    version=$(ls /etc/postgresql | sort -V | tail -1)
+    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
+    [ -n "$version" ] || version=$(ls /usr/lib/postgresql | sort -V | tail -1)
     if ! pg_lsclusters -h | awk '{print $2}' | grep -qx main; then
         as_root pg_createcluster "$version" main >/dev/null
     fi
@@ -59,17 +67,92 @@ postgres_up() {
     fi
     log "starting PostgreSQL $version"
     as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
-    for _ in $(seq 60); do pg_ready && break; sleep 0.5; done
+    for _ in $(seq 120); do pg_ready && break; sleep 0.5; done
     pg_ready || { log "PostgreSQL did not become ready"; exit 1; }
 }
 
-tansu_install() {
-    command -v tansu >/dev/null && return
-    [ -x "$HOME/.cargo/bin/tansu" ] && { export PATH="$HOME/.cargo/bin:$PATH"; return; }
-    log "installing tansu $TANSU_VERSION from crates.io (about 13 minutes, once per machine)"
-    cargo install --locked "tansu@$TANSU_VERSION" --features libsql,postgres,dynostore >"$STATE_DIR/tansu-install.log" 2>&1 \
-        || { tail -30 "$STATE_DIR/tansu-install.log" >&2; exit 1; }
-    export PATH="$HOME/.cargo/bin:$PATH"
+kafka_install() {
+    [ -f "$KAFKA_LIBS/.complete" ] && return
+    command -v java >/dev/null || apt_install default-jre-headless
+    command -v mvn >/dev/null || apt_install maven
+    log "fetching Apache Kafka $KAFKA_VERSION from Maven Central (once per machine)"
+    rm -rf "$KAFKA_LIBS"
+    mkdir -p "$KAFKA_LIBS"
+    mvn -q -B -f "$HERE/kafka/pom.xml" dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIBS" >"$CACHE_DIR/kafka-fetch.log" 2>&1 \
+        || { tail -30 "$CACHE_DIR/kafka-fetch.log" >&2; exit 1; }
+    touch "$KAFKA_LIBS/.complete"
+}
+
+# A bounded heap and short GC pauses keep the broker small and steady beside the worker.
+# shellcheck disable=SC2206
+KAFKA_JAVA=(java $KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true
+    -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" -cp "$KAFKA_LIBS/*")
+
+kafka_configure() {
+    mkdir -p "$KAFKA_DATA"
+    # Rewritten on every start, so a changed setting takes effect with `restart-broker`.
+    cat >"$KAFKA_CONF" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$BROKER_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$BROKER_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$KAFKA_DATA
+# One node: every internal topic has one replica.
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=8
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+# Topics are created by the tests, the demo and the load generator with the partition
+# count they need; a typo in a topic name must not silently create a 1-partition topic.
+auto.create.topics.enable=false
+# Tests start and stop many groups: no 3 s wait for late joiners, short sessions allowed.
+group.initial.rebalance.delay.ms=0
+group.min.session.timeout.ms=1000
+# The next-generation protocol (KIP-848): shorter sessions than its 45 s default, so a
+# killed member's partitions move within a test's patience.
+group.consumer.min.session.timeout.ms=6000
+group.consumer.session.timeout.ms=10000
+group.consumer.min.heartbeat.interval.ms=1000
+group.consumer.heartbeat.interval.ms=1000
+num.network.threads=2
+num.io.threads=4
+EOF
+    cat >"$KAFKA_DIR/log4j2.properties" <<EOF
+appender.file.type=File
+appender.file.name=file
+appender.file.fileName=$KAFKA_LOG
+appender.file.append=true
+appender.file.layout.type=PatternLayout
+appender.file.layout.pattern=[%d] %p %m (%c)%n
+rootLogger.level=INFO
+rootLogger.appenderRef.file.ref=file
+logger.kafka.name=kafka
+logger.kafka.level=INFO
+logger.request.name=kafka.request.logger
+logger.request.level=WARN
+logger.state.name=state.change.logger
+logger.state.level=WARN
+EOF
+    if [ ! -f "$KAFKA_DATA/meta.properties" ]; then
+        log "formatting Kafka storage in $KAFKA_DATA"
+        local cluster_id
+        cluster_id=$("${KAFKA_JAVA[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)
+        "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format --config "$KAFKA_CONF" --cluster-id "$cluster_id" \
+            --ignore-formatted >>"$KAFKA_DIR/format.log" 2>&1 \
+            || { tail -20 "$KAFKA_DIR/format.log" >&2; exit 1; }
+    fi
+}
+
+broker_pid() {
+    [ -f "$KAFKA_PID" ] && kill -0 "$(cat "$KAFKA_PID")" 2>/dev/null && cat "$KAFKA_PID"
 }
 
 broker_up() {
@@ -77,48 +160,59 @@ broker_up() {
         log "broker already listening on 127.0.0.1:$BROKER_PORT"
         return
     fi
-    tansu_install
-    log "starting tansu (sqlite storage: $BROKER_DB)"
-    # tansu reads the sqlite path relative to its working directory.
-    # setsid: the broker gets its own session, so it outlives whoever started it (a
-    # test runner cleans up its tests' process groups).
-    (cd "$STATE_DIR" && exec setsid nohup tansu broker \
-        --storage-engine "sqlite://$(basename "$BROKER_DB")" \
-        --listener-url "tcp://127.0.0.1:$BROKER_PORT" \
-        --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" \
-        >>"$BROKER_LOG" 2>&1 </dev/null) &
-    echo $! >"$BROKER_PID"
-    wait_port "$BROKER_PORT" tansu || { tail -20 "$BROKER_LOG" >&2; exit 1; }
+    kafka_install
+    kafka_configure
+    log "starting Apache Kafka $KAFKA_VERSION (data: $KAFKA_DATA)"
+    local mark
+    mark=$(wc -l <"$KAFKA_LOG" 2>/dev/null || echo 0)
+    # setsid: the broker gets its own session, so it outlives whoever started it (a test
+    # runner cleans up its tests' process groups).
+    (exec setsid nohup "${KAFKA_JAVA[@]}" kafka.Kafka "$KAFKA_CONF" \
+        >>"$KAFKA_DIR/stdout.log" 2>&1 </dev/null) &
+    echo $! >"$KAFKA_PID"
+    # Ready means the broker says so (its log line after the metadata is loaded and the
+    # listeners accept), not that a port is open.
+    for _ in $(seq 240); do
+        if tail -n +"$((mark + 1))" "$KAFKA_LOG" 2>/dev/null | grep -q 'Kafka Server started'; then
+            port_open "$BROKER_PORT" && { log "Kafka ready"; return 0; }
+        fi
+        broker_pid >/dev/null || break
+        sleep 0.25
+    done
+    log "Kafka did not become ready"
+    tail -30 "$KAFKA_LOG" "$KAFKA_DIR/stdout.log" >&2 || true
+    exit 1
 }
 
 broker_down() {
-    if [ -f "$BROKER_PID" ] && kill -0 "$(cat "$BROKER_PID")" 2>/dev/null; then
-        local pid
-        pid=$(cat "$BROKER_PID")
-        kill "$pid"
-        # Wait for the process itself, not just its port: a new broker must not open
-        # the sqlite file while the old one still holds it.
-        for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    local pid signal=${1:-TERM}
+    if pid=$(broker_pid); then
+        kill -"$signal" "$pid"
+        # Wait for the process itself, not just its port: a new broker must not open the
+        # log directories while the old one still holds their lock.
+        for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
         if kill -0 "$pid" 2>/dev/null; then
-            log "broker did not stop in 10s; killing it"
+            log "broker did not stop in 30s; killing it"
             kill -9 "$pid" 2>/dev/null || true
-            sleep 0.5
+            for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
         fi
-        log "broker stopped"
+        log "broker stopped ($signal)"
     fi
-    rm -f "$BROKER_PID"
+    rm -f "$KAFKA_PID"
 }
 
 status() {
     if pg_ready; then echo "postgresql: up ($PG_HOST:$PG_PORT)"; else echo "postgresql: down"; fi
-    if port_open "$BROKER_PORT"; then echo "broker: up (127.0.0.1:$BROKER_PORT)"; else echo "broker: down"; fi
+    if port_open "$BROKER_PORT"; then echo "kafka: up (127.0.0.1:$BROKER_PORT)"; else echo "kafka: down"; fi
 }
 
-mkdir -p "$STATE_DIR"
+mkdir -p "$STATE_DIR" "$CACHE_DIR"
 case "${1:-up}" in
     up) postgres_up; broker_up; status ;;
-    down) broker_down; status ;;
-    restart-broker) broker_down; broker_up ;;
+    down) broker_down TERM; status ;;
+    restart-broker)
+        if [ "${2:-}" = --hard ]; then broker_down KILL; else broker_down TERM; fi
+        broker_up ;;
     status) status ;;
-    *) echo "usage: $0 up|down|status|restart-broker" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|status|restart-broker [--hard]" >&2; exit 2 ;;
 esac
