@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-command benchmark (issue "Performance"): on this machine and broker, in one run,
-# measures and prints
+# One-command benchmark: on this machine and Apache Kafka, in one run, measures and
+# prints
 #   - raw broker consume rate of the benchmark backlog (a consumer that only counts),
 #   - raw PostgreSQL write rate of as many outcome rows (batched UNNEST insert),
 #   - recon-worker end to end draining that backlog (first assignment to last commit),
@@ -11,7 +11,8 @@
 #     maximum,
 #   - the worker's peak RSS,
 #   - CPU seconds of broker, PostgreSQL and worker during the raw consume and the drain,
-# and ends with one `bench:` line. BENCH_SCENARIOS sets the backlog size (≈2.1
+# and ends with one `bench:` line (its ratios compare figures of the same run: the
+# machine is shared and its speed varies between runs). BENCH_SCENARIOS sets the backlog size (≈2.1
 # messages per scenario); BENCH_LATENCY_RATE fixes the latency phase's rate (msg/s).
 # Uses the services from scripts/dev-services.sh. Figures are
 # echoed with `tee -a /dev/stderr`: without -a, a log file given as stderr is truncated.
@@ -21,6 +22,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 SCENARIOS=${BENCH_SCENARIOS:-150000}
 LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-30}
 PARTITIONS=4
+# The Apache Kafka broker's JVM, as scripts/dev-services.sh starts it.
+BROKER_PROCESS="kafka.Kafka "
 
 scripts/dev-services.sh up >/dev/null
 cargo build --release --locked --quiet
@@ -88,9 +91,9 @@ echo "produced $messages messages"
 
 quiesce
 echo "== raw consume"
-broker0=$(cpu_seconds "tansu broker")
+broker0=$(cpu_seconds "$BROKER_PROCESS")
 raw=$("$bin" bench consume --messages "$messages" | tee -a /dev/stderr)
-echo "cpu during raw consume: broker=$(awk -v a="$broker0" -v b="$(cpu_seconds "tansu broker")" 'BEGIN {printf "%.1f", b - a}')s"
+echo "cpu during raw consume: broker=$(awk -v a="$broker0" -v b="$(cpu_seconds "$BROKER_PROCESS")" 'BEGIN {printf "%.1f", b - a}')s"
 raw_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$raw")
 
 echo "== raw PostgreSQL write"
@@ -100,12 +103,12 @@ psql_ -c "DROP DATABASE bench_pg WITH (FORCE)"
 quiesce
 
 echo "== recon-worker end to end (draining the backlog)"
-broker0=$(cpu_seconds "tansu broker"); postgres0=$(cpu_seconds "postgres")
+broker0=$(cpu_seconds "$BROKER_PROCESS"); postgres0=$(cpu_seconds "postgres")
 "$bin" run >"$work/worker.log" 2>&1 &
 worker=$!
 await_stored "$messages" "$work/worker.log"
 peak_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$worker/status")
-echo "cpu during the drain: broker=$(awk -v a="$broker0" -v b="$(cpu_seconds "tansu broker")" 'BEGIN {printf "%.1f", b - a}')s" \
+echo "cpu during the drain: broker=$(awk -v a="$broker0" -v b="$(cpu_seconds "$BROKER_PROCESS")" 'BEGIN {printf "%.1f", b - a}')s" \
     "postgres=$(awk -v a="$postgres0" -v b="$(cpu_seconds "postgres")" 'BEGIN {printf "%.1f", b - a}')s" \
     "worker=$(cpu_seconds "$bin run")s (postgres: backends that exited are not counted)"
 first=$(grep -m1 "took ownership" "$work/worker.log" | awk '{print $1}')
@@ -196,4 +199,5 @@ PY
 echo "latency: p50_ms=$p50 p99_ms=$p99 (histogram interpolation) peak_rss_mb=$((peak2_kb / 1024))"
 peak_mb=$(( (peak_rss_kb > peak2_kb ? peak_rss_kb : peak2_kb) / 1024 ))
 ratio=$(awk -v e="$e2e_eps" -v r="$raw_eps" 'BEGIN {printf "%.2f", e / r}')
-echo "bench: e2e_eps=$e2e_eps raw_consume_eps=$raw_eps e2e_ratio=$ratio pipeline_eps=$pipeline_eps pg_raw_rows_per_s=$pg_rps p50_ms=$p50 p99_ms=$p99 peak_rss_mb=$peak_mb"
+pipeline_ratio=$(awk -v e="$pipeline_eps" -v r="$pg_rps" 'BEGIN {printf "%.2f", e / r}')
+echo "bench: e2e_eps=$e2e_eps raw_consume_eps=$raw_eps e2e_ratio=$ratio pipeline_eps=$pipeline_eps pg_raw_rows_per_s=$pg_rps pipeline_ratio=$pipeline_ratio p50_ms=$p50 p99_ms=$p99 peak_rss_mb=$peak_mb"

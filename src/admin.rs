@@ -36,13 +36,14 @@ pub async fn create_topics(
     Ok(())
 }
 
-/// A producer for test and demo traffic. Idempotence is off and one request is in
-/// flight, which keeps per-partition order and suits the test broker (see README).
+/// A producer for test and demo traffic, configured as an upstream payments producer
+/// should be: idempotent with `acks=all`, so a retry after a lost acknowledgement (a
+/// broker restart) neither duplicates nor reorders a partition's records, and nothing
+/// acknowledged is lost.
 pub fn producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "false")
-        .set("max.in.flight.requests.per.connection", "1")
+        .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "60000")

@@ -95,6 +95,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// librdkafka properties from `RECON_KAFKA_PROP_<NAME>`.
     pub kafka_properties: BTreeMap<String, String>,
+    /// `RECON_INSTANCE_ID`: the consumer's `group.instance.id` (static membership), so
+    /// a restarted pod gets its pairs back without rebalancing the other workers.
+    pub instance_id: Option<String>,
 }
 
 impl fmt::Debug for Config {
@@ -120,6 +123,7 @@ impl fmt::Debug for Config {
             .field("commit_parallelism", &self.commit_parallelism)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("kafka_properties", &redacted_props)
+            .field("instance_id", &self.instance_id)
             .finish()
     }
 }
@@ -233,6 +237,7 @@ impl Config {
             )?,
             shutdown_timeout: env.duration("RECON_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
             kafka_properties,
+            instance_id: env.instance_id("RECON_INSTANCE_ID")?,
         })
         .and_then(Config::validate)
     }
@@ -348,6 +353,29 @@ impl Env<'_> {
         }
     }
 
+    /// A Kafka `group.instance.id`: the broker accepts what a topic name may hold
+    /// (ASCII letters, digits, `.`, `_`, `-`, at most 249), and refuses the rest only
+    /// when the group is joined, so it is checked here. Unset or empty: no static
+    /// membership.
+    fn instance_id(&self, variable: &str) -> Result<Option<String>, ConfigError> {
+        match self.get(variable) {
+            None | Some("") => Ok(None),
+            Some(id)
+                if id.len() <= 249
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) =>
+            {
+                Ok(Some(id.to_owned()))
+            }
+            Some(id) => Err(invalid(
+                variable,
+                id,
+                "at most 249 ASCII letters, digits, `.`, `_` or `-` (a pod name)",
+            )),
+        }
+    }
+
     fn duration(&self, variable: &str, default: Duration) -> Result<Duration, ConfigError> {
         match self.get(variable) {
             None => Ok(default),
@@ -435,6 +463,7 @@ mod tests {
             ("RECON_METRICS_ADDR", "port 80"),
             ("RECON_LOG_FORMAT", "xml"),
             ("RECON_KAFKA_PROP_session.timeout.ms", "6000"),
+            ("RECON_INSTANCE_ID", "pod/0"),
         ] {
             let err = Config::from_vars(vars(&[URL, (variable, value)]))
                 .expect_err(variable)
@@ -466,6 +495,19 @@ mod tests {
             !shown.contains("s3cret") && !shown.contains("kafka-secret"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn instance_id_is_optional_and_kafka_shaped() {
+        let unset = Config::from_vars(vars(&[URL])).expect("valid");
+        assert_eq!(unset.instance_id, None);
+        let empty = Config::from_vars(vars(&[URL, ("RECON_INSTANCE_ID", "")])).expect("valid");
+        assert_eq!(empty.instance_id, None);
+        let pod = Config::from_vars(vars(&[URL, ("RECON_INSTANCE_ID", "recon-worker-7f9c-x2")]))
+            .expect("valid");
+        assert_eq!(pod.instance_id.as_deref(), Some("recon-worker-7f9c-x2"));
+        let too_long = "a".repeat(250);
+        assert!(Config::from_vars(vars(&[URL, ("RECON_INSTANCE_ID", &too_long)])).is_err());
     }
 
     #[test]

@@ -1,24 +1,25 @@
 //! Exactly-once under faults, the way Kafka's own transaction system tests prove it:
 //! bounce everything hard, then compare the output with ground truth.
 //!
-//! Three workers consume four co-partitioned partition pairs while a producer streams
-//! a generated workload (every outcome kind, redeliveries, every class of bad input).
-//! Meanwhile the test SIGKILLs workers at least five times, restarts PostgreSQL, restarts
-//! the broker and freezes one worker with SIGSTOP past the session timeout. Afterwards
-//! `recon_outcomes` must equal the ground truth exactly and every bad message must be in
-//! `rejected_events` exactly once.
+//! Three workers consume four co-partitioned partition pairs (two with static
+//! membership, as the Kubernetes manifests run them, one without) while two upstream
+//! producers stream a generated workload (every outcome kind, redeliveries, every class
+//! of bad input): an idempotent one (`acks=all`) and a transactional one that commits
+//! part of its transactions and aborts the rest. Meanwhile the test SIGKILLs workers
+//! 1–3 s apart, twice two at the same moment, restarts PostgreSQL, SIGKILLs and restarts
+//! the broker while both producers keep writing, and freezes one worker with SIGSTOP
+//! past the session timeout. Afterwards `recon_outcomes` must equal the ground truth of
+//! everything acknowledged or committed, exactly once; nothing of an aborted
+//! transaction may appear; and every bad message must be in `rejected_events` exactly
+//! once. A group that stops making progress is a failure: nothing nudges it. (That a
+//! quiet stream ending in transaction markers still fires its deadlines needs a stream
+//! of its own: `e2e`'s quiet-partition tests.)
 //!
 //! It restarts the shared PostgreSQL and broker, so it runs alone, after the rest of the
 //! suite: `cargo nextest run --run-ignored only` (scripts/test.sh does this).
-//!
-//! Test-broker workarounds (tansu 0.6.0; Apache Kafka needs none of them): kills are
-//! spaced beyond the 6 s session timeout, and the producer is flushed and quiet for a
-//! few seconds before the broker restarts.
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -53,8 +54,9 @@ fn restart_postgres() {
 
 fn restart_broker() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev-services.sh");
+    // SIGKILL, not a controlled shutdown: acknowledged writes must survive a crash.
     let status = std::process::Command::new(script)
-        .arg("restart-broker")
+        .args(["restart-broker", "--hard"])
         .status()
         .expect("dev-services");
     assert!(status.success(), "broker restart failed");
@@ -77,157 +79,195 @@ async fn recovery(world: &World, since: Instant, before: i64) -> f64 {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Fault {
-    Kill,
+    /// SIGKILL this many workers at the same moment, then start them again.
+    Kill(usize),
     RestartPostgres,
     RestartBroker,
+    /// SIGSTOP one worker past its session timeout, then SIGCONT: a zombie.
     Freeze,
 }
 
-/// Streams chunks in the background, one every 1.5 s, pausable around a broker restart.
-struct Feeder {
-    paused: Arc<AtomicBool>,
-    handle: tokio::task::JoinHandle<()>,
+/// Faults in bursts: a burst's faults follow each other 1–3 s apart; the time to
+/// recover is measured after the burst.
+const BURSTS: [(u64, &[Fault]); 6] = [
+    (5, &[Fault::Kill(1), Fault::Kill(1), Fault::Kill(2)]),
+    (30, &[Fault::RestartPostgres]),
+    (45, &[Fault::Kill(1), Fault::Kill(1), Fault::Kill(1)]),
+    (65, &[Fault::RestartBroker]),
+    (90, &[Fault::Freeze]),
+    (115, &[Fault::Kill(2), Fault::Kill(1)]),
+];
+
+/// Streams `chunks` with the idempotent producer, one every 1.5 s, through every fault.
+fn feed_idempotent(world: &World, chunks: Vec<Vec<Record>>) -> tokio::task::JoinHandle<()> {
+    let topics = [world.payments.clone(), world.settlements.clone()];
+    tokio::spawn(async move {
+        let producer = recon_worker::admin::producer(&brokers()).expect("producer");
+        for chunk in chunks {
+            recon_worker::admin::produce_all(&producer, &chunk, [&topics[0], &topics[1]])
+                .await
+                .expect("an acknowledged write was refused");
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+        }
+    })
 }
 
-impl Feeder {
-    fn start(world: &World, chunks: Vec<Vec<Record>>) -> Self {
-        let paused = Arc::new(AtomicBool::new(false));
-        let flag = paused.clone();
-        let topics = [world.payments.clone(), world.settlements.clone()];
-        let handle = tokio::spawn(async move {
-            let producer = recon_worker::admin::producer(&brokers()).expect("producer");
-            for chunk in chunks {
-                while flag.load(Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                // A chunk is acknowledged (and flushed) before the next pause can begin.
-                recon_worker::admin::produce_all(&producer, &chunk, [&topics[0], &topics[1]])
+/// Alternates a committed and an aborted transaction every 1.5 s, through every fault.
+fn feed_transactional(
+    world: &World,
+    committed: Vec<Vec<Record>>,
+    aborted: Vec<Vec<Record>>,
+) -> tokio::task::JoinHandle<()> {
+    let topics = [world.payments.clone(), world.settlements.clone()];
+    let transactional_id = unique("chaos-txn");
+    tokio::spawn(async move {
+        let producer = transactional_producer(&transactional_id).await;
+        let mut aborted = aborted.into_iter();
+        for chunk in committed {
+            produce_in_transaction(&producer, &chunk, [&topics[0], &topics[1]], true)
+                .await
+                .expect("transaction commit");
+            if let Some(chunk) = aborted.next() {
+                produce_in_transaction(&producer, &chunk, [&topics[0], &topics[1]], false)
                     .await
-                    .expect("produce");
-                tokio::time::sleep(Duration::from_millis(1_500)).await;
+                    .expect("transaction abort");
             }
-        });
-        Self { paused, handle }
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+        }
+    })
+}
+
+fn chunks_of(records: &[Record], count: usize) -> Vec<Vec<Record>> {
+    records
+        .chunks(records.len() / count + 1)
+        .map(<[Record]>::to_vec)
+        .collect()
+}
+
+/// Worker slots: the first two join with a fixed `group.instance.id` (static
+/// membership, as the manifests run pods), the third as a new member each time.
+fn spawn_slot(world: &World, slot: usize, generation: usize) -> Worker {
+    let instance = format!("{}-{slot}", world.group);
+    let mut settings = vec![
+        ("RECON_BATCH_MAX_MESSAGES", "100"),
+        ("RECON_IDLE_TIMEOUT", "2s"),
+    ];
+    if slot < 2 {
+        settings.push(("RECON_INSTANCE_ID", &instance));
     }
+    world.spawn_worker(&format!("worker-{slot}-{generation}"), &settings)
 }
 
 #[sqlx::test(migrations = false)]
 #[ignore = "restarts shared services; run alone with --run-ignored only"]
 async fn exactly_once_through_kills_restarts_and_a_frozen_worker(pool: PgPool) {
     let world = World::new(pool, 4).await;
-    let plan = world.plan(
-        12_000,
-        77,
-        Mix {
-            poison_every: 40,
-            ..Mix::default()
-        },
-    );
-    let (records, truth) = generate(&plan);
-    let chunks: Vec<Vec<Record>> = records
-        .chunks(records.len() / 100 + 1)
-        .map(<[Record]>::to_vec)
-        .collect();
-    let settings = [
-        ("RECON_BATCH_MAX_MESSAGES", "100"),
-        ("RECON_IDLE_TIMEOUT", "2s"),
-    ];
-    let mut generation = 0usize;
-    let mut spawn = |world: &World| {
-        generation += 1;
-        world.spawn_worker(&format!("worker-{generation}"), &settings)
+    let mix = Mix {
+        poison_every: 40,
+        ..Mix::default()
     };
-    let mut workers: Vec<Worker> = (0..WORKERS).map(|_| spawn(&world)).collect();
-    let feeder = Feeder::start(&world, chunks);
+    let plan = world.plan(12_000, 77, mix.clone());
+    let (records, mut truth) = generate(&plan);
+    // The transactional producer's two streams: same event times (so no deadline of one
+    // fires early because of the other), ids of their own, no bad messages.
+    let clean = Mix {
+        poison_every: 0,
+        ..mix
+    };
+    let mut committed_plan = world.plan(2_000, 78, clean.clone());
+    committed_plan.base_time = plan.base_time;
+    committed_plan.id_prefix = "txc-".into();
+    let mut aborted_plan = world.plan(2_000, 79, clean);
+    aborted_plan.base_time = plan.base_time;
+    aborted_plan.id_prefix = "txa-".into();
+    let (committed_records, committed_truth) = generate(&committed_plan);
+    let (aborted_records, _) = generate(&aborted_plan);
+    truth.outcomes.extend(committed_truth.outcomes);
 
-    // Spaced well beyond the 6 s session timeout: the test broker strands a group
-    // whose members die too close together (see the module doc).
-    let schedule = [
-        (5, Fault::Kill),
-        (25, Fault::Kill),
-        (42, Fault::RestartPostgres),
-        (50, Fault::Kill),
-        (66, Fault::RestartBroker),
-        (80, Fault::Freeze),
-        (110, Fault::Kill),
-        (130, Fault::Kill),
+    let mut generation = 0usize;
+    let mut workers: Vec<Worker> = (0..WORKERS)
+        .map(|slot| spawn_slot(&world, slot, generation))
+        .collect();
+    let feeders = [
+        feed_idempotent(&world, chunks_of(&records, 100)),
+        feed_transactional(
+            &world,
+            chunks_of(&committed_records, 100),
+            chunks_of(&aborted_records, 100),
+        ),
     ];
+
     let started = Instant::now();
     let mut recoveries: Vec<(String, f64)> = Vec::new();
     let mut rng = rand::rng();
-    let mut kills = 0;
-    for (at, fault) in schedule {
-        let moment = Duration::from_secs(at);
-        if matches!(fault, Fault::RestartBroker) {
-            // Quiesce the producer first: the test broker can lose writes acknowledged
-            // in the seconds before it restarts.
-            tokio::time::sleep(moment.saturating_sub(started.elapsed() + Duration::from_secs(5)))
-                .await;
-            feeder.paused.store(true, Ordering::SeqCst);
-        }
-        tokio::time::sleep(moment.saturating_sub(started.elapsed())).await;
+    let (mut kills, mut double_kills) = (0, 0);
+    for (at, faults) in BURSTS {
+        tokio::time::sleep(Duration::from_secs(at).saturating_sub(started.elapsed())).await;
         let before = progress(&world).await;
-        let fault_at = Instant::now();
-        let victim = rng.random_range(0..workers.len());
-        match &fault {
-            Fault::Kill => {
-                workers[victim].signal("KILL");
-                workers[victim].wait(Duration::from_secs(5));
-                // Test broker: a member joining while a dead one is still registered can
-                // leave a partition assigned to the dead one for good; let it expire first.
-                tokio::time::sleep(Duration::from_secs(8)).await;
-                workers[victim] = spawn(&world);
-                kills += 1;
+        let burst_at = Instant::now();
+        let mut labels = Vec::new();
+        let mut frozen = None;
+        for (i, fault) in faults.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..=3_000))).await;
             }
-            Fault::RestartPostgres => restart_postgres(),
-            Fault::RestartBroker => {
-                restart_broker();
-                feeder.paused.store(false, Ordering::SeqCst);
+            match *fault {
+                Fault::Kill(n) => {
+                    let mut victims: Vec<usize> = (0..WORKERS).collect();
+                    while victims.len() > n {
+                        victims.remove(rng.random_range(0..victims.len()));
+                    }
+                    for &v in &victims {
+                        workers[v].signal("KILL");
+                    }
+                    generation += 1;
+                    for &v in &victims {
+                        workers[v].wait(Duration::from_secs(5));
+                        workers[v] = spawn_slot(&world, v, generation);
+                    }
+                    kills += n;
+                    double_kills += usize::from(n >= 2);
+                    labels.push(format!("kill {victims:?}"));
+                }
+                Fault::RestartPostgres => {
+                    restart_postgres();
+                    labels.push("PostgreSQL restart".into());
+                }
+                Fault::RestartBroker => {
+                    restart_broker();
+                    labels.push("broker SIGKILL + restart".into());
+                }
+                Fault::Freeze => {
+                    let victim = rng.random_range(0..WORKERS);
+                    workers[victim].signal("STOP");
+                    frozen = Some(victim);
+                    labels.push(format!("freeze [{victim}]"));
+                }
             }
-            Fault::Freeze => {}
         }
-        let label = format!("{fault:?} at {at}s (worker {victim})");
-        let took = if matches!(fault, Fault::Freeze) {
+        let label = format!("{} at {at}s", labels.join(", "));
+        let took = if let Some(victim) = frozen {
             // Frozen past the session timeout: the others must take its pairs over
             // meanwhile, and it must come back as a fenced zombie, not a writer.
-            workers[victim].signal("STOP");
-            let (took, ()) = tokio::join!(recovery(&world, fault_at, before), async {
+            let (took, ()) = tokio::join!(recovery(&world, burst_at, before), async {
                 tokio::time::sleep(Duration::from_secs(12)).await;
                 workers[victim].signal("CONT");
             });
             took
         } else {
-            recovery(&world, fault_at, before).await
+            recovery(&world, burst_at, before).await
         };
         eprintln!("chaos: {label}: stored offsets moved again after {took:.1}s");
         recoveries.push((label, took));
     }
-    feeder.handle.await.expect("feeder");
-    let produced_at = Instant::now();
-    // Test-broker watchdog: if a partition is stranded on a dead member (progress stops
-    // short of the end), restart one worker gracefully to force a rebalance. Each nudge
-    // is reported; Apache Kafka expires dead members by itself.
-    let mut nudges = 0;
-    let total = records.len() as i64;
-    let mut last = (progress(&world).await, Instant::now());
-    while progress(&world).await < total && produced_at.elapsed() < Duration::from_secs(240) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = progress(&world).await;
-        if now != last.0 {
-            last = (now, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(30) {
-            let victim = nudges % workers.len();
-            eprintln!("chaos: progress stalled at {now}/{total} for 30s: test broker stranded a partition; restarting worker {victim}");
-            workers[victim].signal("TERM");
-            workers[victim].wait(Duration::from_secs(40));
-            workers[victim] = spawn(&world);
-            nudges += 1;
-            last = (now, Instant::now());
-        }
+    for feeder in feeders {
+        feeder.await.expect("feeder");
     }
-    world.await_truth(&truth, Duration::from_secs(60)).await;
+    let produced_at = Instant::now();
+    // No watchdog: a group that stops short of the end is a failure.
+    world.await_truth(&truth, Duration::from_secs(120)).await;
     let drained = produced_at.elapsed().as_secs_f64();
 
     let outcomes = world.outcomes().await;
@@ -242,29 +282,41 @@ async fn exactly_once_through_kills_restarts_and_a_frozen_worker(pool: PgPool) {
         .iter()
         .filter(|(k, v)| outcomes.get(*k).is_some_and(|o| o != *v))
         .count();
+    let rows = world.count("SELECT count(*) FROM recon_outcomes").await;
+    let distinct = world
+        .count("SELECT count(DISTINCT (event_kind, event_id)) FROM recon_outcomes")
+        .await;
+    let aborted_seen = world
+        .count("SELECT count(*) FROM recon_outcomes WHERE event_id LIKE 'txa-%' OR payment_id LIKE 'txa-%'")
+        .await;
     let fenced: usize = workers
         .iter()
         .map(|w| w.log_text().matches("fenced: another worker owns").count())
         .sum();
     eprintln!(
-        "chaos: messages={} accepted_rows={} rejected_rows={} (expected {}) lost=0 wrong=0 duplicated=0 \
-         kills={kills} broker_nudges={nudges} fenced_checkpoints_in_live_logs={fenced} drained_after_last_produce={drained:.1}s total={:.0}s",
+        "chaos: messages={} committed_txn_messages={} aborted_txn_messages={} accepted_rows={rows} \
+         rejected_rows={} (expected {}) lost={lost} wrong={wrong} duplicated={} aborted_seen={aborted_seen} \
+         kills={kills} double_kills={double_kills} fenced_checkpoints_in_live_logs={fenced} \
+         drained_after_last_produce={drained:.1}s total={:.0}s",
         records.len(),
-        outcomes.len(),
+        committed_records.len(),
+        aborted_records.len(),
         rejected.len(),
         truth.rejected.len(),
+        rows - distinct,
         started.elapsed().as_secs_f64()
     );
     for (label, took) in &recoveries {
         eprintln!("chaos: recovery {label}: {took:.1}s");
     }
-    assert!(kills >= 5);
-    assert_eq!((lost, wrong), (0, 0));
+    assert!(kills >= 5 && double_kills >= 2, "{kills} kills");
+    assert_eq!((lost, wrong, rows - distinct, aborted_seen), (0, 0, 0, 0));
     // No unique key hides a second write of a discrepancy: each must be there once.
     let twice = world
         .count("SELECT count(*) FROM (SELECT kind, payment_event_id, settlement_event_id FROM recon_discrepancies GROUP BY 1, 2, 3 HAVING count(*) > 1) d")
         .await;
     assert_eq!(twice, 0, "a discrepancy was recorded twice");
+
     for worker in &mut workers {
         worker.signal("TERM");
         assert!(

@@ -289,6 +289,12 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("fetch.wait.max.ms", "10")
         .set("statistics.interval.ms", "0")
         .set_log_level(RDKafkaLogLevel::Warning);
+    if let Some(instance_id) = &config.instance_id {
+        // Static membership: a member that leaves and returns with the same id within
+        // the session timeout gets its partitions back without a group-wide rebalance
+        // (a Kubernetes rolling restart moves no other worker's pairs).
+        client.set("group.instance.id", instance_id);
+    }
     for (name, value) in &config.kafka_properties {
         client.set(name, value);
     }

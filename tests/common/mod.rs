@@ -108,8 +108,8 @@ impl World {
             .env("RECON_SETTLEMENTS_TOPIC", &self.settlements)
             .env("RECON_IDLE_TIMEOUT", "2s")
             .env("RECON_METRICS_ADDR", "127.0.0.1:0")
-            // The test broker strands groups whose members die within one session
-            // timeout; short sessions let a restarted worker rejoin quickly.
+            // Short sessions: a killed worker's pairs move to the others within the
+            // tests' patience (the broker allows sessions down to 1 s).
             .env("RECON_KAFKA_PROP_SESSION_TIMEOUT_MS", "6000")
             .env("RECON_KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "1000")
             .env("RUST_LOG", "info,librdkafka=warn");
@@ -341,4 +341,107 @@ pub async fn scrape_series(addr: &str, metric: &str, labels: &[&str]) -> Option<
             l.starts_with(&format!("{metric}{{")) && labels.iter().all(|label| l.contains(label))
         })
         .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+}
+
+/// An upstream transactional producer (`transactional.id` set, hence idempotent with
+/// `acks=all`), as a payments service that writes its events atomically would be.
+pub async fn transactional_producer(transactional_id: &str) -> rdkafka::producer::FutureProducer {
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", "60000")
+        .set("message.timeout.ms", "60000")
+        .set("linger.ms", "5")
+        .create()
+        .expect("transactional producer");
+    // Blocks until the transaction coordinator answers (it also fences an earlier
+    // producer with this id and aborts what that one left open).
+    let init = producer.clone();
+    tokio::task::spawn_blocking(move || {
+        rdkafka::producer::Producer::init_transactions(&init, Duration::from_secs(60))
+    })
+    .await
+    .expect("init task")
+    .expect("init_transactions");
+    producer
+}
+
+/// Writes `records` in one transaction and commits it (`commit`) or aborts it. An
+/// abortable failure (a broker restart mid-transaction) aborts and writes the whole
+/// transaction again, so a committed one is in the log exactly once; a retriable
+/// failure of the commit or abort itself is retried. Err: a fatal error, after which
+/// the producer must be replaced (a new one with the same id fences this one).
+pub async fn produce_in_transaction(
+    producer: &rdkafka::producer::FutureProducer,
+    records: &[Record],
+    topics: [&str; 2],
+    commit: bool,
+) -> Result<(), rdkafka::error::KafkaError> {
+    use rdkafka::error::KafkaError;
+    use rdkafka::producer::FutureRecord;
+    let requires_abort =
+        |e: &KafkaError| matches!(e, KafkaError::Transaction(t) if t.txn_requires_abort());
+    let retriable = |e: &KafkaError| matches!(e, KafkaError::Transaction(t) if t.is_retriable());
+    'transaction: loop {
+        rdkafka::producer::Producer::begin_transaction(producer)?;
+        let mut deliveries = Vec::with_capacity(records.len());
+        let mut failed = false;
+        for record in records {
+            let mut message: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(topics[record.input.index()]);
+            if let Some(key) = &record.key {
+                message = message.key(key.as_slice());
+            }
+            if let Some(value) = &record.value {
+                message = message.payload(value.as_slice());
+            }
+            match producer.send_result(message) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((e, _)) if requires_abort(&e) => {
+                    failed = true;
+                    break;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        for delivery in deliveries {
+            failed |= !matches!(delivery.await, Ok(Ok(_)));
+        }
+        let finish = commit && !failed;
+        loop {
+            match end_transaction(producer, finish).await {
+                Ok(()) if commit && !finish => continue 'transaction,
+                Ok(()) => return Ok(()),
+                Err(e) if retriable(&e) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Err(e) if requires_abort(&e) => {
+                    end_transaction(producer, false).await?;
+                    if commit {
+                        continue 'transaction;
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Commits (or aborts) the open transaction off the async threads: both calls block
+/// until the broker answers, which takes seconds while it restarts.
+async fn end_transaction(
+    producer: &rdkafka::producer::FutureProducer,
+    commit: bool,
+) -> Result<(), rdkafka::error::KafkaError> {
+    use rdkafka::producer::Producer;
+    let producer = producer.clone();
+    let timeout = Duration::from_secs(60);
+    tokio::task::spawn_blocking(move || {
+        if commit {
+            producer.commit_transaction(timeout)
+        } else {
+            producer.abort_transaction(timeout)
+        }
+    })
+    .await
+    .expect("transaction task")
 }
