@@ -23,6 +23,16 @@ pub enum ConfigError {
     },
 }
 
+/// The consumer group protocol (`RECON_GROUP_PROTOCOL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupProtocol {
+    /// The classic protocol with the client-side range assignor (eager rebalances).
+    Classic,
+    /// The next-generation protocol (KIP-848): the broker's range assignor, partitions
+    /// handed over incrementally.
+    Consumer,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -98,6 +108,7 @@ pub struct Config {
     /// `RECON_INSTANCE_ID`: the consumer's `group.instance.id` (static membership), so
     /// a restarted pod gets its pairs back without rebalancing the other workers.
     pub instance_id: Option<String>,
+    pub group_protocol: GroupProtocol,
 }
 
 impl fmt::Debug for Config {
@@ -124,6 +135,7 @@ impl fmt::Debug for Config {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("kafka_properties", &redacted_props)
             .field("instance_id", &self.instance_id)
+            .field("group_protocol", &self.group_protocol)
             .finish()
     }
 }
@@ -238,6 +250,17 @@ impl Config {
             shutdown_timeout: env.duration("RECON_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
             kafka_properties,
             instance_id: env.instance_id("RECON_INSTANCE_ID")?,
+            group_protocol: match env.get("RECON_GROUP_PROTOCOL").unwrap_or("classic") {
+                "classic" => GroupProtocol::Classic,
+                "consumer" => GroupProtocol::Consumer,
+                other => {
+                    return Err(invalid(
+                        "RECON_GROUP_PROTOCOL",
+                        other,
+                        "`classic` or `consumer` (KIP-848, Kafka 4.0 or later)",
+                    ))
+                }
+            },
         })
         .and_then(Config::validate)
     }
@@ -464,6 +487,7 @@ mod tests {
             ("RECON_LOG_FORMAT", "xml"),
             ("RECON_KAFKA_PROP_session.timeout.ms", "6000"),
             ("RECON_INSTANCE_ID", "pod/0"),
+            ("RECON_GROUP_PROTOCOL", "cooperative"),
         ] {
             let err = Config::from_vars(vars(&[URL, (variable, value)]))
                 .expect_err(variable)

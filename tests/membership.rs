@@ -108,3 +108,94 @@ async fn without_instance_ids_the_same_restart_rebalances_the_other_worker(pool:
     );
     assert_eq!(moved.len(), 4, "pairs whose epoch moved: {moved:?}");
 }
+
+/// Progress of each pair's stored offsets over time: the longest stretch in which a
+/// pair committed nothing while messages kept arriving.
+struct PauseMeter {
+    last: Vec<(i64, Instant)>,
+    longest: Vec<Duration>,
+}
+
+impl PauseMeter {
+    async fn sample(&mut self, world: &World) {
+        let rows: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT kafka_partition, COALESCE(payments_next_offset, 0) + COALESCE(settlements_next_offset, 0)
+             FROM recon_partition_pairs ORDER BY kafka_partition",
+        )
+        .persistent(false)
+        .fetch_all(&world.pool)
+        .await
+        .unwrap_or_default();
+        let now = Instant::now();
+        for (pair, offsets) in rows {
+            let pair = pair as usize;
+            if self.last[pair].0 != offsets {
+                self.longest[pair] = self.longest[pair].max(now - self.last[pair].1);
+                self.last[pair] = (offsets, now);
+            }
+        }
+    }
+
+    /// Samples every 20 ms for `period`, then reports and starts afresh.
+    async fn measure(&mut self, world: &World, period: Duration) -> String {
+        self.longest = vec![Duration::ZERO; self.longest.len()];
+        let until = Instant::now() + period;
+        while Instant::now() < until {
+            self.sample(world).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.report()
+    }
+
+    fn report(&self) -> String {
+        let ms: Vec<u128> = self.longest.iter().map(Duration::as_millis).collect();
+        format!(
+            "longest_gap_ms_per_pair={ms:?} max={}",
+            ms.iter().max().unwrap_or(&0)
+        )
+    }
+}
+
+/// Measures, not asserts: how long a join and a leave stop each pair's commits under
+/// a steady stream, for the protocol in RECON_TEST_GROUP_PROTOCOL (`classic` unless
+/// `consumer`). Run: `cargo test --test membership -- --ignored --nocapture`, once per
+/// protocol.
+#[sqlx::test(migrations = false)]
+#[ignore = "a measurement: prints figures"]
+async fn rebalance_pause_under_a_steady_stream(pool: PgPool) {
+    const PAIRS: usize = 6;
+    let world = World::new(pool, PAIRS as i32).await;
+    let mut plan = world.plan(30_000, 51, Mix::default());
+    plan.mix.poison_every = 0;
+    let (records, truth) = generate(&plan);
+    let mut workers = vec![world.spawn_worker("w1", &[]), world.spawn_worker("w2", &[])];
+    let producing = {
+        let topics = [world.payments.clone(), world.settlements.clone()];
+        tokio::spawn(async move {
+            let producer = recon_worker::admin::producer(&brokers()).expect("producer");
+            recon_worker::admin::produce_paced(
+                &producer,
+                &records,
+                [&topics[0], &topics[1]],
+                2_000,
+            )
+            .await
+            .expect("produce");
+        })
+    };
+    let mut meter = PauseMeter {
+        last: vec![(0, Instant::now()); PAIRS],
+        longest: vec![Duration::ZERO; PAIRS],
+    };
+    // Warm up: both workers own their pairs and the stream flows.
+    meter.measure(&world, Duration::from_secs(8)).await;
+    workers.push(world.spawn_worker("w3", &[]));
+    let join = meter.measure(&world, Duration::from_secs(12)).await;
+    workers[0].signal("TERM");
+    let leave = meter.measure(&world, Duration::from_secs(12)).await;
+    let protocol = std::env::var("RECON_TEST_GROUP_PROTOCOL").unwrap_or_else(|_| "classic".into());
+    eprintln!("rebalance_pause: protocol={protocol} join: {join}");
+    eprintln!("rebalance_pause: protocol={protocol} leave: {leave}");
+    producing.await.expect("producer");
+    world.await_truth(&truth, WITHIN).await;
+}

@@ -22,13 +22,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::config::{Config, GroupProtocol};
 use crate::event::{decode, Event, Input, Micros, REJECTED_PAYLOAD_CAP};
 use crate::store::{PairPosition, RejectedMessage};
 use crate::telemetry::Health;
@@ -126,6 +126,10 @@ pub struct RebalanceContext {
     /// Set when an assignment could not be taken: the worker must stop.
     failed: Arc<AtomicBool>,
     health: Arc<Health>,
+    /// Next-generation protocol only: which of each pair's partitions the coordinator
+    /// has granted (payments, settlements). Only librdkafka's callbacks on the poll
+    /// thread touch it; the lock satisfies the context's `Sync` bound.
+    granted: std::sync::Mutex<HashMap<i32, [bool; 2]>>,
 }
 
 impl ClientContext for RebalanceContext {
@@ -166,6 +170,12 @@ impl ConsumerContext for RebalanceContext {
         tpl: &mut TopicPartitionList,
     ) {
         metrics::counter!(crate::telemetry::metrics::REBALANCES).increment(1);
+        if matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        ) {
+            return self.rebalance_incrementally(consumer, err, tpl);
+        }
         let pairs = pairs_of(tpl);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
@@ -214,6 +224,181 @@ impl ConsumerContext for RebalanceContext {
 }
 
 impl RebalanceContext {
+    /// The next-generation group protocol (KIP-848, `RECON_GROUP_PROTOCOL=consumer`)
+    /// hands partitions over incrementally: each callback names only the partitions
+    /// added or taken away, and librdkafka needs every one of them applied
+    /// (`incremental_assign`/`incremental_unassign`) before it acknowledges the change
+    /// to the coordinator. The two partitions of a pair may arrive (or leave) in
+    /// different callbacks while the coordinator moves them. A pair is owned (epoch
+    /// taken, offsets loaded) and read only while both partitions are granted; a lone
+    /// half stays assigned but paused, and whatever it fetched meanwhile is dropped by
+    /// the pipeline (it owns no such pair). When the other half arrives, both are
+    /// sought to the stored offsets and resumed.
+    fn rebalance_incrementally(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &TopicPartitionList,
+    ) {
+        let granting = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => true,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => false,
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                return;
+            }
+        };
+        let halves: Vec<(Input, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|element| (self.input_of(element.topic()), element.partition()))
+            .collect();
+        let (changed, lone) = {
+            let Ok(mut granted) = self.granted.lock() else {
+                tracing::error!("granted-partition set poisoned; stopping");
+                self.failed.store(true, Ordering::SeqCst);
+                return;
+            };
+            let changed = regrant(&mut granted, halves.iter().copied(), granting);
+            // Halves whose co-partition is not (or no longer) granted.
+            let lone: Vec<(Input, i32)> = granted
+                .iter()
+                .filter(|(_, held)| held[0] != held[1])
+                .map(|(&pair, held)| {
+                    (
+                        if held[0] {
+                            Input::Payments
+                        } else {
+                            Input::Settlements
+                        },
+                        pair,
+                    )
+                })
+                .collect();
+            (changed, lone)
+        };
+        if granting {
+            self.grant_incrementally(consumer, &halves, &changed, &lone);
+        } else {
+            self.revoke_incrementally(consumer, tpl, &changed, &lone);
+        }
+    }
+
+    fn grant_incrementally(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        halves: &[(Input, i32)],
+        whole: &[i32],
+        lone: &[(Input, i32)],
+    ) {
+        let positions = if whole.is_empty() {
+            Vec::new()
+        } else {
+            tracing::info!(pairs = ?whole, "partition pairs assigned (incremental)");
+            match self.take_ownership(whole) {
+                Ok(positions) => positions,
+                Err(error) => {
+                    tracing::error!(%error, pairs = ?whole, "could not take ownership of partition pairs; stopping");
+                    self.failed.store(true, Ordering::SeqCst);
+                    Vec::new()
+                }
+            }
+        };
+        let offset_of = |input: Input, pair: i32| {
+            positions
+                .iter()
+                .find(|p| p.pair == pair)
+                .and_then(|p| p.next_offsets[input.index()])
+                .map_or(Offset::Beginning, Offset::Offset)
+        };
+        let mut assignment = TopicPartitionList::new();
+        for &(input, pair) in halves {
+            let offset = if whole.contains(&pair) {
+                offset_of(input, pair)
+            } else {
+                Offset::Invalid
+            };
+            if let Err(error) = assignment.add_partition_offset(self.topic(input), pair, offset) {
+                tracing::error!(%error, pair, "bad partition offset");
+            }
+        }
+        if let Err(error) = consumer.incremental_assign(&assignment) {
+            tracing::error!(%error, "incremental assign failed");
+            self.failed.store(true, Ordering::SeqCst);
+            return;
+        }
+        // A half granted earlier, alone and paused until now, reads from the stored
+        // offset like the half that just arrived.
+        let mut resumed = TopicPartitionList::new();
+        for position in &positions {
+            for input in Input::ALL {
+                let topic = self.topic(input);
+                if !halves.contains(&(input, position.pair)) {
+                    let offset = offset_of(input, position.pair);
+                    if let Err(error) = consumer.seek(topic, position.pair, offset, REWIND_TIMEOUT)
+                    {
+                        tracing::error!(%error, topic, pair = position.pair, "seek of the earlier half failed; stopping");
+                        self.failed.store(true, Ordering::SeqCst);
+                    }
+                }
+                resumed.add_partition(topic, position.pair);
+            }
+        }
+        if let Err(error) = consumer.resume(&resumed) {
+            tracing::warn!(%error, "resume after assign failed");
+        }
+        self.pause_lone(consumer, lone);
+    }
+
+    fn revoke_incrementally(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        revoked: &TopicPartitionList,
+        broken: &[i32],
+        lone: &[(Input, i32)],
+    ) {
+        if !broken.is_empty() {
+            tracing::info!(pairs = ?broken, "partition pairs revoked (incremental)");
+            let (done, wait) = std_mpsc::sync_channel(1);
+            if self
+                .deliveries
+                .blocking_send(Delivery::Revoke {
+                    pairs: broken.to_vec(),
+                    done,
+                })
+                .is_ok()
+            {
+                let _ = wait.recv();
+            }
+        }
+        if let Err(error) = consumer.incremental_unassign(revoked) {
+            tracing::warn!(%error, "incremental unassign failed");
+        }
+        self.pause_lone(consumer, lone);
+    }
+
+    /// Lone halves fetch nothing worth reading: their pair is not owned.
+    fn pause_lone(&self, consumer: &BaseConsumer<Self>, lone: &[(Input, i32)]) {
+        if lone.is_empty() {
+            return;
+        }
+        let mut paused = TopicPartitionList::new();
+        for &(input, pair) in lone {
+            paused.add_partition(self.topic(input), pair);
+        }
+        if let Err(error) = consumer.pause(&paused) {
+            tracing::warn!(%error, "pausing a lone half failed");
+        }
+    }
+
+    fn input_of(&self, topic: &str) -> Input {
+        if topic == self.payments_topic {
+            Input::Payments
+        } else {
+            Input::Settlements
+        }
+    }
+
     fn take_ownership(&self, pairs: &[i32]) -> Result<Vec<PairPosition>, String> {
         let (reply, wait) = std_mpsc::sync_channel(1);
         self.deliveries
@@ -250,6 +435,31 @@ impl RebalanceContext {
     }
 }
 
+/// Applies one incremental grant (or revocation) of partition halves to the granted
+/// set; returns the pairs that became whole (granting) or stopped being whole
+/// (revoking), in order. A half alone changes no pair.
+fn regrant(
+    granted: &mut HashMap<i32, [bool; 2]>,
+    halves: impl IntoIterator<Item = (Input, i32)>,
+    granting: bool,
+) -> Vec<i32> {
+    let mut changed = Vec::new();
+    for (input, pair) in halves {
+        let held = granted.entry(pair).or_default();
+        let was_whole = held[0] && held[1];
+        held[input.index()] = granting;
+        if was_whole != (held[0] && held[1]) {
+            changed.push(pair);
+        }
+        if !held[0] && !held[1] {
+            granted.remove(&pair);
+        }
+    }
+    changed.sort_unstable();
+    changed.dedup();
+    changed
+}
+
 fn pairs_of(tpl: &TopicPartitionList) -> Vec<i32> {
     let mut pairs: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
     pairs.sort_unstable();
@@ -270,8 +480,6 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         // Without stored offsets read from the start: skipping input loses money.
         .set("auto.offset.reset", "earliest")
-        // Range assigns partition p of both topics to the same member.
-        .set("partition.assignment.strategy", "range")
         .set("isolation.level", "read_committed")
         // Bounded prefetch: memory must not grow with a backlog.
         // 2 MiB of queued messages is about 8,000 events, over 200 ms at the
@@ -289,6 +497,15 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("fetch.wait.max.ms", "10")
         .set("statistics.interval.ms", "0")
         .set_log_level(RDKafkaLogLevel::Warning);
+    match config.group_protocol {
+        // Range assigns partition p of both topics to the same member.
+        GroupProtocol::Classic => client.set("partition.assignment.strategy", "range"),
+        // KIP-848: the broker assigns; its range assignor keeps co-partitioned topics'
+        // partition p on one member. Sessions and heartbeats are the broker's settings.
+        GroupProtocol::Consumer => client
+            .set("group.protocol", "consumer")
+            .set("group.remote.assignor", "range"),
+    };
     if let Some(instance_id) = &config.instance_id {
         // Static membership: a member that leaves and returns with the same id within
         // the session timeout gets its partitions back without a group-wide rebalance
@@ -367,6 +584,7 @@ pub fn start(
         settlements_topic: config.settlements_topic.clone(),
         failed: failed.clone(),
         health: health.clone(),
+        granted: std::sync::Mutex::new(HashMap::new()),
     };
     let consumer: KafkaConsumer = client_config(config).create_with_context(context)?;
     let partitions = check_co_partitioned(&consumer, config)?;
@@ -773,7 +991,33 @@ pub fn now_micros() -> Micros {
 
 #[cfg(test)]
 mod tests {
-    use super::{step, MAX_LEAD_MS};
+    use super::{regrant, step, Input, MAX_LEAD_MS};
+    use std::collections::HashMap;
+
+    #[test]
+    fn an_incremental_grant_owns_a_pair_only_once_both_halves_are_granted() {
+        use Input::{Payments as P, Settlements as S};
+        let mut granted = HashMap::new();
+        assert_eq!(
+            regrant(&mut granted, [(P, 0), (S, 0), (P, 1)], true),
+            vec![0]
+        );
+        assert_eq!(regrant(&mut granted, [(P, 2)], true), Vec::<i32>::new());
+        assert_eq!(regrant(&mut granted, [(S, 2), (S, 1)], true), vec![1, 2]);
+        // A half taken away breaks its pair; the other half alone changes nothing.
+        assert_eq!(regrant(&mut granted, [(S, 1)], false), vec![1]);
+        assert_eq!(regrant(&mut granted, [(P, 1)], false), Vec::<i32>::new());
+        assert!(!granted.contains_key(&1));
+        assert_eq!(
+            regrant(&mut granted, [(P, 0), (S, 0), (P, 2)], false),
+            vec![0, 2]
+        );
+        assert_eq!(
+            granted.len(),
+            1,
+            "the lone settlements half of pair 2 stays granted"
+        );
+    }
 
     #[test]
     fn a_partition_ahead_of_a_backlogged_co_partition_is_paused() {

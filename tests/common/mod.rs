@@ -108,11 +108,21 @@ impl World {
             .env("RECON_SETTLEMENTS_TOPIC", &self.settlements)
             .env("RECON_IDLE_TIMEOUT", "2s")
             .env("RECON_METRICS_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "info,librdkafka=warn");
+        match std::env::var("RECON_TEST_GROUP_PROTOCOL") {
+            // The whole suite can run under the next-generation group protocol, whose
+            // sessions are the broker's (10 s in scripts/dev-services.sh).
+            Ok(protocol) if protocol == "consumer" => {
+                command.env("RECON_GROUP_PROTOCOL", protocol);
+            }
             // Short sessions: a killed worker's pairs move to the others within the
             // tests' patience (the broker allows sessions down to 1 s).
-            .env("RECON_KAFKA_PROP_SESSION_TIMEOUT_MS", "6000")
-            .env("RECON_KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "1000")
-            .env("RUST_LOG", "info,librdkafka=warn");
+            _ => {
+                command
+                    .env("RECON_KAFKA_PROP_SESSION_TIMEOUT_MS", "6000")
+                    .env("RECON_KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "1000");
+            }
+        }
         for (k, v) in extra {
             command.env(k, v);
         }
