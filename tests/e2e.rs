@@ -920,3 +920,161 @@ async fn a_permanent_database_error_fails_fast_with_a_clear_message(pool: PgPool
         "{log}"
     );
 }
+
+/// A second database for `world`'s topics, created with `options` (dropped by the
+/// caller through the returned pool's owner).
+async fn other_database(world: &World, prefix: &str, options: &str) -> World {
+    let name = unique(prefix).replace('-', "_");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\" {options}"))
+        .execute(&world.pool)
+        .await
+        .expect("second database");
+    let url = format!(
+        "{}/{name}",
+        world
+            .database_url
+            .rsplit_once('/')
+            .map_or("", |(base, _)| base)
+    );
+    World {
+        pool: PgPool::connect(&url)
+            .await
+            .expect("connect second database"),
+        database_url: url,
+        payments: world.payments.clone(),
+        settlements: world.settlements.clone(),
+        group: unique("group"),
+        partitions: world.partitions,
+        log_dir: world.log_dir.clone(),
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_value_postgresql_refuses_rejects_its_message_and_the_partition_goes_on(pool: PgPool) {
+    use recon_worker::event::{format_timestamp, Input};
+    let world = World::new(pool, 2).await;
+    // A database in LATIN1 (a legacy deployment) cannot hold '€', which the decoder
+    // rightly accepts: the insert fails with a data error (SQLSTATE 22P05) caused by
+    // one message's content.
+    let latin1 = other_database(
+        &world,
+        "recon_latin1",
+        "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    )
+    .await;
+    let exact = exact_mix();
+    let (mut records, mut truth) = generate(&latin1.plan(300, 61, exact));
+    let at = format_timestamp(chrono::Utc::now().timestamp_micros());
+    let payment = |id: &str, merchant: &str| {
+        record(
+            Input::Payments,
+            id,
+            serde_json::json!({
+            "event_id": format!("{id}-p"), "type": "payment_captured", "payment_id": id,
+            "merchant_id": merchant, "amount_minor": 500, "currency": "EUR", "occurred_at": at}),
+        )
+    };
+    let settlement = |id: &str, settlement_id: &str| {
+        record(
+            Input::Settlements,
+            id,
+            serde_json::json!({
+            "event_id": format!("{id}-s"), "type": "settlement_line", "settlement_id": settlement_id,
+            "payment_id": id, "gross_minor": 500, "fee_minor": 5, "net_minor": 495, "currency": "EUR",
+            "settled_at": at}),
+        )
+    };
+    // In the middle of the stream: 'é' is LATIN1 and stored; '€' is refused.
+    let tail = records.split_off(records.len() / 2);
+    records.extend([
+        payment("enc-1", "café"),
+        settlement("enc-1", "po"),
+        payment("enc-2", "caf€"),
+        settlement("enc-2", "po"),
+        payment("enc-3", "m"),
+        settlement("enc-3", "po-€"),
+    ]);
+    records.extend(tail);
+    let outcome = |payment_id: &str, outcome: Outcome, counterpart: Option<&str>| {
+        (
+            payment_id.to_owned(),
+            outcome,
+            counterpart.map(str::to_owned),
+        )
+    };
+    let key = |kind: &str, id: &str| (kind.to_owned(), id.to_owned());
+    truth.outcomes.extend([
+        (
+            key("payment", "enc-1-p"),
+            outcome("enc-1", Outcome::Matched, Some("enc-1-s")),
+        ),
+        (
+            key("settlement", "enc-1-s"),
+            outcome("enc-1", Outcome::Matched, Some("enc-1-p")),
+        ),
+        (
+            key("settlement", "enc-2-s"),
+            outcome("enc-2", Outcome::Pending, None),
+        ),
+        (
+            key("payment", "enc-3-p"),
+            outcome("enc-3", Outcome::Pending, None),
+        ),
+    ]);
+    truth.rejected.extend([
+        (Input::Payments, "data_error"),
+        (Input::Settlements, "data_error"),
+    ]);
+    latin1.produce(&records).await;
+    let mut worker = latin1.spawn_worker("latin1", &[]);
+    latin1.await_truth(&truth, WITHIN).await;
+    assert!(
+        worker.child.try_wait().expect("try_wait").is_none(),
+        "the worker is still running:\n{}",
+        worker.log_text()
+    );
+    let reasons: Vec<(i64, String, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT kafka_offset, reason, payload FROM rejected_events WHERE reason_class = 'data_error'",
+    )
+    .fetch_all(&latin1.pool)
+    .await
+    .expect("rejects");
+    assert_eq!(reasons.len(), 2);
+    for (_, reason, payload) in &reasons {
+        assert!(
+            reason.contains("has no equivalent in encoding") && reason.contains("22P05"),
+            "PostgreSQL's message is the reason: {reason}"
+        );
+        let payload = String::from_utf8(payload.clone().expect("raw bytes kept")).expect("UTF-8");
+        assert!(payload.contains('€'), "the raw message is kept: {payload}");
+    }
+    let stored = stored_offsets_total(&latin1).await;
+    assert_eq!(
+        stored as usize,
+        records.len(),
+        "stored offsets cover every message"
+    );
+    let addr = worker.metrics_addr(Duration::from_secs(10));
+    assert_counter_settles_at(&addr, "recon_events_rejected_total", 2.0).await;
+    assert!(
+        scrape_series(
+            &addr,
+            "recon_events_rejected_total",
+            &["reason=\"data_error\""]
+        )
+        .await
+        .is_some_and(|n| n >= 1.0),
+        "rejections are counted under their reason"
+    );
+    stop_cleanly(&mut worker);
+    let name = latin1
+        .database_url
+        .rsplit_once('/')
+        .map_or("", |(_, name)| name)
+        .to_owned();
+    latin1.pool.close().await;
+    sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+        .execute(&world.pool)
+        .await
+        .expect("drop");
+}

@@ -106,11 +106,25 @@ pub type KafkaConsumer = BaseConsumer<RebalanceContext>;
 
 /// The pipeline's request to read a partition pair again from these offsets (the
 /// beginning where `None`): both topics' partitions are sought there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewind {
     pub pair: i32,
     pub next_offsets: [Option<i64>; 2],
+    /// Messages PostgreSQL refused (a data error): when read again they are handed
+    /// over as rejections with this reason, raw bytes and all, instead of decoded.
+    pub refused: Vec<Refused>,
 }
+
+/// A message whose values PostgreSQL refused, and its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub input: Input,
+    pub offset: i64,
+    pub reason: String,
+}
+
+/// The `reason_class` of a message PostgreSQL refused (SQLSTATE class 22).
+pub const DATA_ERROR_CLASS: &str = "data_error";
 
 /// The pipeline's handle on the consumer: advisory offset commits and rewinds.
 pub struct ConsumerHandle {
@@ -389,6 +403,7 @@ pub fn start(
         last_timestamps: HashMap::new(),
         paused: HashSet::new(),
         health,
+        refused: HashMap::new(),
     };
     let handle = thread::Builder::new()
         .name("kafka-poll".into())
@@ -418,6 +433,9 @@ struct Poller {
     /// Partitions paused for running ahead of their co-partition.
     paused: HashSet<(Input, i32)>,
     health: Arc<Health>,
+    /// Messages PostgreSQL refused, by (input, partition, offset): read again after a
+    /// rewind, each becomes a rejection with PostgreSQL's reason.
+    refused: HashMap<(Input, i32, i64), String>,
 }
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -506,25 +524,29 @@ impl Poller {
         if let Some(timestamp) = message.timestamp().to_millis() {
             self.last_timestamps.insert((input, partition), timestamp);
         }
-        let decoded = decode(
-            input,
-            message.key(),
-            message.payload(),
-            self.max_message_bytes,
-        )
-        .map_err(|rejection| {
+        let rejected = |reason: String, class: &'static str| {
             let payload = message.payload();
             RejectedMessage {
                 input,
                 partition,
                 offset,
-                reason: rejection.to_string(),
-                class: rejection.class(),
+                reason,
+                class,
                 payload: payload.map(|p| p[..p.len().min(REJECTED_PAYLOAD_CAP)].to_vec()),
                 payload_size: payload.map_or(0, |p| i32::try_from(p.len()).unwrap_or(i32::MAX)),
                 key: message.key().map(|k| k[..k.len().min(1024)].to_vec()),
             }
-        });
+        };
+        let decoded = match self.refused.remove(&(input, partition, offset)) {
+            Some(reason) => Err(rejected(reason, DATA_ERROR_CLASS)),
+            None => decode(
+                input,
+                message.key(),
+                message.payload(),
+                self.max_message_bytes,
+            )
+            .map_err(|rejection| rejected(rejection.to_string(), rejection.class())),
+        };
         Delivery::Message(ReadMessage {
             input,
             partition,
@@ -572,6 +594,14 @@ impl Poller {
                     Some(offset) => self.positions.insert((input, pair), offset),
                     None => self.positions.remove(&(input, pair)),
                 };
+            }
+            self.refused
+                .retain(|&(_, partition, _), _| partition != pair);
+            for refused in &rewind.refused {
+                self.refused.insert(
+                    (refused.input, pair, refused.offset),
+                    refused.reason.clone(),
+                );
             }
             tracing::info!(pair, offsets = ?rewind.next_offsets, "partition pair rewound");
             self.deliveries

@@ -61,6 +61,9 @@ pub fn init_series() {
         for reason in crate::event::Rejection::CLASSES {
             metrics::counter!(EVENTS_REJECTED, "topic" => topic, "reason" => reason).absolute(0);
         }
+        // Values the decoder accepts but PostgreSQL refuses (SQLSTATE class 22).
+        metrics::counter!(EVENTS_REJECTED, "topic" => topic, "reason" => crate::consumer::DATA_ERROR_CLASS)
+            .absolute(0);
     }
     for outcome in crate::engine::Outcome::ALL {
         metrics::counter!(OUTCOMES, "outcome" => outcome.as_str()).absolute(0);
