@@ -1078,3 +1078,138 @@ async fn a_value_postgresql_refuses_rejects_its_message_and_the_partition_goes_o
         .await
         .expect("drop");
 }
+
+/// Produces records in one Kafka transaction: its commit marker takes an offset on
+/// every partition written, after the last message.
+async fn produce_transactionally(world: &World, records: &[recon_worker::loadgen::Record]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("transactional.id", unique("recon-test-tx"))
+        .create()
+        .expect("transactional producer");
+    producer
+        .init_transactions(Duration::from_secs(30))
+        .expect("init transactions");
+    producer.begin_transaction().expect("begin");
+    for r in records {
+        let topic = match r.input {
+            recon_worker::event::Input::Payments => &world.payments,
+            recon_worker::event::Input::Settlements => &world.settlements,
+        };
+        let mut message = FutureRecord::<[u8], [u8]>::to(topic);
+        if let Some(key) = &r.key {
+            message = message.key(key);
+        }
+        if let Some(value) = &r.value {
+            message = message.payload(value);
+        }
+        producer
+            .send(message, Duration::from_secs(10))
+            .await
+            .expect("send in transaction");
+    }
+    producer
+        .commit_transaction(Duration::from_secs(30))
+        .expect("commit transaction");
+}
+
+/// A payment that will miss its settlement and a matched pair, so both topics hold
+/// data; consumed to the end by one worker that is then stopped.
+async fn consume_all_then_stop(world: &World, transactional: bool) {
+    use recon_worker::event::{format_timestamp, Input};
+    let at = format_timestamp(chrono::Utc::now().timestamp_micros());
+    let records = vec![
+        record(
+            Input::Payments,
+            "quiet",
+            serde_json::json!({
+            "event_id": "quiet-p", "type": "payment_captured", "payment_id": "quiet",
+            "merchant_id": "m", "amount_minor": 100, "currency": "EUR", "occurred_at": at}),
+        ),
+        record(
+            Input::Payments,
+            "pair",
+            serde_json::json!({
+            "event_id": "pair-p", "type": "payment_captured", "payment_id": "pair",
+            "merchant_id": "m", "amount_minor": 100, "currency": "EUR", "occurred_at": at}),
+        ),
+        record(
+            Input::Settlements,
+            "pair",
+            serde_json::json!({
+            "event_id": "pair-s", "type": "settlement_line", "settlement_id": "po", "payment_id": "pair",
+            "gross_minor": 100, "fee_minor": 1, "net_minor": 99, "currency": "EUR", "settled_at": at}),
+        ),
+    ];
+    if transactional {
+        produce_transactionally(world, &records).await;
+    } else {
+        world.produce(&records).await;
+    }
+    let mut first = world.spawn_worker("first", &[]);
+    let started = std::time::Instant::now();
+    while stored_offsets_total(world).await < 3 {
+        assert!(
+            started.elapsed() < WITHIN,
+            "not consumed:\n{}",
+            first.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_cleanly(&mut first);
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM recon_outcomes WHERE event_id = 'quiet-p' AND outcome = 'pending'")
+            .await,
+        1
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_quiet_stream_read_to_its_end_before_a_restart_still_raises_missing_settlement(
+    pool: PgPool,
+) {
+    let world = World::new(pool, 1).await;
+    consume_all_then_stop(&world, false).await;
+    // Nothing is left to read when the second worker is assigned the pair: only the
+    // idle rule can move the watermark on, and the deadline must fire.
+    let _second = world.spawn_worker(
+        "second",
+        &[
+            ("RECON_SETTLEMENT_DEADLINE", "3s"),
+            ("RECON_IDLE_TIMEOUT", "2s"),
+        ],
+    );
+    await_outcome(
+        &world,
+        "quiet-p",
+        "missing_settlement",
+        Duration::from_secs(20),
+    )
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_quiet_transactional_stream_still_raises_missing_settlement_after_a_restart(
+    pool: PgPool,
+) {
+    let world = World::new(pool, 1).await;
+    // The commit markers sit after the last messages: the stored offsets stay one
+    // below each partition's end, though nothing is left to read.
+    consume_all_then_stop(&world, true).await;
+    let _second = world.spawn_worker(
+        "second",
+        &[
+            ("RECON_SETTLEMENT_DEADLINE", "3s"),
+            ("RECON_IDLE_TIMEOUT", "2s"),
+        ],
+    );
+    await_outcome(
+        &world,
+        "quiet-p",
+        "missing_settlement",
+        Duration::from_secs(20),
+    )
+    .await;
+}

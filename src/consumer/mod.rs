@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -140,6 +140,17 @@ pub struct RebalanceContext {
     /// Set when an assignment could not be taken: the worker must stop.
     failed: Arc<AtomicBool>,
     health: Arc<Health>,
+    /// Where each newly assigned partition starts, for the poll thread (the callback
+    /// runs inside its `poll`, which cannot lend it the poller itself).
+    assigned: Arc<Mutex<Vec<Assigned>>>,
+}
+
+/// A partition just assigned, and the offset it is read from (`None`: the beginning).
+#[derive(Debug, Clone, Copy)]
+struct Assigned {
+    input: Input,
+    partition: i32,
+    next_offset: Option<i64>,
 }
 
 impl ClientContext for RebalanceContext {
@@ -187,6 +198,7 @@ impl ConsumerContext for RebalanceContext {
                 match self.take_ownership(&pairs) {
                     Ok(positions) => {
                         let assignment = self.assignment(&positions);
+                        self.seed_positions(&positions);
                         if let Err(error) = consumer.assign(&assignment) {
                             tracing::error!(%error, "assign failed");
                             self.failed.store(true, Ordering::SeqCst);
@@ -260,6 +272,25 @@ impl RebalanceContext {
         match input {
             Input::Payments => &self.payments_topic,
             Input::Settlements => &self.settlements_topic,
+        }
+    }
+
+    /// Hands the poll thread the offsets the pairs resume from. Without them a
+    /// partition already read to its end when assigned (after a restart or a
+    /// rebalance, nothing new since) would never count as caught up: nothing is read
+    /// from it, so the idle rule would never release its pair's watermark.
+    fn seed_positions(&self, positions: &[PairPosition]) {
+        let Ok(mut assigned) = self.assigned.lock() else {
+            return;
+        };
+        for position in positions {
+            for input in Input::ALL {
+                assigned.push(Assigned {
+                    input,
+                    partition: position.pair,
+                    next_offset: position.next_offsets[input.index()],
+                });
+            }
         }
     }
 }
@@ -369,12 +400,14 @@ pub fn start(
     health: Arc<Health>,
 ) -> Result<(PollThread, ConsumerHandle), ConsumerError> {
     let failed = Arc::new(AtomicBool::new(false));
+    let assigned = Arc::new(Mutex::new(Vec::new()));
     let context = RebalanceContext {
         deliveries: deliveries.clone(),
         payments_topic: config.payments_topic.clone(),
         settlements_topic: config.settlements_topic.clone(),
         failed: failed.clone(),
         health: health.clone(),
+        assigned: Arc::clone(&assigned),
     };
     let consumer: KafkaConsumer = client_config(config).create_with_context(context)?;
     let partitions = check_co_partitioned(&consumer, config)?;
@@ -403,6 +436,7 @@ pub fn start(
         last_timestamps: HashMap::new(),
         paused: HashSet::new(),
         health,
+        assigned,
         refused: HashMap::new(),
     };
     let handle = thread::Builder::new()
@@ -433,6 +467,8 @@ struct Poller {
     /// Partitions paused for running ahead of their co-partition.
     paused: HashSet<(Input, i32)>,
     health: Arc<Health>,
+    /// Partitions assigned by the last rebalance callback, with their start offsets.
+    assigned: Arc<Mutex<Vec<Assigned>>>,
     /// Messages PostgreSQL refused, by (input, partition, offset): read again after a
     /// rewind, each becomes a rejection with PostgreSQL's reason.
     refused: HashMap<(Input, i32, i64), String>,
@@ -455,7 +491,10 @@ impl Poller {
         // A handle of its own, so a borrowed message can coexist with `&mut self`.
         let consumer = Arc::clone(&self.consumer);
         while !self.stop.load(Ordering::SeqCst) && !self.failed.load(Ordering::SeqCst) {
-            let delivery = match consumer.poll(Duration::from_millis(100)) {
+            let polled = consumer.poll(Duration::from_millis(100));
+            // Before the message: it may be the first of a partition just assigned.
+            self.take_assigned();
+            let delivery = match polled {
                 None => None,
                 Some(Ok(message)) => {
                     let delivery = self.read(&message);
@@ -556,6 +595,27 @@ impl Poller {
         })
     }
 
+    /// Takes the partitions the last rebalance assigned: reading starts at their
+    /// stored offsets, and nothing read before belongs to them any more.
+    fn take_assigned(&mut self) {
+        let assigned = match self.assigned.lock() {
+            Ok(mut assigned) if !assigned.is_empty() => std::mem::take(&mut *assigned),
+            _ => return,
+        };
+        for a in assigned {
+            let key = (a.input, a.partition);
+            match a.next_offset {
+                Some(offset) => self.positions.insert(key, offset),
+                None => self.positions.remove(&key),
+            };
+            self.last_timestamps.remove(&key);
+            // The assignment resumed it.
+            self.paused.remove(&key);
+            self.refused
+                .retain(|&(input, partition, _), _| (input, partition) != key);
+        }
+    }
+
     /// Does the rewinds the pipeline asked for: seeks both partitions of the pair and
     /// sends the marker after which the pair's messages come from the new offsets.
     /// (librdkafka's seek with a timeout waits until the fetcher has moved, so no
@@ -637,6 +697,27 @@ impl Poller {
             Some(&position) => high >= 0 && position >= high,
             // Nothing read since assignment: caught up only if the partition is empty.
             None => high >= 0 && low >= 0 && high == low,
+        }
+    }
+
+    /// Moves each partition's position past what librdkafka consumed without handing
+    /// it over: transaction markers. A transactional producer's commit marker takes an
+    /// offset, so after the last message of a transaction the high watermark is one
+    /// past the next offset this thread saw, and the partition would never count as
+    /// caught up (the idle rule, and resuming a partition paused to keep in step, wait
+    /// for that). librdkafka advances its application position past control records;
+    /// a seek resets that position, so it never reports a place before a rewind.
+    fn merge_client_positions(&mut self) {
+        let Ok(positions) = self.consumer.position() else {
+            return;
+        };
+        for element in positions.elements() {
+            let Offset::Offset(offset) = element.offset() else {
+                continue;
+            };
+            let key = (self.input_of(element.topic()), element.partition());
+            let position = self.positions.entry(key).or_insert(offset);
+            *position = (*position).max(offset);
         }
     }
 
@@ -722,6 +803,7 @@ impl Poller {
         let Ok(assignment) = self.consumer.assignment() else {
             return Vec::new();
         };
+        self.merge_client_positions();
         let mut progress = Vec::new();
         for element in assignment.elements() {
             let input = self.input_of(element.topic());
