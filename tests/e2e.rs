@@ -182,7 +182,7 @@ async fn sigterm_mid_stream_and_restart_lose_nothing_and_count_nothing_twice(poo
 
     let mut second = world.spawn_worker("second", &[]);
     world.await_truth(&truth, WITHIN).await;
-    // Nothing twice: the discrepancy history has no unique key to hide a double write.
+    // Each discrepancy once: none lost (migration 0006 keys them, so none doubled).
     let opened = world
         .count("SELECT count(*) FROM recon_discrepancies")
         .await;

@@ -317,3 +317,62 @@ async fn values_postgresql_refuses_are_traced_to_their_messages(pool: PgPool) {
     store.checkpoint(&batch[1..]).await.expect("pair 1 commits");
     assert_eq!(count(&pool, "recon_events").await, 1);
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_checkpoint_retried_after_a_commit_of_unknown_outcome_writes_nothing_twice(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    store.acquire_pairs(&[0]).await.expect("own");
+    let first = checkpoint(0, 1, [Some(1), None], vec![pending_payment("e", "k", 1)]);
+    store
+        .checkpoint(std::slice::from_ref(&first))
+        .await
+        .expect("first");
+    // A batch of only deadline firings: an outcome update and an opened discrepancy,
+    // nothing inserted into recon_events, no offset moved.
+    let fired = PairCheckpoint {
+        pair: 0,
+        epoch: 1,
+        next_offsets: [None, None],
+        changes: PairChanges {
+            rows: vec![RowWrite {
+                new: None,
+                outcome: Outcome::MissingSettlement,
+                ..pending_payment("e", "k", 1)
+            }],
+            discrepancies: vec![DiscrepancyChange::Opened {
+                kind: Outcome::MissingSettlement,
+                payment_id: "k".into(),
+                payment_event_id: Some("e".into()),
+                settlement_event_id: None,
+            }],
+            high_marks: [Some(5), None],
+            generation: 2,
+        },
+        rejected: Vec::new(),
+    };
+    store
+        .checkpoint(std::slice::from_ref(&fired))
+        .await
+        .expect("fired");
+    // The connection dropped during COMMIT after the server committed: the worker
+    // cannot tell, and runs the same checkpoint again.
+    store.checkpoint(&[fired]).await.expect("retried");
+    let missing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM recon_discrepancies WHERE kind = 'missing_settlement'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(missing, 1, "the retry opened no second discrepancy");
+    // A retried batch with new events meets its own rows: the pair is re-read from
+    // the stored offsets (which the first attempt moved), and nothing is doubled.
+    match store.checkpoint(&[first]).await {
+        Err(StoreError::EventIdsClash(pairs)) => assert_eq!(pairs, vec![0]),
+        other => panic!("expected the pair to be re-read, got {other:?}"),
+    }
+    assert_eq!(count(&pool, "recon_events").await, 1);
+    assert_eq!(count(&pool, "rejected_events").await, 1);
+    assert_eq!(count(&pool, "recon_discrepancies").await, 2);
+    let position = store.owned_position(0, 1).await.expect("position");
+    assert_eq!(position.map(|p| p.next_offsets), Some([Some(1), None]));
+}

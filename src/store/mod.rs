@@ -939,8 +939,11 @@ async fn write_discrepancies(
     }
     if !opened.kinds.is_empty() {
         sqlx::query(
+            // A checkpoint retried after a COMMIT of unknown outcome may have opened
+            // these already (migration 0006 keys them).
             "INSERT INTO recon_discrepancies (kind, payment_id, kafka_partition, payment_event_id, settlement_event_id)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::text[])",
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::text[])
+             ON CONFLICT DO NOTHING",
         )
         .bind(opened.kinds)
         .bind(opened.payment_ids)
