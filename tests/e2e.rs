@@ -1213,3 +1213,63 @@ async fn a_quiet_transactional_stream_still_raises_missing_settlement_after_a_re
     )
     .await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn an_event_id_clash_while_the_topics_are_read_in_step_does_not_stall_the_pair(pool: PgPool) {
+    use recon_worker::event::{format_timestamp, Input};
+    let world = World::new(pool, 1).await;
+    let exact = exact_mix();
+    let (first, mut truth) = generate(&world.plan(100, 71, exact.clone()));
+    world.produce(&first).await;
+    let mut worker = world.spawn_worker("first", &[]);
+    world.await_truth(&truth, WITHIN).await;
+    stop_cleanly(&mut worker);
+
+    // A backlog whose settlements carry Kafka timestamps a minute ahead of the
+    // payments': read in step, the settlements' partition is paused while the
+    // payments have a backlog. Amid the payments, stored event ids come again
+    // under new payment ids: the insert clashes and the pair is replayed (a rewind),
+    // which forgets the Kafka timestamps the pause would be lifted by.
+    let (second, truth_2) = generate(&world.plan(3_000, 72, exact));
+    let (mut payments, settlements): (Vec<_>, Vec<_>) =
+        second.into_iter().partition(|r| r.input == Input::Payments);
+    let at = format_timestamp(chrono::Utc::now().timestamp_micros());
+    let reused: Vec<_> = truth
+        .outcomes
+        .keys()
+        .filter(|(kind, _)| kind == "payment")
+        .take(3)
+        .enumerate()
+        .map(|(i, (_, event_id))| {
+            let payment_id = format!("reused-{i}");
+            record(
+                Input::Payments,
+                &payment_id,
+                serde_json::json!({
+                "event_id": event_id, "type": "payment_captured", "payment_id": payment_id,
+                "merchant_id": "m", "amount_minor": 500, "currency": "EUR", "occurred_at": at}),
+            )
+        })
+        .collect();
+    // Late enough that the settlements' partition has been read and paused by then.
+    let tail = payments.split_off(2_000);
+    payments.extend(reused);
+    payments.extend(tail);
+    let now = chrono::Utc::now().timestamp_millis();
+    produce_at(&world, &settlements, now + 60_000).await;
+    produce_at(&world, &payments, now).await;
+    truth.outcomes.extend(truth_2.outcomes);
+    let worker = world.spawn_worker(
+        "in-step",
+        &[
+            ("RECON_BATCH_MAX_MESSAGES", "50"),
+            ("RECON_KAFKA_PROP_QUEUED_MAX_MESSAGES_KBYTES", "64"),
+        ],
+    );
+    world.await_truth(&truth, WITHIN).await;
+    let addr = worker.metrics_addr(Duration::from_secs(10));
+    assert!(
+        scrape(&addr, "recon_pair_replays_total").await >= 1.0,
+        "the clash replayed the pair"
+    );
+}

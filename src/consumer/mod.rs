@@ -654,6 +654,12 @@ impl Poller {
                     Some(offset) => self.positions.insert((input, pair), offset),
                     None => self.positions.remove(&(input, pair)),
                 };
+                // With its Kafka timestamps forgotten, the in-step rule has nothing to
+                // resume a partition it paused by: left paused, it would not be read
+                // again until the next rebalance.
+                if self.paused.remove(&(input, pair)) {
+                    self.pause_or_resume((input, pair), false);
+                }
             }
             self.refused
                 .retain(|&(_, partition, _), _| partition != pair);
