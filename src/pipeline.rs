@@ -29,8 +29,8 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::consumer::{
-    commit_advisory, now_micros, ConsumerHandle, Delivery, PartitionProgress, ReadMessage, Refused,
-    Rewind,
+    commit_advisory, now_micros, ConsumerHandle, Delivery, OffsetReset, PartitionProgress,
+    ReadMessage, Refused, Rewind,
 };
 use crate::engine::{Applied, EngineConfig, PairEngine, SweepRequest};
 use crate::event::Input;
@@ -102,6 +102,32 @@ impl OwnedPair {
             refused: Vec::new(),
             counts: ReadCounts::default(),
         }
+    }
+}
+
+impl OwnedPair {
+    /// The consumer read `input` from `offset`, below where it stood (see
+    /// [`OffsetReset`]): what comes from here is read as new, and every event id is
+    /// checked against storage up to the log's end as it was then, so messages read
+    /// before come out as redeliveries whatever their payment id.
+    fn reset(&mut self, input: Input, offset: i64, reset: OffsetReset) {
+        let i = input.index();
+        tracing::warn!(
+            topic = %input,
+            offset,
+            expected = reset.expected,
+            read = ?self.read[i],
+            "reading the partition again from below its position; checking every event id"
+        );
+        self.read[i] = Some(offset);
+        let until = if reset.high_watermark >= 0 {
+            reset.high_watermark
+        } else {
+            reset.expected
+        };
+        let mut probe = self.probe_until.unwrap_or([None, None]);
+        probe[i] = Some(probe[i].map_or(until, |u| u.max(until)));
+        self.probe_until = Some(probe);
     }
 }
 
@@ -506,7 +532,11 @@ impl Pipeline {
                     if owned.rewinding {
                         continue;
                     }
-                    // Read again after a rewind that a reassignment overtook.
+                    if let Some(reset) = message.reset {
+                        owned.reset(input, message.offset, reset);
+                    }
+                    // Read again after a rewind that a reassignment overtook (a reset
+                    // of the log itself came flagged, and moved the read position).
                     if owned.read[input.index()].is_some_and(|next| message.offset < next) {
                         continue;
                     }

@@ -1273,3 +1273,71 @@ async fn an_event_id_clash_while_the_topics_are_read_in_step_does_not_stall_the_
         "the clash replayed the pair"
     );
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_recreated_topic_is_read_from_its_start_and_nothing_is_lost(pool: PgPool) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use recon_worker::event::{format_timestamp, Input};
+    let world = World::new(pool, 1).await;
+    let (first, mut truth) = generate(&world.plan(100, 81, exact_mix()));
+    world.produce(&first).await;
+    let mut worker = world.spawn_worker("first", &[]);
+    world.await_truth(&truth, WITHIN).await;
+    stop_cleanly(&mut worker);
+
+    // The payments topic is deleted and created again under its name: its offsets
+    // start from 0, far below the offset stored for it.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin");
+    admin
+        .delete_topics(&[&world.payments], &AdminOptions::new())
+        .await
+        .expect("delete topic");
+    let started = std::time::Instant::now();
+    while recon_worker::admin::create_topics(&brokers(), &[&world.payments], 1)
+        .await
+        .is_err()
+    {
+        assert!(started.elapsed() < WITHIN, "topic not recreated");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // New payments, and payments read before (the same events again).
+    let at = format_timestamp(chrono::Utc::now().timestamp_micros());
+    let mut again: Vec<_> = first
+        .iter()
+        .filter(|r| r.input == Input::Payments)
+        .take(3)
+        .cloned()
+        .collect();
+    for i in 0..5 {
+        let id = format!("after-{i}");
+        again.push(record(
+            Input::Payments,
+            &id,
+            serde_json::json!({
+            "event_id": format!("{id}-p"), "type": "payment_captured", "payment_id": id,
+            "merchant_id": "m", "amount_minor": 500, "currency": "EUR", "occurred_at": at}),
+        ));
+        truth.outcomes.insert(
+            ("payment".into(), format!("{id}-p")),
+            (id, Outcome::Pending, None),
+        );
+    }
+    world.produce(&again).await;
+    let worker = world.spawn_worker("second", &[]);
+    let addr = worker.metrics_addr(Duration::from_secs(30));
+    world.await_truth(&truth, WITHIN).await;
+    assert_counter_settles_at(&addr, "recon_events_redelivered_total", 3.0).await;
+    assert!(
+        scrape(&addr, "recon_offset_resets_total").await >= 1.0,
+        "the reset is counted"
+    );
+    assert!(
+        worker.log_text().contains("offset reset"),
+        "the reset is logged:\n{}",
+        worker.log_text()
+    );
+}

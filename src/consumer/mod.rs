@@ -61,6 +61,22 @@ pub struct ReadMessage {
     /// Kafka message timestamp in milliseconds, when the producer or broker set one.
     pub timestamp_ms: Option<i64>,
     pub decoded: Result<Event, RejectedMessage>,
+    /// Set when this message's offset is below the position the poll thread expected
+    /// next (and it did not seek there): the partition was reset under the consumer.
+    pub reset: Option<OffsetReset>,
+}
+
+/// A partition read from below where the consumer stood, without a seek of ours: the
+/// topic was recreated, an unclean leader election truncated the log, or the broker
+/// answered "offset out of range" and `auto.offset.reset` moved the consumer. What
+/// comes from here on may be new, so it is processed, not skipped; event ids tell
+/// redeliveries apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffsetReset {
+    /// The offset the consumer expected to read next.
+    pub expected: i64,
+    /// The partition's high watermark when the reset was seen (−1 when unknown).
+    pub high_watermark: i64,
 }
 
 /// Whether one input partition has nothing left to read.
@@ -559,6 +575,7 @@ impl Poller {
         let input = self.input_of(message.topic());
         let partition = message.partition();
         let offset = message.offset();
+        let reset = self.check_offset(input, partition, offset);
         self.positions.insert((input, partition), offset + 1);
         if let Some(timestamp) = message.timestamp().to_millis() {
             self.last_timestamps.insert((input, partition), timestamp);
@@ -592,7 +609,54 @@ impl Poller {
             offset,
             timestamp_ms: message.timestamp().to_millis(),
             decoded,
+            reset,
         })
+    }
+
+    /// Compares a message's offset with where this thread expected to read next. Below
+    /// it (and not because we sought there: a seek moves the expectation) the log was
+    /// reset under the consumer; above it while the log now starts above the expected
+    /// offset, retention removed messages never read. Both are counted and logged at
+    /// error level; neither is skipped (gaps above are otherwise normal: transaction
+    /// markers, compaction).
+    fn check_offset(&self, input: Input, partition: i32, offset: i64) -> Option<OffsetReset> {
+        let &expected = self.positions.get(&(input, partition))?;
+        let topic = &self.topics[input.index()];
+        if offset < expected {
+            let (_, high) = cached_watermarks(&self.consumer, topic, partition);
+            metrics::counter!(crate::telemetry::metrics::OFFSET_RESETS, "topic" => input.label(), "partition" => partition.to_string())
+                .increment(1);
+            tracing::error!(
+                topic = %topic,
+                partition,
+                expected,
+                offset,
+                high_watermark = high,
+                "offset reset: reading below the position the consumer stood at (topic recreated, \
+                 log truncated or offsets reset); processing again, event ids tell redeliveries apart"
+            );
+            return Some(OffsetReset {
+                expected,
+                high_watermark: high,
+            });
+        }
+        if offset > expected {
+            let (low, _) = cached_watermarks(&self.consumer, topic, partition);
+            if low > expected {
+                metrics::counter!(crate::telemetry::metrics::OFFSET_RESETS, "topic" => input.label(), "partition" => partition.to_string())
+                    .increment(1);
+                tracing::error!(
+                    topic = %topic,
+                    partition,
+                    expected,
+                    offset,
+                    log_start = low,
+                    "offset reset: messages from the expected offset were deleted before they \
+                     were read (retention); they are lost to this worker"
+                );
+            }
+        }
+        None
     }
 
     /// Takes the partitions the last rebalance assigned: reading starts at their
