@@ -267,6 +267,7 @@ pub async fn pipeline_only(
                 offset: *offset - 1,
                 timestamp_ms: None,
                 decoded,
+                reset: None,
             })
         })
         .collect();

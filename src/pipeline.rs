@@ -29,11 +29,14 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::consumer::{
-    commit_advisory, now_micros, ConsumerHandle, Delivery, PartitionProgress, ReadMessage, Rewind,
+    commit_advisory, now_micros, ConsumerHandle, Delivery, OffsetReset, PartitionProgress,
+    ReadMessage, Refused, Rewind,
 };
 use crate::engine::{Applied, EngineConfig, PairEngine, SweepRequest};
 use crate::event::Input;
-use crate::store::{PairCheckpoint, PairPosition, RejectedMessage, Store, StoreError};
+use crate::store::{
+    PairCheckpoint, PairPosition, RefusedMessage, RejectedMessage, Store, StoreError,
+};
 use crate::telemetry::metrics as m;
 use crate::telemetry::Health;
 
@@ -79,6 +82,9 @@ struct OwnedPair {
     /// against storage until the committed offsets reach these (how far the pair had
     /// read when it clashed).
     probe_until: Option<[Option<i64>; 2]>,
+    /// Messages PostgreSQL refused, to be rejected when read again; kept until a
+    /// commit covers them (a replay before that must reject them too).
+    refused: Vec<Refused>,
     /// What the batch being collected read from this pair, for the metrics.
     counts: ReadCounts,
 }
@@ -94,8 +100,35 @@ impl OwnedPair {
             high_watermarks: [-1, -1],
             rewinding: false,
             probe_until: None,
+            refused: Vec::new(),
             counts: ReadCounts::default(),
         }
+    }
+}
+
+impl OwnedPair {
+    /// The consumer read `input` from `offset`, below where it stood (see
+    /// [`OffsetReset`]): what comes from here is read as new, and every event id is
+    /// checked against storage up to the log's end as it was then, so messages read
+    /// before come out as redeliveries whatever their payment id.
+    fn reset(&mut self, input: Input, offset: i64, reset: OffsetReset) {
+        let i = input.index();
+        tracing::warn!(
+            topic = %input,
+            offset,
+            expected = reset.expected,
+            read = ?self.read[i],
+            "reading the partition again from below its position; checking every event id"
+        );
+        self.read[i] = Some(offset);
+        let until = if reset.high_watermark >= 0 {
+            reset.high_watermark
+        } else {
+            reset.expected
+        };
+        let mut probe = self.probe_until.unwrap_or([None, None]);
+        probe[i] = Some(probe[i].map_or(until, |u| u.max(until)));
+        self.probe_until = Some(probe);
     }
 }
 
@@ -108,12 +141,17 @@ struct ReadCounts {
     redelivered: [u64; 2],
 }
 
-/// A pair whose insert clashed, to be rebuilt from storage and re-read.
+/// A pair whose insert clashed, or whose values PostgreSQL refused, to be rebuilt
+/// from storage and re-read.
 struct Replay {
     pair: i32,
     epoch: i64,
     /// How far the pair had read when it was dropped.
     read: [Option<i64>; 2],
+    /// Check every event id against storage until past `read` (after a clash).
+    probe: bool,
+    /// Messages to reject when read again.
+    refused: Vec<Refused>,
 }
 
 pub struct Pipeline {
@@ -154,6 +192,8 @@ struct Written {
     fenced: Vec<i32>,
     /// Pairs that inserted event ids already stored: nothing of theirs was written.
     clashed: Vec<i32>,
+    /// Messages whose values PostgreSQL refused: nothing of their pairs was written.
+    refused: Vec<RefusedMessage>,
     /// A permanent failure; the pairs in `committed` did commit.
     failed: Option<StoreError>,
 }
@@ -350,6 +390,7 @@ impl Pipeline {
             let rewind = Rewind {
                 pair: replay.pair,
                 next_offsets: position.next_offsets,
+                refused: replay.refused.clone(),
             };
             // Only fails when the poll thread is gone, and then the worker is stopping.
             if consumer.rewinds.send(rewind).is_err() {
@@ -359,7 +400,8 @@ impl Pipeline {
             tracing::info!(pair = replay.pair, offsets = ?position.next_offsets, until = ?replay.read, "replaying the partition pair");
             let mut owned = OwnedPair::new(&position, self.engine_config);
             owned.rewinding = true;
-            owned.probe_until = Some(replay.read);
+            owned.probe_until = replay.probe.then_some(replay.read);
+            owned.refused = replay.refused;
             self.pairs.insert(replay.pair, owned);
         }
         self.publish_assignment();
@@ -491,7 +533,11 @@ impl Pipeline {
                     if owned.rewinding {
                         continue;
                     }
-                    // Read again after a rewind that a reassignment overtook.
+                    if let Some(reset) = message.reset {
+                        owned.reset(input, message.offset, reset);
+                    }
+                    // Read again after a rewind that a reassignment overtook (a reset
+                    // of the log itself came flagged, and moved the read position).
                     if owned.read[input.index()].is_some_and(|next| message.offset < next) {
                         continue;
                     }
@@ -602,9 +648,14 @@ impl Pipeline {
                         pair,
                         epoch: owned.epoch,
                         read: owned.read,
+                        probe: true,
+                        refused: owned.refused,
                     });
                 }
             }
+        }
+        if !written.refused.is_empty() {
+            self.refuse(written.refused);
         }
         // Pairs that did commit are acknowledged even when another failed for good,
         // so their offsets are not replayed on top of their results.
@@ -616,6 +667,43 @@ impl Pipeline {
                 self.health.set_database_ok(true);
                 Ok(())
             }
+        }
+    }
+
+    /// Messages PostgreSQL refused (contract §1: a value the decoder accepts but the
+    /// database cannot hold is that message's fault, never the partition's): their
+    /// pairs are dropped, with the batch applied after, and re-read from their stored
+    /// offsets with those messages rejected, so the engine never sees them and the
+    /// rest of their batch commits as if they had been rejected from the start.
+    fn refuse(&mut self, refused: Vec<RefusedMessage>) {
+        let mut by_pair: BTreeMap<i32, Vec<Refused>> = BTreeMap::new();
+        for message in refused {
+            tracing::error!(
+                partition = message.pair,
+                topic = %message.input,
+                offset = message.offset,
+                reason = %message.reason,
+                "PostgreSQL refused a message's values; rejecting it and re-reading its partition pair"
+            );
+            by_pair.entry(message.pair).or_default().push(Refused {
+                input: message.input,
+                offset: message.offset,
+                reason: message.reason,
+            });
+        }
+        metrics::counter!(m::PAIR_REPLAYS).increment(by_pair.len() as u64);
+        for (pair, mut refused) in by_pair {
+            let Some(owned) = self.pairs.remove(&pair) else {
+                continue;
+            };
+            refused.extend(owned.refused);
+            self.replays.push(Replay {
+                pair,
+                epoch: owned.epoch,
+                read: owned.read,
+                probe: owned.probe_until.is_some(),
+                refused,
+            });
         }
     }
 
@@ -827,6 +915,12 @@ impl Pipeline {
                     self.advisory_pending = true;
                 }
             }
+            if !owned.refused.is_empty() {
+                let committed = owned.committed;
+                owned
+                    .refused
+                    .retain(|r| committed[r.input.index()].is_none_or(|next| r.offset >= next));
+            }
             if let Some(until) = owned.probe_until {
                 let past =
                     |i: usize| until[i].is_none_or(|u| owned.committed[i].is_some_and(|c| c >= u));
@@ -954,6 +1048,7 @@ async fn write(
         committed: Vec::with_capacity(pending.len()),
         fenced: Vec::new(),
         clashed: Vec::new(),
+        refused: Vec::new(),
         failed: None,
     };
     while !pending.is_empty() {
@@ -982,6 +1077,14 @@ async fn write(
                 Err(StoreError::EventIdsClash(pairs)) => {
                     pending.extend(group.into_iter().filter(|c| !pairs.contains(&c.pair)));
                     written.clashed.extend(pairs);
+                }
+                Err(StoreError::DataErrors(refused)) => {
+                    pending.extend(
+                        group
+                            .into_iter()
+                            .filter(|c| !refused.iter().any(|r| r.pair == c.pair)),
+                    );
+                    written.refused.extend(refused);
                 }
                 Err(error) if error.is_transient() => {
                     pending.extend(group);

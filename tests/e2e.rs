@@ -182,7 +182,7 @@ async fn sigterm_mid_stream_and_restart_lose_nothing_and_count_nothing_twice(poo
 
     let mut second = world.spawn_worker("second", &[]);
     world.await_truth(&truth, WITHIN).await;
-    // Nothing twice: the discrepancy history has no unique key to hide a double write.
+    // Each discrepancy once: none lost (migration 0006 keys them, so none doubled).
     let opened = world
         .count("SELECT count(*) FROM recon_discrepancies")
         .await;
@@ -918,5 +918,426 @@ async fn a_permanent_database_error_fails_fast_with_a_clear_message(pool: PgPool
     assert!(
         log.contains("migrations") && log.contains("no_such_role"),
         "{log}"
+    );
+}
+
+/// A second database for `world`'s topics, created with `options` (dropped by the
+/// caller through the returned pool's owner).
+async fn other_database(world: &World, prefix: &str, options: &str) -> World {
+    let name = unique(prefix).replace('-', "_");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\" {options}"))
+        .execute(&world.pool)
+        .await
+        .expect("second database");
+    let url = format!(
+        "{}/{name}",
+        world
+            .database_url
+            .rsplit_once('/')
+            .map_or("", |(base, _)| base)
+    );
+    World {
+        pool: PgPool::connect(&url)
+            .await
+            .expect("connect second database"),
+        database_url: url,
+        payments: world.payments.clone(),
+        settlements: world.settlements.clone(),
+        group: unique("group"),
+        partitions: world.partitions,
+        log_dir: world.log_dir.clone(),
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_value_postgresql_refuses_rejects_its_message_and_the_partition_goes_on(pool: PgPool) {
+    use recon_worker::event::{format_timestamp, Input};
+    let world = World::new(pool, 2).await;
+    // A database in LATIN1 (a legacy deployment) cannot hold '€', which the decoder
+    // rightly accepts: the insert fails with a data error (SQLSTATE 22P05) caused by
+    // one message's content.
+    let latin1 = other_database(
+        &world,
+        "recon_latin1",
+        "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    )
+    .await;
+    let exact = exact_mix();
+    let (mut records, mut truth) = generate(&latin1.plan(300, 61, exact));
+    let at = format_timestamp(chrono::Utc::now().timestamp_micros());
+    let payment = |id: &str, merchant: &str| {
+        record(
+            Input::Payments,
+            id,
+            serde_json::json!({
+            "event_id": format!("{id}-p"), "type": "payment_captured", "payment_id": id,
+            "merchant_id": merchant, "amount_minor": 500, "currency": "EUR", "occurred_at": at}),
+        )
+    };
+    let settlement = |id: &str, settlement_id: &str| {
+        record(
+            Input::Settlements,
+            id,
+            serde_json::json!({
+            "event_id": format!("{id}-s"), "type": "settlement_line", "settlement_id": settlement_id,
+            "payment_id": id, "gross_minor": 500, "fee_minor": 5, "net_minor": 495, "currency": "EUR",
+            "settled_at": at}),
+        )
+    };
+    // In the middle of the stream: 'é' is LATIN1 and stored; '€' is refused.
+    let tail = records.split_off(records.len() / 2);
+    records.extend([
+        payment("enc-1", "café"),
+        settlement("enc-1", "po"),
+        payment("enc-2", "caf€"),
+        settlement("enc-2", "po"),
+        payment("enc-3", "m"),
+        settlement("enc-3", "po-€"),
+    ]);
+    records.extend(tail);
+    let outcome = |payment_id: &str, outcome: Outcome, counterpart: Option<&str>| {
+        (
+            payment_id.to_owned(),
+            outcome,
+            counterpart.map(str::to_owned),
+        )
+    };
+    let key = |kind: &str, id: &str| (kind.to_owned(), id.to_owned());
+    truth.outcomes.extend([
+        (
+            key("payment", "enc-1-p"),
+            outcome("enc-1", Outcome::Matched, Some("enc-1-s")),
+        ),
+        (
+            key("settlement", "enc-1-s"),
+            outcome("enc-1", Outcome::Matched, Some("enc-1-p")),
+        ),
+        (
+            key("settlement", "enc-2-s"),
+            outcome("enc-2", Outcome::Pending, None),
+        ),
+        (
+            key("payment", "enc-3-p"),
+            outcome("enc-3", Outcome::Pending, None),
+        ),
+    ]);
+    truth.rejected.extend([
+        (Input::Payments, "data_error"),
+        (Input::Settlements, "data_error"),
+    ]);
+    latin1.produce(&records).await;
+    let mut worker = latin1.spawn_worker("latin1", &[]);
+    latin1.await_truth(&truth, WITHIN).await;
+    assert!(
+        worker.child.try_wait().expect("try_wait").is_none(),
+        "the worker is still running:\n{}",
+        worker.log_text()
+    );
+    let reasons: Vec<(i64, String, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT kafka_offset, reason, payload FROM rejected_events WHERE reason_class = 'data_error'",
+    )
+    .fetch_all(&latin1.pool)
+    .await
+    .expect("rejects");
+    assert_eq!(reasons.len(), 2);
+    for (_, reason, payload) in &reasons {
+        assert!(
+            reason.contains("has no equivalent in encoding") && reason.contains("22P05"),
+            "PostgreSQL's message is the reason: {reason}"
+        );
+        let payload = String::from_utf8(payload.clone().expect("raw bytes kept")).expect("UTF-8");
+        assert!(payload.contains('€'), "the raw message is kept: {payload}");
+    }
+    let stored = stored_offsets_total(&latin1).await;
+    assert_eq!(
+        stored as usize,
+        records.len(),
+        "stored offsets cover every message"
+    );
+    let addr = worker.metrics_addr(Duration::from_secs(10));
+    assert_counter_settles_at(&addr, "recon_events_rejected_total", 2.0).await;
+    assert!(
+        scrape_series(
+            &addr,
+            "recon_events_rejected_total",
+            &["reason=\"data_error\""]
+        )
+        .await
+        .is_some_and(|n| n >= 1.0),
+        "rejections are counted under their reason"
+    );
+    stop_cleanly(&mut worker);
+    let name = latin1
+        .database_url
+        .rsplit_once('/')
+        .map_or("", |(_, name)| name)
+        .to_owned();
+    latin1.pool.close().await;
+    sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+        .execute(&world.pool)
+        .await
+        .expect("drop");
+}
+
+/// Produces records in one Kafka transaction: its commit marker takes an offset on
+/// every partition written, after the last message.
+async fn produce_transactionally(world: &World, records: &[recon_worker::loadgen::Record]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("transactional.id", unique("recon-test-tx"))
+        .create()
+        .expect("transactional producer");
+    producer
+        .init_transactions(Duration::from_secs(30))
+        .expect("init transactions");
+    producer.begin_transaction().expect("begin");
+    for r in records {
+        let topic = match r.input {
+            recon_worker::event::Input::Payments => &world.payments,
+            recon_worker::event::Input::Settlements => &world.settlements,
+        };
+        let mut message = FutureRecord::<[u8], [u8]>::to(topic);
+        if let Some(key) = &r.key {
+            message = message.key(key);
+        }
+        if let Some(value) = &r.value {
+            message = message.payload(value);
+        }
+        producer
+            .send(message, Duration::from_secs(10))
+            .await
+            .expect("send in transaction");
+    }
+    producer
+        .commit_transaction(Duration::from_secs(30))
+        .expect("commit transaction");
+}
+
+/// A payment that will miss its settlement and a matched pair, so both topics hold
+/// data; consumed to the end by one worker that is then stopped.
+async fn consume_all_then_stop(world: &World, transactional: bool) {
+    use recon_worker::event::{format_timestamp, Input};
+    let at = format_timestamp(chrono::Utc::now().timestamp_micros());
+    let records = vec![
+        record(
+            Input::Payments,
+            "quiet",
+            serde_json::json!({
+            "event_id": "quiet-p", "type": "payment_captured", "payment_id": "quiet",
+            "merchant_id": "m", "amount_minor": 100, "currency": "EUR", "occurred_at": at}),
+        ),
+        record(
+            Input::Payments,
+            "pair",
+            serde_json::json!({
+            "event_id": "pair-p", "type": "payment_captured", "payment_id": "pair",
+            "merchant_id": "m", "amount_minor": 100, "currency": "EUR", "occurred_at": at}),
+        ),
+        record(
+            Input::Settlements,
+            "pair",
+            serde_json::json!({
+            "event_id": "pair-s", "type": "settlement_line", "settlement_id": "po", "payment_id": "pair",
+            "gross_minor": 100, "fee_minor": 1, "net_minor": 99, "currency": "EUR", "settled_at": at}),
+        ),
+    ];
+    if transactional {
+        produce_transactionally(world, &records).await;
+    } else {
+        world.produce(&records).await;
+    }
+    let mut first = world.spawn_worker("first", &[]);
+    let started = std::time::Instant::now();
+    while stored_offsets_total(world).await < 3 {
+        assert!(
+            started.elapsed() < WITHIN,
+            "not consumed:\n{}",
+            first.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_cleanly(&mut first);
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM recon_outcomes WHERE event_id = 'quiet-p' AND outcome = 'pending'")
+            .await,
+        1
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_quiet_stream_read_to_its_end_before_a_restart_still_raises_missing_settlement(
+    pool: PgPool,
+) {
+    let world = World::new(pool, 1).await;
+    consume_all_then_stop(&world, false).await;
+    // Nothing is left to read when the second worker is assigned the pair: only the
+    // idle rule can move the watermark on, and the deadline must fire.
+    let _second = world.spawn_worker(
+        "second",
+        &[
+            ("RECON_SETTLEMENT_DEADLINE", "3s"),
+            ("RECON_IDLE_TIMEOUT", "2s"),
+        ],
+    );
+    await_outcome(
+        &world,
+        "quiet-p",
+        "missing_settlement",
+        Duration::from_secs(20),
+    )
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_quiet_transactional_stream_still_raises_missing_settlement_after_a_restart(
+    pool: PgPool,
+) {
+    let world = World::new(pool, 1).await;
+    // The commit markers sit after the last messages: the stored offsets stay one
+    // below each partition's end, though nothing is left to read.
+    consume_all_then_stop(&world, true).await;
+    let _second = world.spawn_worker(
+        "second",
+        &[
+            ("RECON_SETTLEMENT_DEADLINE", "3s"),
+            ("RECON_IDLE_TIMEOUT", "2s"),
+        ],
+    );
+    await_outcome(
+        &world,
+        "quiet-p",
+        "missing_settlement",
+        Duration::from_secs(20),
+    )
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_event_id_clash_while_the_topics_are_read_in_step_does_not_stall_the_pair(pool: PgPool) {
+    use recon_worker::event::{format_timestamp, Input};
+    let world = World::new(pool, 1).await;
+    let exact = exact_mix();
+    let (first, mut truth) = generate(&world.plan(100, 71, exact.clone()));
+    world.produce(&first).await;
+    let mut worker = world.spawn_worker("first", &[]);
+    world.await_truth(&truth, WITHIN).await;
+    stop_cleanly(&mut worker);
+
+    // A backlog whose settlements carry Kafka timestamps a minute ahead of the
+    // payments': read in step, the settlements' partition is paused while the
+    // payments have a backlog. Amid the payments, stored event ids come again
+    // under new payment ids: the insert clashes and the pair is replayed (a rewind),
+    // which forgets the Kafka timestamps the pause would be lifted by.
+    let (second, truth_2) = generate(&world.plan(3_000, 72, exact));
+    let (mut payments, settlements): (Vec<_>, Vec<_>) =
+        second.into_iter().partition(|r| r.input == Input::Payments);
+    let at = format_timestamp(chrono::Utc::now().timestamp_micros());
+    let reused: Vec<_> = truth
+        .outcomes
+        .keys()
+        .filter(|(kind, _)| kind == "payment")
+        .take(3)
+        .enumerate()
+        .map(|(i, (_, event_id))| {
+            let payment_id = format!("reused-{i}");
+            record(
+                Input::Payments,
+                &payment_id,
+                serde_json::json!({
+                "event_id": event_id, "type": "payment_captured", "payment_id": payment_id,
+                "merchant_id": "m", "amount_minor": 500, "currency": "EUR", "occurred_at": at}),
+            )
+        })
+        .collect();
+    // Late enough that the settlements' partition has been read and paused by then.
+    let tail = payments.split_off(2_000);
+    payments.extend(reused);
+    payments.extend(tail);
+    let now = chrono::Utc::now().timestamp_millis();
+    produce_at(&world, &settlements, now + 60_000).await;
+    produce_at(&world, &payments, now).await;
+    truth.outcomes.extend(truth_2.outcomes);
+    let worker = world.spawn_worker(
+        "in-step",
+        &[
+            ("RECON_BATCH_MAX_MESSAGES", "50"),
+            ("RECON_KAFKA_PROP_QUEUED_MAX_MESSAGES_KBYTES", "64"),
+        ],
+    );
+    world.await_truth(&truth, WITHIN).await;
+    let addr = worker.metrics_addr(Duration::from_secs(10));
+    assert!(
+        scrape(&addr, "recon_pair_replays_total").await >= 1.0,
+        "the clash replayed the pair"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_recreated_topic_is_read_from_its_start_and_nothing_is_lost(pool: PgPool) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use recon_worker::event::{format_timestamp, Input};
+    let world = World::new(pool, 1).await;
+    let (first, mut truth) = generate(&world.plan(100, 81, exact_mix()));
+    world.produce(&first).await;
+    let mut worker = world.spawn_worker("first", &[]);
+    world.await_truth(&truth, WITHIN).await;
+    stop_cleanly(&mut worker);
+
+    // The payments topic is deleted and created again under its name: its offsets
+    // start from 0, far below the offset stored for it.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin");
+    admin
+        .delete_topics(&[&world.payments], &AdminOptions::new())
+        .await
+        .expect("delete topic");
+    let started = std::time::Instant::now();
+    while recon_worker::admin::create_topics(&brokers(), &[&world.payments], 1)
+        .await
+        .is_err()
+    {
+        assert!(started.elapsed() < WITHIN, "topic not recreated");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // New payments, and payments read before (the same events again).
+    let at = format_timestamp(chrono::Utc::now().timestamp_micros());
+    let mut again: Vec<_> = first
+        .iter()
+        .filter(|r| r.input == Input::Payments)
+        .take(3)
+        .cloned()
+        .collect();
+    for i in 0..5 {
+        let id = format!("after-{i}");
+        again.push(record(
+            Input::Payments,
+            &id,
+            serde_json::json!({
+            "event_id": format!("{id}-p"), "type": "payment_captured", "payment_id": id,
+            "merchant_id": "m", "amount_minor": 500, "currency": "EUR", "occurred_at": at}),
+        ));
+        truth.outcomes.insert(
+            ("payment".into(), format!("{id}-p")),
+            (id, Outcome::Pending, None),
+        );
+    }
+    world.produce(&again).await;
+    let worker = world.spawn_worker("second", &[]);
+    let addr = worker.metrics_addr(Duration::from_secs(30));
+    world.await_truth(&truth, WITHIN).await;
+    assert_counter_settles_at(&addr, "recon_events_redelivered_total", 3.0).await;
+    assert!(
+        scrape(&addr, "recon_offset_resets_total").await >= 1.0,
+        "the reset is counted"
+    );
+    assert!(
+        worker.log_text().contains("offset reset"),
+        "the reset is logged:\n{}",
+        worker.log_text()
     );
 }

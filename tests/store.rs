@@ -265,3 +265,114 @@ async fn two_pairs_inserting_one_event_id_in_a_batch_keep_it_with_the_first(pool
     }
     assert_eq!(count(&pool, "recon_events").await, 0);
 }
+
+#[sqlx::test(migrations = false)]
+async fn values_postgresql_refuses_are_traced_to_their_messages(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    store.acquire_pairs(&[0, 1]).await.expect("own");
+    // PostgreSQL cannot store U+0000 in text (22021): whichever column it sits in,
+    // the insert of the whole batch fails. The store must name the messages.
+    let mut bad_event = pending_payment("bad\0id", "k0", 1);
+    if let Some(new) = bad_event.new.as_mut() {
+        new.kafka_offset = 5;
+    }
+    let mut bad_merchant = pending_payment("e2", "k2", 1);
+    if let Some(new) = bad_merchant.new.as_mut() {
+        new.kafka_offset = 7;
+        new.reference = "m\0".into();
+    }
+    let mut rows = (0..20)
+        .map(|i| pending_payment(&format!("ok{i}"), &format!("k{i}"), 1))
+        .collect::<Vec<_>>();
+    rows.insert(3, bad_event);
+    rows.insert(15, bad_merchant);
+    let batch = vec![
+        checkpoint(0, 1, [Some(30), None], rows),
+        checkpoint(1, 1, [Some(3), None], vec![pending_payment("f", "kf", 1)]),
+    ];
+    let refused = match store.checkpoint(&batch).await {
+        Err(StoreError::DataErrors(refused)) => refused,
+        other => panic!("expected the refused messages, got {other:?}"),
+    };
+    let found: Vec<(i32, Input, i64)> = refused
+        .iter()
+        .map(|r| (r.pair, r.input, r.offset))
+        .collect();
+    assert_eq!(
+        found,
+        vec![(0, Input::Payments, 5), (0, Input::Payments, 7)]
+    );
+    for r in &refused {
+        assert!(
+            r.reason.contains("0x00") && r.reason.contains("22021"),
+            "PostgreSQL's own message is the reason: {}",
+            r.reason
+        );
+    }
+    assert!(!StoreError::DataErrors(refused).is_transient());
+    // Nothing of the batch was written.
+    assert_eq!(count(&pool, "recon_events").await, 0);
+    assert_eq!(count(&pool, "rejected_events").await, 0);
+    // Without pair 0, the rest commits.
+    store.checkpoint(&batch[1..]).await.expect("pair 1 commits");
+    assert_eq!(count(&pool, "recon_events").await, 1);
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_checkpoint_retried_after_a_commit_of_unknown_outcome_writes_nothing_twice(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    store.acquire_pairs(&[0]).await.expect("own");
+    let first = checkpoint(0, 1, [Some(1), None], vec![pending_payment("e", "k", 1)]);
+    store
+        .checkpoint(std::slice::from_ref(&first))
+        .await
+        .expect("first");
+    // A batch of only deadline firings: an outcome update and an opened discrepancy,
+    // nothing inserted into recon_events, no offset moved.
+    let fired = PairCheckpoint {
+        pair: 0,
+        epoch: 1,
+        next_offsets: [None, None],
+        changes: PairChanges {
+            rows: vec![RowWrite {
+                new: None,
+                outcome: Outcome::MissingSettlement,
+                ..pending_payment("e", "k", 1)
+            }],
+            discrepancies: vec![DiscrepancyChange::Opened {
+                kind: Outcome::MissingSettlement,
+                payment_id: "k".into(),
+                payment_event_id: Some("e".into()),
+                settlement_event_id: None,
+            }],
+            high_marks: [Some(5), None],
+            generation: 2,
+        },
+        rejected: Vec::new(),
+    };
+    store
+        .checkpoint(std::slice::from_ref(&fired))
+        .await
+        .expect("fired");
+    // The connection dropped during COMMIT after the server committed: the worker
+    // cannot tell, and runs the same checkpoint again.
+    store.checkpoint(&[fired]).await.expect("retried");
+    let missing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM recon_discrepancies WHERE kind = 'missing_settlement'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(missing, 1, "the retry opened no second discrepancy");
+    // A retried batch with new events meets its own rows: the pair is re-read from
+    // the stored offsets (which the first attempt moved), and nothing is doubled.
+    match store.checkpoint(&[first]).await {
+        Err(StoreError::EventIdsClash(pairs)) => assert_eq!(pairs, vec![0]),
+        other => panic!("expected the pair to be re-read, got {other:?}"),
+    }
+    assert_eq!(count(&pool, "recon_events").await, 1);
+    assert_eq!(count(&pool, "rejected_events").await, 1);
+    assert_eq!(count(&pool, "recon_discrepancies").await, 2);
+    let position = store.owned_position(0, 1).await.expect("position");
+    assert_eq!(position.map(|p| p.next_offsets), Some([Some(1), None]));
+}

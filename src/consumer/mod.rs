@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,22 @@ pub struct ReadMessage {
     /// Kafka message timestamp in milliseconds, when the producer or broker set one.
     pub timestamp_ms: Option<i64>,
     pub decoded: Result<Event, RejectedMessage>,
+    /// Set when this message's offset is below the position the poll thread expected
+    /// next (and it did not seek there): the partition was reset under the consumer.
+    pub reset: Option<OffsetReset>,
+}
+
+/// A partition read from below where the consumer stood, without a seek of ours: the
+/// topic was recreated, an unclean leader election truncated the log, or the broker
+/// answered "offset out of range" and `auto.offset.reset` moved the consumer. What
+/// comes from here on may be new, so it is processed, not skipped; event ids tell
+/// redeliveries apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffsetReset {
+    /// The offset the consumer expected to read next.
+    pub expected: i64,
+    /// The partition's high watermark when the reset was seen (−1 when unknown).
+    pub high_watermark: i64,
 }
 
 /// Whether one input partition has nothing left to read.
@@ -106,11 +122,25 @@ pub type KafkaConsumer = BaseConsumer<RebalanceContext>;
 
 /// The pipeline's request to read a partition pair again from these offsets (the
 /// beginning where `None`): both topics' partitions are sought there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewind {
     pub pair: i32,
     pub next_offsets: [Option<i64>; 2],
+    /// Messages PostgreSQL refused (a data error): when read again they are handed
+    /// over as rejections with this reason, raw bytes and all, instead of decoded.
+    pub refused: Vec<Refused>,
 }
+
+/// A message whose values PostgreSQL refused, and its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub input: Input,
+    pub offset: i64,
+    pub reason: String,
+}
+
+/// The `reason_class` of a message PostgreSQL refused (SQLSTATE class 22).
+pub const DATA_ERROR_CLASS: &str = "data_error";
 
 /// The pipeline's handle on the consumer: advisory offset commits and rewinds.
 pub struct ConsumerHandle {
@@ -129,7 +159,18 @@ pub struct RebalanceContext {
     /// Next-generation protocol only: which of each pair's partitions the coordinator
     /// has granted (payments, settlements). Only librdkafka's callbacks on the poll
     /// thread touch it; the lock satisfies the context's `Sync` bound.
-    granted: std::sync::Mutex<HashMap<i32, [bool; 2]>>,
+    granted: Mutex<HashMap<i32, [bool; 2]>>,
+    /// Where each newly assigned partition starts, for the poll thread (the callback
+    /// runs inside its `poll`, which cannot lend it the poller itself).
+    assigned: Arc<Mutex<Vec<Assigned>>>,
+}
+
+/// A partition just assigned, and the offset it is read from (`None`: the beginning).
+#[derive(Debug, Clone, Copy)]
+struct Assigned {
+    input: Input,
+    partition: i32,
+    next_offset: Option<i64>,
 }
 
 impl ClientContext for RebalanceContext {
@@ -183,6 +224,7 @@ impl ConsumerContext for RebalanceContext {
                 match self.take_ownership(&pairs) {
                     Ok(positions) => {
                         let assignment = self.assignment(&positions);
+                        self.seed_positions(&positions);
                         if let Err(error) = consumer.assign(&assignment) {
                             tracing::error!(%error, "assign failed");
                             self.failed.store(true, Ordering::SeqCst);
@@ -327,6 +369,7 @@ impl RebalanceContext {
             self.failed.store(true, Ordering::SeqCst);
             return;
         }
+        self.seed_positions(&positions);
         // A half granted earlier, alone and paused until now, reads from the stored
         // offset like the half that just arrived.
         let mut resumed = TopicPartitionList::new();
@@ -431,6 +474,25 @@ impl RebalanceContext {
         match input {
             Input::Payments => &self.payments_topic,
             Input::Settlements => &self.settlements_topic,
+        }
+    }
+
+    /// Hands the poll thread the offsets the pairs resume from. Without them a
+    /// partition already read to its end when assigned (after a restart or a
+    /// rebalance, nothing new since) would never count as caught up: nothing is read
+    /// from it, so the idle rule would never release its pair's watermark.
+    fn seed_positions(&self, positions: &[PairPosition]) {
+        let Ok(mut assigned) = self.assigned.lock() else {
+            return;
+        };
+        for position in positions {
+            for input in Input::ALL {
+                assigned.push(Assigned {
+                    input,
+                    partition: position.pair,
+                    next_offset: position.next_offsets[input.index()],
+                });
+            }
         }
     }
 }
@@ -578,13 +640,15 @@ pub fn start(
     health: Arc<Health>,
 ) -> Result<(PollThread, ConsumerHandle), ConsumerError> {
     let failed = Arc::new(AtomicBool::new(false));
+    let assigned = Arc::new(Mutex::new(Vec::new()));
     let context = RebalanceContext {
         deliveries: deliveries.clone(),
         payments_topic: config.payments_topic.clone(),
         settlements_topic: config.settlements_topic.clone(),
         failed: failed.clone(),
         health: health.clone(),
-        granted: std::sync::Mutex::new(HashMap::new()),
+        granted: Mutex::new(HashMap::new()),
+        assigned: Arc::clone(&assigned),
     };
     let consumer: KafkaConsumer = client_config(config).create_with_context(context)?;
     let partitions = check_co_partitioned(&consumer, config)?;
@@ -613,6 +677,8 @@ pub fn start(
         last_timestamps: HashMap::new(),
         paused: HashSet::new(),
         health,
+        assigned,
+        refused: HashMap::new(),
     };
     let handle = thread::Builder::new()
         .name("kafka-poll".into())
@@ -642,6 +708,11 @@ struct Poller {
     /// Partitions paused for running ahead of their co-partition.
     paused: HashSet<(Input, i32)>,
     health: Arc<Health>,
+    /// Partitions assigned by the last rebalance callback, with their start offsets.
+    assigned: Arc<Mutex<Vec<Assigned>>>,
+    /// Messages PostgreSQL refused, by (input, partition, offset): read again after a
+    /// rewind, each becomes a rejection with PostgreSQL's reason.
+    refused: HashMap<(Input, i32, i64), String>,
 }
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -661,7 +732,10 @@ impl Poller {
         // A handle of its own, so a borrowed message can coexist with `&mut self`.
         let consumer = Arc::clone(&self.consumer);
         while !self.stop.load(Ordering::SeqCst) && !self.failed.load(Ordering::SeqCst) {
-            let delivery = match consumer.poll(Duration::from_millis(100)) {
+            let polled = consumer.poll(Duration::from_millis(100));
+            // Before the message: it may be the first of a partition just assigned.
+            self.take_assigned();
+            let delivery = match polled {
                 None => None,
                 Some(Ok(message)) => {
                     let delivery = self.read(&message);
@@ -726,36 +800,109 @@ impl Poller {
         let input = self.input_of(message.topic());
         let partition = message.partition();
         let offset = message.offset();
+        let reset = self.check_offset(input, partition, offset);
         self.positions.insert((input, partition), offset + 1);
         if let Some(timestamp) = message.timestamp().to_millis() {
             self.last_timestamps.insert((input, partition), timestamp);
         }
-        let decoded = decode(
-            input,
-            message.key(),
-            message.payload(),
-            self.max_message_bytes,
-        )
-        .map_err(|rejection| {
+        let rejected = |reason: String, class: &'static str| {
             let payload = message.payload();
             RejectedMessage {
                 input,
                 partition,
                 offset,
-                reason: rejection.to_string(),
-                class: rejection.class(),
+                reason,
+                class,
                 payload: payload.map(|p| p[..p.len().min(REJECTED_PAYLOAD_CAP)].to_vec()),
                 payload_size: payload.map_or(0, |p| i32::try_from(p.len()).unwrap_or(i32::MAX)),
                 key: message.key().map(|k| k[..k.len().min(1024)].to_vec()),
             }
-        });
+        };
+        let decoded = match self.refused.remove(&(input, partition, offset)) {
+            Some(reason) => Err(rejected(reason, DATA_ERROR_CLASS)),
+            None => decode(
+                input,
+                message.key(),
+                message.payload(),
+                self.max_message_bytes,
+            )
+            .map_err(|rejection| rejected(rejection.to_string(), rejection.class())),
+        };
         Delivery::Message(ReadMessage {
             input,
             partition,
             offset,
             timestamp_ms: message.timestamp().to_millis(),
             decoded,
+            reset,
         })
+    }
+
+    /// Compares a message's offset with where this thread expected to read next. Below
+    /// it (and not because we sought there: a seek moves the expectation) the log was
+    /// reset under the consumer; above it while the log now starts above the expected
+    /// offset, retention removed messages never read. Both are counted and logged at
+    /// error level; neither is skipped (gaps above are otherwise normal: transaction
+    /// markers, compaction).
+    fn check_offset(&self, input: Input, partition: i32, offset: i64) -> Option<OffsetReset> {
+        let &expected = self.positions.get(&(input, partition))?;
+        let topic = &self.topics[input.index()];
+        if offset < expected {
+            let (_, high) = cached_watermarks(&self.consumer, topic, partition);
+            metrics::counter!(crate::telemetry::metrics::OFFSET_RESETS, "topic" => input.label(), "partition" => partition.to_string())
+                .increment(1);
+            tracing::error!(
+                topic = %topic,
+                partition,
+                expected,
+                offset,
+                high_watermark = high,
+                "offset reset: reading below the position the consumer stood at (topic recreated, \
+                 log truncated or offsets reset); processing again, event ids tell redeliveries apart"
+            );
+            return Some(OffsetReset {
+                expected,
+                high_watermark: high,
+            });
+        }
+        if offset > expected {
+            let (low, _) = cached_watermarks(&self.consumer, topic, partition);
+            if low > expected {
+                metrics::counter!(crate::telemetry::metrics::OFFSET_RESETS, "topic" => input.label(), "partition" => partition.to_string())
+                    .increment(1);
+                tracing::error!(
+                    topic = %topic,
+                    partition,
+                    expected,
+                    offset,
+                    log_start = low,
+                    "offset reset: messages from the expected offset were deleted before they \
+                     were read (retention); they are lost to this worker"
+                );
+            }
+        }
+        None
+    }
+
+    /// Takes the partitions the last rebalance assigned: reading starts at their
+    /// stored offsets, and nothing read before belongs to them any more.
+    fn take_assigned(&mut self) {
+        let assigned = match self.assigned.lock() {
+            Ok(mut assigned) if !assigned.is_empty() => std::mem::take(&mut *assigned),
+            _ => return,
+        };
+        for a in assigned {
+            let key = (a.input, a.partition);
+            match a.next_offset {
+                Some(offset) => self.positions.insert(key, offset),
+                None => self.positions.remove(&key),
+            };
+            self.last_timestamps.remove(&key);
+            // The assignment resumed it.
+            self.paused.remove(&key);
+            self.refused
+                .retain(|&(input, partition, _), _| (input, partition) != key);
+        }
     }
 
     /// Does the rewinds the pipeline asked for: seeks both partitions of the pair and
@@ -796,6 +943,20 @@ impl Poller {
                     Some(offset) => self.positions.insert((input, pair), offset),
                     None => self.positions.remove(&(input, pair)),
                 };
+                // With its Kafka timestamps forgotten, the in-step rule has nothing to
+                // resume a partition it paused by: left paused, it would not be read
+                // again until the next rebalance.
+                if self.paused.remove(&(input, pair)) {
+                    self.pause_or_resume((input, pair), false);
+                }
+            }
+            self.refused
+                .retain(|&(_, partition, _), _| partition != pair);
+            for refused in &rewind.refused {
+                self.refused.insert(
+                    (refused.input, pair, refused.offset),
+                    refused.reason.clone(),
+                );
             }
             tracing::info!(pair, offsets = ?rewind.next_offsets, "partition pair rewound");
             self.deliveries
@@ -831,6 +992,27 @@ impl Poller {
             Some(&position) => high >= 0 && position >= high,
             // Nothing read since assignment: caught up only if the partition is empty.
             None => high >= 0 && low >= 0 && high == low,
+        }
+    }
+
+    /// Moves each partition's position past what librdkafka consumed without handing
+    /// it over: transaction markers. A transactional producer's commit marker takes an
+    /// offset, so after the last message of a transaction the high watermark is one
+    /// past the next offset this thread saw, and the partition would never count as
+    /// caught up (the idle rule, and resuming a partition paused to keep in step, wait
+    /// for that). librdkafka advances its application position past control records;
+    /// a seek resets that position, so it never reports a place before a rewind.
+    fn merge_client_positions(&mut self) {
+        let Ok(positions) = self.consumer.position() else {
+            return;
+        };
+        for element in positions.elements() {
+            let Offset::Offset(offset) = element.offset() else {
+                continue;
+            };
+            let key = (self.input_of(element.topic()), element.partition());
+            let position = self.positions.entry(key).or_insert(offset);
+            *position = (*position).max(offset);
         }
     }
 
@@ -916,6 +1098,7 @@ impl Poller {
         let Ok(assignment) = self.consumer.assignment() else {
             return Vec::new();
         };
+        self.merge_client_positions();
         let mut progress = Vec::new();
         for element in assignment.elements() {
             let input = self.input_of(element.topic());

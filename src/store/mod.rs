@@ -15,7 +15,7 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
 use sqlx::Arguments;
 use sqlx::{PgPool, Row};
 
-use crate::engine::{DiscrepancyChange, Outcome, PairChanges, StoredEvent, SweepRequest};
+use crate::engine::{DiscrepancyChange, Outcome, PairChanges, RowWrite, StoredEvent, SweepRequest};
 use crate::event::{Input, Micros};
 use crate::money::Currency;
 
@@ -39,6 +39,12 @@ pub enum StoreError {
     /// rebuilt from their stored offsets with every event id checked against storage.
     #[error("partition pairs {0:?} insert event ids that are already stored")]
     EventIdsClash(Vec<i32>),
+    /// PostgreSQL refused values of these messages (a data error, SQLSTATE class 22:
+    /// a character the database encoding cannot hold, a time out of its range...).
+    /// Nothing of their pairs was written: those pairs must be re-read from their
+    /// stored offsets with these messages rejected. Not retryable as it stands.
+    #[error("PostgreSQL refused values of messages {0:?}")]
+    DataErrors(Vec<RefusedMessage>),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -100,6 +106,15 @@ pub struct RejectedMessage {
     pub payload: Option<Vec<u8>>,
     pub payload_size: i32,
     pub key: Option<Vec<u8>>,
+}
+
+/// A message whose values PostgreSQL refused, with PostgreSQL's reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedMessage {
+    pub pair: i32,
+    pub input: Input,
+    pub offset: i64,
+    pub reason: String,
 }
 
 /// What one partition pair's part of a checkpoint writes.
@@ -404,6 +419,9 @@ impl Store {
     /// Writes one batch atomically. Fails with [`StoreError::Fenced`] (and writes
     /// nothing) if any pair's epoch moved on, and with [`StoreError::EventIdsClash`]
     /// (writing nothing) if a pair inserts an event id that is already stored.
+    /// Fails with [`StoreError::DataErrors`] (writing nothing) when PostgreSQL refuses
+    /// values of some messages: those are found and named, so the caller can reject
+    /// them and write the rest.
     pub async fn checkpoint(&self, batch: &[PairCheckpoint]) -> Result<(), StoreError> {
         match self.checkpoint_once(batch).await {
             Err(StoreError::Permanent(sqlx::Error::Database(db)))
@@ -417,7 +435,110 @@ impl Store {
                     pairs => StoreError::EventIdsClash(pairs),
                 })
             }
+            Err(StoreError::Permanent(sqlx::Error::Database(db))) if is_data_error(&*db) => {
+                let refused = self.refused_messages(batch).await?;
+                if refused.is_empty() {
+                    // Not traced to a message: as permanent as before.
+                    Err(StoreError::Permanent(sqlx::Error::Database(db)))
+                } else {
+                    Err(StoreError::DataErrors(refused))
+                }
+            }
             other => other,
+        }
+    }
+
+    /// The messages of a batch whose values PostgreSQL refuses. Every value a batch
+    /// writes comes from its messages' rows (updates and discrepancies only repeat ids
+    /// of those rows or of rows stored before), so each new event row and each
+    /// rejected row is inserted again, into temporary copies of the tables without
+    /// their keys, inside a transaction that is rolled back: halves that fail with a
+    /// data error are split until single rows remain (a few statements per culprit,
+    /// whatever the value and whichever column).
+    async fn refused_messages(
+        &self,
+        batch: &[PairCheckpoint],
+    ) -> Result<Vec<RefusedMessage>, StoreError> {
+        let mut units = Vec::new();
+        for pair in batch {
+            for row in &pair.changes.rows {
+                if let Some(new) = &row.new {
+                    units.push(Unit::Event(pair.pair, row, new.kafka_offset));
+                }
+            }
+            units.extend(pair.rejected.iter().map(Unit::Rejected));
+        }
+        let mut connection = self.connection().await?;
+        let mut tx = sqlx::Connection::begin(&mut *connection).await?;
+        for statement in [
+            "CREATE TEMPORARY TABLE recon_probe_events (LIKE recon_events INCLUDING DEFAULTS) ON COMMIT DROP",
+            "CREATE TEMPORARY TABLE recon_probe_rejected (LIKE rejected_events INCLUDING DEFAULTS) ON COMMIT DROP",
+        ] {
+            sqlx::query(statement).execute(&mut *tx).await?;
+        }
+        let mut refused = Vec::new();
+        let mut pending = vec![&units[..]];
+        while let Some(part) = pending.pop() {
+            let Some(error) = self.probe(&mut tx, part).await? else {
+                continue;
+            };
+            match part {
+                [unit] => refused.push(unit.refused(format!(
+                    "PostgreSQL refused a value: {} (SQLSTATE {})",
+                    error.message(),
+                    error.code().unwrap_or_default()
+                ))),
+                _ => {
+                    let (first, second) = part.split_at(part.len() / 2);
+                    pending.push(second);
+                    pending.push(first);
+                }
+            }
+        }
+        tx.rollback().await?;
+        refused.sort_by_key(|r| (r.pair, r.input, r.offset));
+        Ok(refused)
+    }
+
+    /// Inserts these rows into the probe tables under a savepoint, rolled back; returns
+    /// the data error they raise, if any.
+    async fn probe(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        units: &[Unit<'_>],
+    ) -> Result<Option<Box<dyn sqlx::error::DatabaseError>>, StoreError> {
+        sqlx::query("SAVEPOINT probe").execute(&mut *tx).await?;
+        let events: Vec<(i32, &RowWrite)> = units
+            .iter()
+            .filter_map(|unit| match unit {
+                Unit::Event(pair, row, _) => Some((*pair, *row)),
+                Unit::Rejected(_) => None,
+            })
+            .collect();
+        let rejected: Vec<&RejectedMessage> = units
+            .iter()
+            .filter_map(|unit| match unit {
+                Unit::Rejected(rejected) => Some(*rejected),
+                Unit::Event(..) => None,
+            })
+            .collect();
+        let mut result = insert_events(&mut *tx, "recon_probe_events", &events).await;
+        if result.is_ok() {
+            result = self
+                .insert_rejected(&mut *tx, "recon_probe_rejected", &rejected)
+                .await;
+        }
+        sqlx::query("ROLLBACK TO SAVEPOINT probe")
+            .execute(&mut *tx)
+            .await?;
+        match result {
+            Ok(()) => Ok(None),
+            Err(StoreError::Permanent(sqlx::Error::Database(db))) if is_data_error(&*db) => {
+                Ok(Some(db))
+            }
+            // Anything else is not this search's to judge: no culprit in this part.
+            Err(error) if error.is_transient() => Err(error),
+            Err(_) => Ok(None),
         }
     }
 
@@ -425,10 +546,18 @@ impl Store {
         let mut connection = self.connection().await?;
         let mut tx = sqlx::Connection::begin(&mut *connection).await?;
         self.advance_pairs(&mut tx, batch).await?;
-        insert_events(&mut tx, batch).await?;
+        let mut new_rows = Vec::new();
+        for pair in batch {
+            for row in pair.changes.rows.iter().filter(|row| row.new.is_some()) {
+                new_rows.push((pair.pair, row));
+            }
+        }
+        insert_events(&mut tx, "recon_events", &new_rows).await?;
         update_events(&mut tx, batch).await?;
         write_discrepancies(&mut tx, batch).await?;
-        self.insert_rejected(&mut tx, batch).await?;
+        let rejected: Vec<&RejectedMessage> = batch.iter().flat_map(|p| &p.rejected).collect();
+        self.insert_rejected(&mut tx, "rejected_events", &rejected)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -507,12 +636,13 @@ impl Store {
         }
     }
 
+    /// Inserts rejected messages into `table` (`rejected_events`, or its probe copy).
     async fn insert_rejected(
         &self,
         tx: &mut sqlx::PgConnection,
-        batch: &[PairCheckpoint],
+        table: &str,
+        rejected: &[&RejectedMessage],
     ) -> Result<(), StoreError> {
-        let rejected: Vec<&RejectedMessage> = batch.iter().flat_map(|p| &p.rejected).collect();
         if rejected.is_empty() {
             return Ok(());
         }
@@ -520,21 +650,39 @@ impl Store {
             Input::Payments => self.payments_topic.as_str(),
             Input::Settlements => self.settlements_topic.as_str(),
         };
-        sqlx::query(
-            "INSERT INTO rejected_events (topic, kafka_partition, kafka_offset, reason, reason_class, payload, payload_size, kafka_key)
+        // The probe copy has no unique key to conflict on; `DO NOTHING` without a
+        // target means the same for the real table, whose only other key is its id.
+        let sql = format!(
+            "INSERT INTO {table} (topic, kafka_partition, kafka_offset, reason, reason_class, payload, payload_size, kafka_key)
              SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::int[], $8::bytea[])
-             ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING",
-        )
-        .bind(rejected.iter().map(|r| topic(r.input)).collect::<Vec<_>>())
-        .bind(rejected.iter().map(|r| r.partition).collect::<Vec<_>>())
-        .bind(rejected.iter().map(|r| r.offset).collect::<Vec<_>>())
-        .bind(rejected.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>())
-        .bind(rejected.iter().map(|r| r.class).collect::<Vec<_>>())
-        .bind(rejected.iter().map(|r| r.payload.as_deref()).collect::<Vec<_>>())
-        .bind(rejected.iter().map(|r| r.payload_size).collect::<Vec<_>>())
-        .bind(rejected.iter().map(|r| r.key.as_deref()).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
+             ON CONFLICT DO NOTHING"
+        );
+        sqlx::query(&sql)
+            .bind(rejected.iter().map(|r| topic(r.input)).collect::<Vec<_>>())
+            .bind(rejected.iter().map(|r| r.partition).collect::<Vec<_>>())
+            .bind(rejected.iter().map(|r| r.offset).collect::<Vec<_>>())
+            .bind(
+                rejected
+                    .iter()
+                    .map(|r| r.reason.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rejected.iter().map(|r| r.class).collect::<Vec<_>>())
+            .bind(
+                rejected
+                    .iter()
+                    .map(|r| r.payload.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rejected.iter().map(|r| r.payload_size).collect::<Vec<_>>())
+            .bind(
+                rejected
+                    .iter()
+                    .map(|r| r.key.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *tx)
+            .await?;
         Ok(())
     }
 }
@@ -588,12 +736,45 @@ impl Drop for ShrinkOnReturn {
     }
 }
 
-/// Inserts the batch's new events. No `ON CONFLICT`: the engine inserts only event
+/// One message's part of a batch, for [`Store::refused_messages`].
+enum Unit<'a> {
+    /// A new event row: its pair, the row and the offset of its message.
+    Event(i32, &'a RowWrite, i64),
+    Rejected(&'a RejectedMessage),
+}
+
+impl Unit<'_> {
+    fn refused(&self, reason: String) -> RefusedMessage {
+        match self {
+            Unit::Event(pair, row, offset) => RefusedMessage {
+                pair: *pair,
+                input: row.input,
+                offset: *offset,
+                reason,
+            },
+            Unit::Rejected(rejected) => RefusedMessage {
+                pair: rejected.partition,
+                input: rejected.input,
+                offset: rejected.offset,
+                reason,
+            },
+        }
+    }
+}
+
+/// SQLSTATE class 22, data exception: a value the statement's types cannot hold.
+/// Caused by content, so by a message, not by the database's state.
+fn is_data_error(error: &dyn sqlx::error::DatabaseError) -> bool {
+    error.code().is_some_and(|code| code.starts_with("22"))
+}
+
+/// Inserts new events into `table` (`recon_events`, or its probe copy). No `ON CONFLICT`: the engine inserts only event
 /// ids it believes new, so a clash is an exception that fails the transaction (a
 /// guarded insert is about 40% slower per row).
 async fn insert_events(
     tx: &mut sqlx::PgConnection,
-    batch: &[PairCheckpoint],
+    table: &str,
+    rows: &[(i32, &RowWrite)],
 ) -> Result<(), StoreError> {
     let mut kinds = Vec::new();
     let mut event_ids = Vec::new();
@@ -609,28 +790,26 @@ async fn insert_events(
     let mut currencies = Vec::new();
     let mut merchants = Vec::new();
     let mut settlements = Vec::new();
-    for pair in batch {
-        for row in &pair.changes.rows {
-            let Some(new) = &row.new else { continue };
-            kinds.push(row.input.event_kind());
-            event_ids.push(&*row.event_id);
-            payment_ids.push(&*row.payment_id);
-            partitions.push(pair.pair);
-            offsets.push(new.kafka_offset);
-            outcomes.push(row.outcome.as_str());
-            counterparts.push(row.counterpart.as_deref());
-            times.push(to_time(new.event_time));
-            amounts.push(new.amount);
-            fees.push(new.fee);
-            nets.push(new.net);
-            currencies.push(new.currency.code());
-            let (merchant, settlement) = match row.input {
-                Input::Payments => (Some(new.reference.as_str()), None),
-                Input::Settlements => (None, Some(new.reference.as_str())),
-            };
-            merchants.push(merchant);
-            settlements.push(settlement);
-        }
+    for &(pair, row) in rows {
+        let Some(new) = &row.new else { continue };
+        kinds.push(row.input.event_kind());
+        event_ids.push(&*row.event_id);
+        payment_ids.push(&*row.payment_id);
+        partitions.push(pair);
+        offsets.push(new.kafka_offset);
+        outcomes.push(row.outcome.as_str());
+        counterparts.push(row.counterpart.as_deref());
+        times.push(to_time(new.event_time));
+        amounts.push(new.amount);
+        fees.push(new.fee);
+        nets.push(new.net);
+        currencies.push(new.currency.code());
+        let (merchant, settlement) = match row.input {
+            Input::Payments => (Some(new.reference.as_str()), None),
+            Input::Settlements => (None, Some(new.reference.as_str())),
+        };
+        merchants.push(merchant);
+        settlements.push(settlement);
     }
     if kinds.is_empty() {
         return Ok(());
@@ -653,17 +832,15 @@ async fn insert_events(
     add(&mut arguments, currencies)?;
     add(&mut arguments, merchants)?;
     add(&mut arguments, settlements)?;
-    sqlx::query_with(
-        "INSERT INTO recon_events (event_kind, event_id, payment_id, kafka_partition, kafka_offset, outcome,
-                                   counterpart_event_id, event_time, amount_minor, fee_minor, net_minor,
-                                   currency, merchant_id, settlement_id)
+    let sql = format!(
+        "INSERT INTO {table} (event_kind, event_id, payment_id, kafka_partition, kafka_offset, outcome,
+                              counterpart_event_id, event_time, amount_minor, fee_minor, net_minor,
+                              currency, merchant_id, settlement_id)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::text[],
                               $8::timestamptz[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[],
-                              $13::text[], $14::text[])",
-        arguments,
-    )
-    .execute(&mut *tx)
-    .await?;
+                              $13::text[], $14::text[])"
+    );
+    sqlx::query_with(&sql, arguments).execute(&mut *tx).await?;
     Ok(())
 }
 
@@ -762,8 +939,11 @@ async fn write_discrepancies(
     }
     if !opened.kinds.is_empty() {
         sqlx::query(
+            // A checkpoint retried after a COMMIT of unknown outcome may have opened
+            // these already (migration 0006 keys them).
             "INSERT INTO recon_discrepancies (kind, payment_id, kafka_partition, payment_event_id, settlement_event_id)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::text[])",
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::text[])
+             ON CONFLICT DO NOTHING",
         )
         .bind(opened.kinds)
         .bind(opened.payment_ids)

@@ -13,6 +13,9 @@ pub const CHECKPOINT_FAILURES: &str = "recon_checkpoint_failures_total";
 pub const FENCED_CHECKPOINTS: &str = "recon_fenced_checkpoints_total";
 /// Partition pairs re-read from their stored offsets after an event id clash.
 pub const PAIR_REPLAYS: &str = "recon_pair_replays_total";
+/// Partitions read from below the position the consumer stood at (topic recreated,
+/// log truncated, offsets reset), or whose unread messages retention deleted.
+pub const OFFSET_RESETS: &str = "recon_offset_resets_total";
 pub const CONSUMER_LAG: &str = "recon_consumer_lag_messages";
 pub const PROCESSING_LATENCY: &str = "recon_processing_latency_seconds";
 pub const REBALANCES: &str = "recon_rebalances_total";
@@ -61,6 +64,9 @@ pub fn init_series() {
         for reason in crate::event::Rejection::CLASSES {
             metrics::counter!(EVENTS_REJECTED, "topic" => topic, "reason" => reason).absolute(0);
         }
+        // Values the decoder accepts but PostgreSQL refuses (SQLSTATE class 22).
+        metrics::counter!(EVENTS_REJECTED, "topic" => topic, "reason" => crate::consumer::DATA_ERROR_CLASS)
+            .absolute(0);
     }
     for outcome in crate::engine::Outcome::ALL {
         metrics::counter!(OUTCOMES, "outcome" => outcome.as_str()).absolute(0);
@@ -121,6 +127,12 @@ pub fn describe() {
         PAIR_REPLAYS,
         "Partition pairs re-read from their stored offsets because they inserted an event id \
          already stored under another payment id (a redelivery; results unaffected)."
+    );
+    describe_counter!(
+        OFFSET_RESETS,
+        "Partitions read from below the consumer's position (topic recreated, log truncated, \
+         offsets reset; the messages are processed, event ids tell redeliveries apart) or whose \
+         unread messages retention deleted, by topic and partition."
     );
     describe_gauge!(
         CONSUMER_LAG,
