@@ -28,9 +28,12 @@ KAFKA_LOG="$KAFKA_DIR/broker.log"
 KAFKA_PID="$KAFKA_DIR/broker.pid"
 KAFKA_HEAP="${RECON_KAFKA_HEAP:--Xms512m -Xmx512m}"
 PG_HOST=127.0.0.1
-PG_PORT=5432
-BROKER_PORT=9092
-CONTROLLER_PORT=9093
+# A second set of services beside the first (say, to run the chaos test while other
+# tests use the first) needs its own RECON_SERVICES_DIR, ports and cluster name.
+PG_PORT="${RECON_PG_PORT:-5432}"
+PG_CLUSTER="${RECON_PG_CLUSTER:-main}"
+BROKER_PORT="${RECON_KAFKA_PORT:-9092}"
+CONTROLLER_PORT=$((BROKER_PORT + 1))
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
@@ -57,16 +60,16 @@ postgres_up() {
     local version
     version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
     [ -n "$version" ] || version=$(ls /usr/lib/postgresql | sort -V | tail -1)
-    if ! pg_lsclusters -h | awk '{print $2}' | grep -qx main; then
-        as_root pg_createcluster "$version" main >/dev/null
+    if ! pg_lsclusters -h | awk '{print $2}' | grep -qx "$PG_CLUSTER"; then
+        as_root pg_createcluster -p "$PG_PORT" "$version" "$PG_CLUSTER" >/dev/null
     fi
-    local conf="/etc/postgresql/$version/main"
+    local conf="/etc/postgresql/$version/$PG_CLUSTER"
     # Local development only: trust connections from this machine, as the CI image does.
     if ! grep -q '^host all all 127.0.0.1/32 trust' "$conf/pg_hba.conf"; then
         as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\nlocal all all trust' "$conf/pg_hba.conf"
     fi
     log "starting PostgreSQL $version"
-    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$PG_CLUSTER" start || true
     for _ in $(seq 120); do pg_ready && break; sleep 0.5; done
     pg_ready || { log "PostgreSQL did not become ready"; exit 1; }
 }

@@ -38,11 +38,14 @@ fn restart_postgres() {
                 .max()
         })
         .expect("a Debian PostgreSQL cluster");
+    // RECON_TEST_PG_CLUSTER: a second cluster started by scripts/dev-services.sh with
+    // RECON_PG_CLUSTER (the chaos test can then run beside other tests).
+    let cluster = std::env::var("RECON_TEST_PG_CLUSTER").unwrap_or_else(|_| "main".into());
     let status = std::process::Command::new("pg_ctlcluster")
         .args([
             "--skip-systemctl-redirect",
             &version,
-            "main",
+            &cluster,
             "restart",
             "-m",
             "fast",
