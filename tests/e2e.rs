@@ -1253,3 +1253,166 @@ async fn passwords_with_url_delimiters_and_kafka_secrets_never_appear_in_logs(po
     );
     assert_no_secret(&log, "the refusal");
 }
+
+/// `world.database_url` with an application name, to find the worker's sessions.
+fn url_named(world: &World, application_name: &str) -> String {
+    format!("{}?application_name={application_name}", world.database_url)
+}
+
+/// Ends every session of `application_name`, as an administrator or a failover would.
+async fn terminate_sessions(admin: &mut sqlx::PgConnection, application_name: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = $1) AS t",
+    )
+    .bind(application_name)
+    .persistent(false)
+    .fetch_one(admin)
+    .await
+    .expect("terminate")
+}
+
+/// Waits until the worker logs a retry of an error containing `text`.
+async fn await_retry_of(worker: &mut Worker, text: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let log = worker.log_text();
+        if log
+            .lines()
+            .any(|l| l.contains("transient database error") && l.contains(text))
+        {
+            return;
+        }
+        assert_running(worker);
+        assert!(
+            started.elapsed() < WITHIN,
+            "no retry of {text:?} logged:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_database_turned_read_only_and_back_is_waited_out(pool: PgPool) {
+    use sqlx::Connection;
+    let world = World::new(pool, 2).await;
+    let exact = exact_mix();
+    let (first, mut truth) = generate(&world.plan(300, 71, exact.clone()));
+    world.produce(&first).await;
+    let name = "recon-read-only";
+    let url = url_named(&world, name);
+    let mut worker = world.spawn_worker("read-only", &[("DATABASE_URL", &url)]);
+    world.await_truth(&truth, WITHIN).await;
+
+    // A failover to a server that does not take writes yet: the worker's sessions
+    // end, and every new one is read-only. This connection, opened before, stays
+    // read-write to undo it.
+    let mut admin = sqlx::PgConnection::connect(&world.database_url)
+        .await
+        .expect("admin connection");
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut admin)
+        .await
+        .expect("name");
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{database}\" SET default_transaction_read_only = on"
+    ))
+    .execute(&mut admin)
+    .await
+    .expect("read-only");
+    terminate_sessions(&mut admin, name).await;
+    let (second, truth_2) = generate(&world.plan(300, 72, exact));
+    world.produce(&second).await;
+    truth.outcomes.extend(truth_2.outcomes);
+    await_retry_of(&mut worker, "read-only transaction").await;
+    // Some more retries, then the new primary takes writes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_running(&mut worker);
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{database}\" RESET default_transaction_read_only"
+    ))
+    .execute(&mut admin)
+    .await
+    .expect("read-write again");
+    // The sessions opened while it was read-only stay read-only: only new ones help.
+    world.await_truth(&truth, WITHIN).await;
+    assert_eq!(
+        stored_offsets_total(&world).await as usize,
+        first.len() + second.len()
+    );
+    stop_cleanly(&mut worker);
+}
+
+#[sqlx::test(migrations = false)]
+async fn terminated_database_sessions_are_reconnected_mid_stream(pool: PgPool) {
+    use sqlx::Connection;
+    let world = World::new(pool, 2).await;
+    let (records, truth) = generate(&world.plan(2_000, 73, exact_mix()));
+    world.produce(&records).await;
+    let name = "recon-terminated";
+    let url = url_named(&world, name);
+    let mut worker = world.spawn_worker(
+        "terminated",
+        &[("DATABASE_URL", &url), ("RECON_BATCH_MAX_MESSAGES", "50")],
+    );
+    let mut admin = sqlx::PgConnection::connect(&world.database_url)
+        .await
+        .expect("admin connection");
+    // Sessions end over and over while the stream is read (pg_terminate_backend:
+    // SQLSTATE 57P01 to a statement in flight, a closed socket to an idle one).
+    let started = std::time::Instant::now();
+    let mut terminated = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        terminated += terminate_sessions(&mut admin, name).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(terminated > 0, "no session was terminated");
+    assert_running(&mut worker);
+    world.await_truth(&truth, WITHIN).await;
+    stop_cleanly(&mut worker);
+}
+
+/// The worker's statements wait on a lock the test holds, with `option` (a
+/// statement or lock timeout) set for its sessions: they fail with `sqlstate`, the
+/// worker retries and catches up once the lock is released.
+async fn a_held_lock_is_waited_out(pool: PgPool, option: &str, error_text: &str) {
+    use sqlx::Connection;
+    let world = World::new(pool, 1).await;
+    let exact = exact_mix();
+    let (first, mut truth) = generate(&world.plan(100, 81, exact.clone()));
+    world.produce(&first).await;
+    let url = format!(
+        "{}?options=-c%20{}",
+        world.database_url,
+        option.replace('=', "%3D")
+    );
+    let mut worker = world.spawn_worker("locked", &[("DATABASE_URL", &url)]);
+    world.await_truth(&truth, WITHIN).await;
+    let mut admin = sqlx::PgConnection::connect(&world.database_url)
+        .await
+        .expect("admin connection");
+    let mut lock = admin.begin().await.expect("begin");
+    // Reads go on; every checkpoint's offset update waits for the lock.
+    sqlx::query("LOCK TABLE recon_partition_pairs IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let (second, truth_2) = generate(&world.plan(100, 82, exact));
+    world.produce(&second).await;
+    truth.outcomes.extend(truth_2.outcomes);
+    await_retry_of(&mut worker, error_text).await;
+    assert_running(&mut worker);
+    lock.rollback().await.expect("release");
+    world.await_truth(&truth, WITHIN).await;
+    stop_cleanly(&mut worker);
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_statement_timeout_is_retried(pool: PgPool) {
+    a_held_lock_is_waited_out(pool, "statement_timeout=500", "statement timeout").await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_lock_timeout_is_retried(pool: PgPool) {
+    a_held_lock_is_waited_out(pool, "lock_timeout=500", "lock timeout").await;
+}
