@@ -26,7 +26,9 @@ pub async fn migrate(store: &Store, patience: Duration) -> anyhow::Result<()> {
     loop {
         match store.migrate().await {
             Ok(()) => return Ok(()),
+            // A migration cut short (its transaction rolled back) is applied again.
             Err(StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)))
+            | Err(StoreError::Migrate(sqlx::migrate::MigrateError::ExecuteMigration(e, _)))
             | Err(StoreError::Transient(e))
                 if is_unreachable(&e) && started.elapsed() < patience =>
             {

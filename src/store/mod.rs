@@ -64,7 +64,9 @@ impl From<sqlx::Error> for StoreError {
 
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(error: sqlx::migrate::MigrateError) -> Self {
-        if let sqlx::migrate::MigrateError::Execute(inner) = &error {
+        if let sqlx::migrate::MigrateError::Execute(inner)
+        | sqlx::migrate::MigrateError::ExecuteMigration(inner, _) = &error
+        {
             if needs_new_connections(inner) {
                 replace_connections();
             }
