@@ -37,7 +37,11 @@ fn decode_all(records: &[Record]) -> Vec<Result<Event, recon_worker::event::Reje
                 r.input,
                 r.key.as_deref(),
                 r.value.as_deref(),
-                MAX_MESSAGE_BYTES,
+                None,
+                recon_worker::event::Limits {
+                    max_bytes: MAX_MESSAGE_BYTES,
+                    max_future_skew: 24 * 3600 * 1_000_000,
+                },
             )
         })
         .collect()

@@ -249,7 +249,8 @@ pub async fn pipeline_only(
                 record.input,
                 record.key.as_deref(),
                 record.value.as_deref(),
-                config.max_message_bytes,
+                None,
+                config.decode_limits(),
             )
             .map_err(|r| crate::store::RejectedMessage {
                 input: record.input,

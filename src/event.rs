@@ -18,6 +18,20 @@ pub type Micros = i64;
 /// Longest string field the contract allows, in characters.
 pub const MAX_ID_CHARS: usize = 128;
 
+/// Earliest event time accepted: 1970-01-01T00:00:00Z. Nothing the worker reconciles
+/// predates it, and such a time is a producer's default value, not a real event.
+pub const MIN_EVENT_TIME: Micros = 0;
+
+/// What [`decode`] checks beyond the contract's fixed rules (contract §1, §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `RECON_MAX_MESSAGE_BYTES`: largest accepted value.
+    pub max_bytes: usize,
+    /// `RECON_MAX_FUTURE_SKEW`: how far an event time may be ahead of its message's
+    /// Kafka timestamp.
+    pub max_future_skew: Micros,
+}
+
 /// At most this many bytes of a rejected message are kept in `rejected_events.payload`;
 /// `payload_size` keeps the original length.
 pub const REJECTED_PAYLOAD_CAP: usize = 64 * 1024;
@@ -158,6 +172,24 @@ pub enum Rejection {
     },
     #[error("Kafka key {key:?} differs from payment_id {payment_id:?}")]
     KeyMismatch { key: String, payment_id: String },
+    /// PostgreSQL cannot store U+0000 in text at all, and the other control characters
+    /// make ids that no operator can read or type (contract §1).
+    #[error("field `{field}` contains the control character {code} at character {position}")]
+    ControlCharacter {
+        field: &'static str,
+        /// Like `U+0000`.
+        code: String,
+        /// 1-based, in characters.
+        position: usize,
+    },
+    /// An event time the watermark must not follow: one such event would drag its
+    /// pair's watermark decades ahead and fire every deadline of the pair at once.
+    #[error("field `{field}` is {value}: {detail}")]
+    EventTimeOutOfRange {
+        field: &'static str,
+        value: String,
+        detail: String,
+    },
 }
 
 impl Rejection {
@@ -177,10 +209,12 @@ impl Rejection {
             Rejection::UnknownType { .. } => "unknown_type",
             Rejection::WrongTopicType { .. } => "wrong_topic_type",
             Rejection::KeyMismatch { .. } => "key_mismatch",
+            Rejection::ControlCharacter { .. } => "control_character",
+            Rejection::EventTimeOutOfRange { .. } => "event_time_out_of_range",
         }
     }
 
-    pub const CLASSES: [&'static str; 13] = [
+    pub const CLASSES: [&'static str; 15] = [
         "empty",
         "too_large",
         "not_utf8",
@@ -194,17 +228,22 @@ impl Rejection {
         "unknown_type",
         "wrong_topic_type",
         "key_mismatch",
+        "control_character",
+        "event_time_out_of_range",
     ];
 }
 
-/// Decodes one Kafka message from `input`. `key` is the Kafka key; `max_bytes` the
-/// configured largest accepted value.
+/// Decodes one Kafka message from `input`. `key` is the Kafka key; `timestamp_ms` the
+/// message's Kafka timestamp, when it has one (without it the future bound is not
+/// checked: there is nothing trustworthy to compare with).
 pub fn decode(
     input: Input,
     key: Option<&[u8]>,
     value: Option<&[u8]>,
-    max_bytes: usize,
+    timestamp_ms: Option<i64>,
+    limits: Limits,
 ) -> Result<Event, Rejection> {
+    let max_bytes = limits.max_bytes;
     let bytes = match value {
         None | Some([]) => return Err(Rejection::Empty),
         Some(bytes) => bytes,
@@ -262,6 +301,7 @@ pub fn decode(
             settled_at: fields.timestamp("settled_at")?,
         }),
     };
+    check_event_time(&event, timestamp_ms, limits.max_future_skew)?;
     if key != Some(event.payment_id().as_bytes()) {
         return Err(Rejection::KeyMismatch {
             key: key
@@ -271,6 +311,44 @@ pub fn decode(
         });
     }
     Ok(event)
+}
+
+/// Contract §1: no event time before 1970, none more than the configured skew ahead of
+/// the message's Kafka timestamp.
+fn check_event_time(
+    event: &Event,
+    timestamp_ms: Option<i64>,
+    max_future_skew: Micros,
+) -> Result<(), Rejection> {
+    let (field, at) = match event {
+        Event::Payment(p) => ("occurred_at", p.occurred_at),
+        Event::Settlement(s) => ("settled_at", s.settled_at),
+    };
+    let out_of_range = |detail: String| Rejection::EventTimeOutOfRange {
+        field,
+        value: format_timestamp(at),
+        detail,
+    };
+    if at < MIN_EVENT_TIME {
+        return Err(out_of_range("before 1970-01-01T00:00:00Z".to_owned()));
+    }
+    // A producer's clock may run a little ahead of the broker's; saturating, so an
+    // absurd timestamp cannot overflow into acceptance.
+    if let Some(kafka_ms) = timestamp_ms {
+        let latest = kafka_ms
+            .saturating_mul(1000)
+            .saturating_add(max_future_skew);
+        if at > latest {
+            return Err(out_of_range(format!(
+                "more than {} ahead of the message's Kafka timestamp {}",
+                humantime::format_duration(std::time::Duration::from_micros(
+                    u64::try_from(max_future_skew).unwrap_or(0)
+                )),
+                format_timestamp(kafka_ms.saturating_mul(1000))
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn truncate_chars(text: &str, max: usize) -> String {
@@ -302,6 +380,13 @@ impl<'a> Fields<'a> {
             return Err(Rejection::OutOfRange {
                 field,
                 detail: format!("{chars} characters, expected 1..={MAX_ID_CHARS}"),
+            });
+        }
+        if let Some((index, c)) = text.chars().enumerate().find(|(_, c)| is_forbidden(*c)) {
+            return Err(Rejection::ControlCharacter {
+                field,
+                code: format!("U+{:04X}", u32::from(c)),
+                position: index + 1,
             });
         }
         Ok(text.to_owned())
@@ -358,6 +443,11 @@ impl<'a> Fields<'a> {
             value: truncate_chars(text, 64),
         })
     }
+}
+
+/// The characters contract §1 forbids in ids: U+0000–U+001F and U+007F.
+fn is_forbidden(c: char) -> bool {
+    c <= '\u{1f}' || c == '\u{7f}'
 }
 
 /// RFC 3339 with an explicit offset, to microseconds (sub-microsecond digits are

@@ -99,7 +99,8 @@ pub struct Plan {
     /// Number of scenarios (payment ids).
     pub scenarios: usize,
     pub mix: Mix,
-    /// "Now" of the stream: recent events are around it, stale ones days before.
+    /// "Now" of the stream, the time it is produced at: recent events are around it,
+    /// stale ones days before (see [`Plan::event_now`]).
     pub base_time: Micros,
     /// D and O of the worker that will read the stream.
     pub deadline: Micros,
@@ -108,6 +109,25 @@ pub struct Plan {
     pub max_message_bytes: usize,
     /// Prefix making ids unique across runs.
     pub id_prefix: String,
+}
+
+/// Most an event time of a generated stream is ahead of [`Plan::base_time`]. The
+/// worker rejects events dated more than `RECON_MAX_FUTURE_SKEW` (default 24h) ahead
+/// of their Kafka timestamp, and the records are produced at about `base_time`.
+pub const MAX_EVENT_LEAD: Micros = 12 * HOUR;
+
+impl Plan {
+    /// The event time recent payments are around. A late settlement comes up to D + 1h
+    /// after its payment, so with D = 72h a stream centred on `base_time` held
+    /// settlements dated three days after they were produced (contract §1 rejects
+    /// them). The whole timeline moves back by what exceeds [`MAX_EVENT_LEAD`]; every
+    /// event keeps its place relative to the others, so outcomes and watermarks are
+    /// unchanged, and a `pending` payment is still inside its deadline (by
+    /// `MAX_EVENT_LEAD` − 1h) when the stream is read.
+    pub fn event_now(&self) -> Micros {
+        let latest_lead = self.deadline + HOUR;
+        self.base_time - (latest_lead - MAX_EVENT_LEAD).max(0)
+    }
 }
 
 /// The final state every accepted event must reach, and the count of rejects.
@@ -270,9 +290,10 @@ fn generate_scenario(
     let currency = CURRENCIES[rng.random_range(0..CURRENCIES.len())];
     let amount: i64 = rng.random_range(100..500_000);
     let fee = amount / 50;
-    let occurred = plan.base_time - rng.random_range(0..HOUR);
+    let now = plan.event_now();
+    let occurred = now - rng.random_range(0..HOUR);
     let on_time = occurred + rng.random_range(MINUTE..plan.deadline.max(2 * MINUTE));
-    let stale = plan.base_time - plan.deadline.max(plan.orphan_timeout) - 24 * HOUR;
+    let stale = now - plan.deadline.max(plan.orphan_timeout) - 24 * HOUR;
     let payment = |event_id: &str, at: Micros, amount: i64| Record {
         input: Input::Payments,
         key: Some(ids.payment_id.clone().into_bytes()),
@@ -381,7 +402,7 @@ fn generate_scenario(
         }
         Scenario::Pending => {
             // Recent and unanswered: still inside its deadline when the stream ends.
-            streams[0].push(payment(&p, plan.base_time, amount));
+            streams[0].push(payment(&p, now, amount));
             expect("payment", &p, Outcome::Pending, None);
         }
         Scenario::Redelivery => {
@@ -439,7 +460,7 @@ fn settlement_json(
 }
 
 /// Number of distinct bad-input classes [`poison`] cycles through.
-pub const POISON_CLASSES: usize = 14;
+pub const POISON_CLASSES: usize = 16;
 
 /// The `n`-th bad message (cycling through every rejection class).
 fn poison(plan: &Plan, rng: &mut StdRng, n: usize) -> (Input, &'static str, Record) {
@@ -462,7 +483,9 @@ fn poison(plan: &Plan, rng: &mut StdRng, n: usize) -> (Input, &'static str, Reco
         base.to_string().into_bytes()
     };
     let class_index = n % POISON_CLASSES;
-    let input = if rng.random_bool(0.5) && class_index >= 12 {
+    // Only the classes whose value is no event may go to either topic.
+    let coin = rng.random_bool(0.5);
+    let input = if coin && matches!(class_index, 12 | 13) {
         Input::Settlements
     } else {
         Input::Payments
@@ -532,10 +555,27 @@ fn poison(plan: &Plan, rng: &mut StdRng, n: usize) -> (Input, &'static str, Reco
                 )),
             ),
             12 => ("empty", Some(key.clone().into_bytes()), None),
-            _ => (
+            13 => (
                 "not_json",
                 Some(key.clone().into_bytes()),
                 Some(b"\"just a string".to_vec()),
+            ),
+            14 => {
+                // The Kafka key is the payment id, NUL included: only the control
+                // character itself is wrong (PostgreSQL cannot store it).
+                let payment_id = format!("{key}\u{0}x");
+                (
+                    "control_character",
+                    Some(payment_id.clone().into_bytes()),
+                    Some(payment(json!({ "payment_id": payment_id }))),
+                )
+            }
+            // Before 1970 rather than far in the future: rejected whatever the Kafka
+            // timestamp, so the class is the same where there is none (benchmarks).
+            _ => (
+                "event_time_out_of_range",
+                Some(key.clone().into_bytes()),
+                Some(payment(json!({"occurred_at": "1969-07-20T20:17:40Z"}))),
             ),
         };
     (

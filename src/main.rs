@@ -103,6 +103,7 @@ fn main() -> ExitCode {
         }
     };
     let log_format = config.log_format;
+    let scrubber = config.scrubber.clone();
     telemetry::init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -117,10 +118,12 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
+            // Errors of librdkafka and sqlx may quote configuration values.
+            let error = scrubber.scrub(&format!("{error:#}"));
             if log_format == LogFormat::Json {
-                tracing::error!(error = format!("{error:#}"), "recon-worker failed");
+                tracing::error!(error, "recon-worker failed");
             } else {
-                eprintln!("recon-worker: {error:#}");
+                eprintln!("recon-worker: {error}");
             }
             ExitCode::FAILURE
         }

@@ -26,11 +26,13 @@ pub async fn migrate(store: &Store, patience: Duration) -> anyhow::Result<()> {
     loop {
         match store.migrate().await {
             Ok(()) => return Ok(()),
+            // A migration cut short (its transaction rolled back) is applied again.
             Err(StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)))
+            | Err(StoreError::Migrate(sqlx::migrate::MigrateError::ExecuteMigration(e, _)))
             | Err(StoreError::Transient(e))
                 if is_unreachable(&e) && started.elapsed() < patience =>
             {
-                tracing::warn!(error = %e, retry_in = ?backoff, "database unreachable; retrying migrations");
+                tracing::warn!(error = %e, retry_in = ?backoff, "database unavailable; retrying migrations");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -39,14 +41,11 @@ pub async fn migrate(store: &Store, patience: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// Down, starting, read-only during a failover, locked by another worker's
+/// migration: the store's transient errors. Anything else (a role without rights, a
+/// broken migration) fails at once.
 fn is_unreachable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
-        _ => false,
-    }
+    crate::store::is_transient(error)
 }
 
 /// Runs the worker until a signal, then shuts down gracefully.

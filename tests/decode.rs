@@ -2,10 +2,16 @@
 //! test that no input — arbitrary bytes or mutated valid events — makes decoding panic.
 
 use proptest::prelude::*;
-use recon_worker::event::{decode, parse_timestamp, Event, Input, Rejection};
+use recon_worker::event::{decode, parse_timestamp, Event, Input, Limits, Rejection};
 use serde_json::{json, Value};
 
 const MAX: usize = 64 * 1024;
+const DAY_MICROS: i64 = 24 * 3600 * 1_000_000;
+/// The worker's defaults: 64 KiB values, events at most 24h ahead of Kafka time.
+const LIMITS: Limits = Limits {
+    max_bytes: MAX,
+    max_future_skew: DAY_MICROS,
+};
 
 fn payment() -> Value {
     json!({
@@ -33,12 +39,23 @@ fn with(mut base: Value, field: &str, value: Value) -> Value {
     base
 }
 
+/// Decodes a message without a Kafka timestamp (so any event time after 1970 passes).
 fn run(input: Input, key: &str, value: &Value) -> Result<Event, Rejection> {
+    run_at(input, key, value, None)
+}
+
+fn run_at(
+    input: Input,
+    key: &str,
+    value: &Value,
+    timestamp_ms: Option<i64>,
+) -> Result<Event, Rejection> {
     decode(
         input,
         Some(key.as_bytes()),
         Some(value.to_string().as_bytes()),
-        MAX,
+        timestamp_ms,
+        LIMITS,
     )
 }
 
@@ -79,7 +96,7 @@ fn unknown_fields_are_ignored_and_net_is_not_trusted() {
 
 #[test]
 fn bytes_level_rejections() {
-    let d = |value: Option<&[u8]>| decode(Input::Payments, Some(b"pay-1"), value, MAX);
+    let d = |value: Option<&[u8]>| decode(Input::Payments, Some(b"pay-1"), value, None, LIMITS);
     assert_eq!(d(None).expect_err("tombstone").class(), "empty");
     assert_eq!(d(Some(b"")).expect_err("empty").class(), "empty");
     assert_eq!(
@@ -267,7 +284,8 @@ fn the_kafka_key_must_be_the_payment_id() {
         Input::Payments,
         None,
         Some(payment().to_string().as_bytes()),
-        MAX,
+        None,
+        LIMITS,
     );
     assert_eq!(class(no_key), "key_mismatch");
 }
@@ -278,6 +296,182 @@ fn every_class_has_a_distinct_stable_name() {
     classes.sort_unstable();
     classes.dedup();
     assert_eq!(classes.len(), Rejection::CLASSES.len());
+}
+
+/// Every string of an accepted event that reaches a text column.
+fn stored_strings(event: &Event) -> Vec<&str> {
+    match event {
+        Event::Payment(p) => vec![
+            &p.event_id,
+            &p.payment_id,
+            &p.merchant_id,
+            p.currency.code(),
+        ],
+        Event::Settlement(s) => vec![
+            &s.event_id,
+            &s.settlement_id,
+            &s.payment_id,
+            s.currency.code(),
+        ],
+    }
+}
+
+fn is_forbidden(c: char) -> bool {
+    c <= '\u{1f}' || c == '\u{7f}'
+}
+
+#[test]
+fn ids_with_control_characters_are_rejected_naming_the_field() {
+    let fields = [
+        (Input::Payments, "event_id"),
+        (Input::Payments, "payment_id"),
+        (Input::Payments, "merchant_id"),
+        (Input::Settlements, "event_id"),
+        (Input::Settlements, "settlement_id"),
+        (Input::Settlements, "payment_id"),
+    ];
+    for (input, field) in fields {
+        for (c, code) in [
+            ('\0', "U+0000"),
+            ('\u{1}', "U+0001"),
+            ('\t', "U+0009"),
+            ('\n', "U+000A"),
+            ('\u{1f}', "U+001F"),
+            ('\u{7f}', "U+007F"),
+        ] {
+            let id = format!("a{c}b");
+            let base = if input == Input::Payments {
+                payment()
+            } else {
+                settlement()
+            };
+            let value = with(base, field, json!(id));
+            // The Kafka key carries the same bytes, so only the character is wrong.
+            let key = if field == "payment_id" { &id } else { "pay-1" };
+            let err = run(input, key, &value).expect_err("control character");
+            assert_eq!(err.class(), "control_character", "{field} {code}: {err}");
+            let reason = err.to_string();
+            assert!(
+                reason.contains(field) && reason.contains(code) && reason.contains("character 2"),
+                "{reason}"
+            );
+            // The reason is stored in a text column too.
+            assert!(!reason.chars().any(is_forbidden), "{reason:?}");
+        }
+    }
+}
+
+#[test]
+fn ids_outside_the_forbidden_range_are_accepted() {
+    // U+0080..U+009F are not in the contract's range and PostgreSQL stores them;
+    // neither is anything printable.
+    for id in [
+        "caf\u{e9}",
+        "\u{80}x",
+        "x\u{9f}",
+        "\u{1F4B6}",
+        "a b",
+        "\u{7e}",
+    ] {
+        let value = with(payment(), "payment_id", json!(id));
+        let event = run(Input::Payments, id, &value).expect(id);
+        assert_eq!(event.payment_id(), id);
+    }
+}
+
+#[test]
+fn a_currency_with_a_nul_is_unknown_and_its_reason_is_storable() {
+    let value = with(payment(), "currency", json!("EU\u{0}R"));
+    let err = run(Input::Payments, "pay-1", &value).expect_err("unknown currency");
+    assert_eq!(err.class(), "unknown_currency");
+    assert!(!err.to_string().contains('\0'), "{err:?}");
+}
+
+#[test]
+fn event_times_before_1970_are_rejected() {
+    for (input, base, field) in [
+        (Input::Payments, payment(), "occurred_at"),
+        (Input::Settlements, settlement(), "settled_at"),
+    ] {
+        for at in ["1969-12-31T23:59:59.999999Z", "0001-01-01T00:00:00Z"] {
+            let value = with(base.clone(), field, json!(at));
+            let err = run(input, "pay-1", &value).expect_err(at);
+            assert_eq!(err.class(), "event_time_out_of_range", "{at}");
+            assert!(
+                err.to_string().contains(field) && err.to_string().contains("1970"),
+                "{err}"
+            );
+        }
+        let epoch = with(base.clone(), field, json!("1970-01-01T00:00:00Z"));
+        let event = run(input, "pay-1", &epoch).expect("the epoch itself");
+        assert_eq!(event.event_time(), 0);
+    }
+}
+
+#[test]
+fn event_times_too_far_ahead_of_the_kafka_timestamp_are_rejected() {
+    let kafka_ms = 1_800_000_000_000i64;
+    let kafka_micros = kafka_ms * 1000;
+    let at = |micros: i64| json!(recon_worker::event::format_timestamp(micros));
+    for (input, base, field) in [
+        (Input::Payments, payment(), "occurred_at"),
+        (Input::Settlements, settlement(), "settled_at"),
+    ] {
+        let edge = with(base.clone(), field, at(kafka_micros + DAY_MICROS));
+        assert!(
+            run_at(input, "pay-1", &edge, Some(kafka_ms)).is_ok(),
+            "exactly the skew ahead is accepted"
+        );
+        let over = with(base.clone(), field, at(kafka_micros + DAY_MICROS + 1));
+        let err = run_at(input, "pay-1", &over, Some(kafka_ms)).expect_err("1µs over");
+        assert_eq!(err.class(), "event_time_out_of_range");
+        let reason = err.to_string();
+        assert!(
+            reason.contains(field) && reason.contains("ahead") && reason.contains("1day"),
+            "{reason}"
+        );
+        let far = with(base.clone(), field, json!("2205-01-01T00:00:00Z"));
+        assert_eq!(
+            class(run_at(input, "pay-1", &far, Some(kafka_ms))),
+            "event_time_out_of_range"
+        );
+        // Without a Kafka timestamp there is nothing to compare with.
+        assert!(run_at(input, "pay-1", &far, None).is_ok());
+        // Event times in the past of the message are ordinary (a backlog, a replay).
+        let old = with(base.clone(), field, at(kafka_micros - 400 * DAY_MICROS));
+        assert!(run_at(input, "pay-1", &old, Some(kafka_ms)).is_ok());
+    }
+    // The bound is the configured one.
+    let hour = Limits {
+        max_future_skew: 3600 * 1_000_000,
+        ..LIMITS
+    };
+    let two_hours = with(
+        payment(),
+        "occurred_at",
+        at(kafka_micros + 2 * 3600 * 1_000_000),
+    );
+    let bytes = two_hours.to_string();
+    let decoded = decode(
+        Input::Payments,
+        Some(b"pay-1"),
+        Some(bytes.as_bytes()),
+        Some(kafka_ms),
+        hour,
+    );
+    assert_eq!(class(decoded), "event_time_out_of_range");
+}
+
+/// Ids built from printable text with control characters mixed in.
+fn id_with_controls() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop_oneof![
+            3 => prop::char::range('\u{0}', '\u{7f}'),
+            1 => prop::char::range('\u{80}', '\u{10ffff}'),
+        ],
+        0..8,
+    )
+    .prop_map(|chars| chars.into_iter().collect())
 }
 
 fn mutated_event() -> impl Strategy<Value = (bool, Vec<u8>)> {
@@ -331,14 +525,46 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512), key in prop::option::of(prop::collection::vec(any::<u8>(), 0..16))) {
         for input in Input::ALL {
-            let _ = decode(input, key.as_deref(), Some(&bytes), 256);
+            let limits = Limits { max_bytes: 256, ..LIMITS };
+            let _ = decode(input, key.as_deref(), Some(&bytes), Some(0), limits);
+        }
+    }
+
+    #[test]
+    fn nothing_accepted_or_rejected_carries_a_control_character_to_postgres(
+        is_payment in any::<bool>(),
+        ids in prop::collection::vec(id_with_controls(), 4),
+        currency in id_with_controls(),
+    ) {
+        let (input, mut value, fields) = if is_payment {
+            (Input::Payments, payment(), ["event_id", "payment_id", "merchant_id"])
+        } else {
+            (Input::Settlements, settlement(), ["event_id", "payment_id", "settlement_id"])
+        };
+        for (field, id) in fields.iter().zip(&ids) {
+            value = with(value, field, json!(id));
+        }
+        if currency.len() % 2 == 0 {
+            value = with(value, "currency", json!(currency));
+        }
+        let key = ids[1].clone();
+        match run(input, &key, &value) {
+            Ok(event) => {
+                for text in stored_strings(&event) {
+                    prop_assert!(!text.chars().any(is_forbidden), "{:?}", text);
+                }
+            }
+            Err(rejection) => {
+                let reason = rejection.to_string();
+                prop_assert!(!reason.contains('\0'), "{:?}", reason);
+            }
         }
     }
 
     #[test]
     fn mutated_events_decode_or_are_rejected_with_a_reason((is_payment, bytes) in mutated_event()) {
         let input = if is_payment { Input::Payments } else { Input::Settlements };
-        match decode(input, Some(b"pay-1"), Some(&bytes), MAX) {
+        match decode(input, Some(b"pay-1"), Some(&bytes), None, LIMITS) {
             Ok(event) => prop_assert_eq!(event.payment_id(), "pay-1"),
             Err(rejection) => prop_assert!(!rejection.to_string().is_empty()),
         }

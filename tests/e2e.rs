@@ -1341,3 +1341,499 @@ async fn a_recreated_topic_is_read_from_its_start_and_nothing_is_lost(pool: PgPo
         worker.log_text()
     );
 }
+
+/// Every message of the world is committed: the offsets stored in PostgreSQL cover
+/// `messages`.
+async fn await_committed(world: &World, worker: &Worker, messages: usize) {
+    let started = std::time::Instant::now();
+    while (stored_offsets_total(world).await as usize) < messages {
+        assert!(
+            started.elapsed() < WITHIN,
+            "{messages} messages not committed:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_running(worker: &mut Worker) {
+    let exited = worker.child.try_wait().expect("try_wait");
+    assert!(
+        exited.is_none(),
+        "the worker exited ({exited:?}):\n{}",
+        worker.log_text()
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn ids_with_control_characters_are_rejected_and_the_stream_goes_on(pool: PgPool) {
+    use recon_worker::event::{format_timestamp, Input};
+    let world = World::new(pool, 2).await;
+    // About 4,000 valid events, with the bad ones in the middle.
+    let (mut records, mut truth) = generate(&world.plan(2_000, 61, exact_mix()));
+    let at = format_timestamp(chrono::Utc::now().timestamp_micros());
+    let payment = |event_id: &str, payment_id: &str, merchant_id: &str| {
+        record(
+            Input::Payments,
+            payment_id,
+            serde_json::json!({
+            "event_id": event_id, "type": "payment_captured", "payment_id": payment_id,
+            "merchant_id": merchant_id, "amount_minor": 500, "currency": "EUR", "occurred_at": at}),
+        )
+    };
+    let settlement = |event_id: &str, payment_id: &str, settlement_id: &str| {
+        record(
+            Input::Settlements,
+            payment_id,
+            serde_json::json!({
+            "event_id": event_id, "type": "settlement_line", "settlement_id": settlement_id,
+            "payment_id": payment_id, "gross_minor": 500, "fee_minor": 5, "net_minor": 495,
+            "currency": "EUR", "settled_at": at}),
+        )
+    };
+    let bad = [
+        // PostgreSQL cannot store U+0000 in text: this one made the worker exit.
+        payment("ctl-1", "a\u{0}b", "m"),
+        payment("ctl-2", "ctl-merchant", "m\u{1}"),
+        settlement("ctl-3", "ctl-settlement", "po\u{7f}"),
+        settlement("ctl-4\u{0}", "ctl-event", "po"),
+    ];
+    let middle = records.len() / 2;
+    records.splice(middle..middle, bad.iter().cloned());
+    truth.rejected.extend([
+        (Input::Payments, "control_character"),
+        (Input::Payments, "control_character"),
+        (Input::Settlements, "control_character"),
+        (Input::Settlements, "control_character"),
+    ]);
+    world.produce(&records).await;
+    let mut worker = world.spawn_worker("controls", &[("RECON_BATCH_MAX_MESSAGES", "500")]);
+    world.await_truth(&truth, WITHIN).await;
+    assert_running(&mut worker);
+    let reasons: Vec<(String, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT reason, kafka_key FROM rejected_events ORDER BY reason")
+            .fetch_all(&world.pool)
+            .await
+            .expect("reasons");
+    assert_eq!(reasons.len(), 4);
+    for (reason, _) in &reasons {
+        assert!(reason.contains("control character U+00"), "{reason}");
+    }
+    // The key is kept byte for byte, NUL included.
+    assert!(reasons
+        .iter()
+        .any(|(_, key)| key.as_deref() == Some(b"a\0b".as_slice())));
+    assert_eq!(stored_offsets_total(&world).await as usize, records.len());
+    stop_cleanly(&mut worker);
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_event_dated_2205_is_rejected_and_fires_no_deadline(pool: PgPool) {
+    use recon_worker::event::{format_timestamp, Input};
+    let world = World::new(pool, 1).await;
+    let at = format_timestamp(chrono::Utc::now().timestamp_micros() - 3600 * SEC);
+    let payment = |id: &str, at: &str| {
+        record(
+            Input::Payments,
+            id,
+            serde_json::json!({
+            "event_id": format!("{id}-p"), "type": "payment_captured", "payment_id": id,
+            "merchant_id": "m", "amount_minor": 500, "currency": "EUR", "occurred_at": at}),
+        )
+    };
+    let settlement = |id: &str, at: &str| {
+        record(
+            Input::Settlements,
+            id,
+            serde_json::json!({
+            "event_id": format!("{id}-s"), "type": "settlement_line", "settlement_id": "po",
+            "payment_id": id, "gross_minor": 500, "fee_minor": 5, "net_minor": 495,
+            "currency": "EUR", "settled_at": at}),
+        )
+    };
+    // Both topics carry one event from the far future, so the pair's watermark would
+    // follow them without waiting for idleness; and one from before 1970.
+    let records = vec![
+        payment("waiting-1", &at),
+        payment("waiting-2", &at),
+        settlement("unpaid", &at),
+        payment("far-future", "2205-01-01T00:00:00Z"),
+        settlement("far-future-line", "2205-01-01T00:00:00Z"),
+        payment("waiting-3", &at),
+        payment("before-1970", "1969-12-31T23:00:00Z"),
+    ];
+    world.produce(&records).await;
+    let mut worker = world.spawn_worker("future", &[]);
+    await_committed(&world, &worker, records.len()).await;
+    // Several idle timeouts (2s) and sweeps: time enough for every deadline to fire.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for event_id in ["waiting-1-p", "waiting-2-p", "waiting-3-p", "unpaid-s"] {
+        await_outcome(&world, event_id, "pending", Duration::from_secs(1)).await;
+    }
+    assert_eq!(world.count("SELECT count(*) FROM recon_outcomes").await, 4);
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM recon_discrepancies")
+            .await,
+        0,
+        "no deadline fired"
+    );
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT reason FROM rejected_events WHERE reason_class = 'event_time_out_of_range' ORDER BY kafka_offset, topic",
+    )
+    .fetch_all(&world.pool)
+    .await
+    .expect("rejects");
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.contains("ahead of the message's Kafka timestamp"))
+            .count(),
+        2,
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("before 1970")),
+        "{reasons:?}"
+    );
+    assert_running(&mut worker);
+    stop_cleanly(&mut worker);
+}
+
+#[test]
+fn kafka_settings_the_worker_depends_on_cannot_be_overridden() {
+    for (variable, value, property) in [
+        (
+            "RECON_KAFKA_PROP_ENABLE_AUTO_COMMIT",
+            "true",
+            "enable.auto.commit",
+        ),
+        (
+            "RECON_KAFKA_PROP_ENABLE_AUTO_OFFSET_STORE",
+            "true",
+            "enable.auto.offset.store",
+        ),
+        (
+            "RECON_KAFKA_PROP_ISOLATION_LEVEL",
+            "read_uncommitted",
+            "isolation.level",
+        ),
+        (
+            "RECON_KAFKA_PROP_PARTITION_ASSIGNMENT_STRATEGY",
+            "cooperative-sticky",
+            "partition.assignment.strategy",
+        ),
+        (
+            "RECON_KAFKA_PROP_GROUP_PROTOCOL",
+            "consumer",
+            "group.protocol",
+        ),
+        (
+            "RECON_KAFKA_PROP_AUTO_OFFSET_RESET",
+            "latest",
+            "auto.offset.reset",
+        ),
+        ("RECON_KAFKA_PROP_GROUP_ID", "elsewhere", "RECON_GROUP_ID"),
+        (
+            "RECON_KAFKA_PROP_BOOTSTRAP_SERVERS",
+            "127.0.0.1:9092",
+            "RECON_KAFKA_BROKERS",
+        ),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_recon-worker"))
+            .arg("run")
+            .env_clear()
+            .env("DATABASE_URL", "postgres://postgres@127.0.0.1/x")
+            .env(variable, value)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{variable}: {stderr}");
+        assert!(
+            stderr.contains(variable) && stderr.contains(value) && stderr.contains(property),
+            "{stderr}"
+        );
+    }
+}
+
+/// Pieces of a password holding every URL delimiter; none may be printed.
+const URL_PASSWORD: &str = "Hx7q/Kz9w?Vy3m@Pj8n#Rt5b";
+const URL_PASSWORD_PIECES: [&str; 5] = ["Hx7q", "Kz9w", "Vy3m", "Pj8n", "Rt5b"];
+/// Kafka properties holding secrets; librdkafka ignores them over PLAINTEXT.
+const KAFKA_SECRETS: [(&str, &str); 4] = [
+    ("RECON_KAFKA_PROP_SASL_PASSWORD", "kafka-Qm4pass"),
+    ("RECON_KAFKA_PROP_SSL_KEY_PASSWORD", "kafka-Wn8pass"),
+    (
+        "RECON_KAFKA_PROP_SASL_OAUTHBEARER_CONFIG",
+        "principal=recon scope=Zr6token",
+    ),
+    ("RECON_KAFKA_PROP_SSL_KEYSTORE_PASSWORD", "kafka-Bd3secret"),
+];
+/// A secret librdkafka refuses (this build has no OIDC): its error quotes the value.
+const REFUSED_SECRET: (&str, &str) = (
+    "RECON_KAFKA_PROP_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+    "https://idp/Jt5token",
+);
+
+fn assert_no_secret(text: &str, context: &str) {
+    for piece in URL_PASSWORD_PIECES {
+        assert!(
+            !text.contains(piece),
+            "{piece} leaked into {context}:\n{text}"
+        );
+    }
+    for (_, secret) in KAFKA_SECRETS.iter().chain([&REFUSED_SECRET]) {
+        assert!(
+            !text.contains(secret),
+            "{secret} leaked into {context}:\n{text}"
+        );
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn passwords_with_url_delimiters_and_kafka_secrets_never_appear_in_logs(pool: PgPool) {
+    let world = World::new(pool, 1).await;
+    // Percent-encoded, the URL is valid and trust authentication ignores the password.
+    let encoded: String = URL_PASSWORD
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let url = world
+        .database_url
+        .replacen("postgres@", &format!("postgres:{encoded}@"), 1);
+    let mut extra: Vec<(&str, &str)> = vec![
+        ("DATABASE_URL", &url),
+        ("RUST_LOG", "debug"),
+        // librdkafka's own configuration dump, at debug level.
+        ("RECON_KAFKA_PROP_DEBUG", "conf"),
+    ];
+    extra.extend(KAFKA_SECRETS);
+    let mut worker = world.spawn_worker("kafka-secrets", &extra);
+    let started = std::time::Instant::now();
+    while !worker.log_text().contains("took ownership") {
+        assert!(
+            started.elapsed() < WITHIN,
+            "worker did not start:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_cleanly(&mut worker);
+    let log = worker.log_text();
+    assert!(
+        log.contains("postgres:***@"),
+        "the redacted URL is logged:\n{log}"
+    );
+    assert!(
+        log.contains("sasl.oauthbearer.config"),
+        "the property names are logged:\n{log}"
+    );
+    assert_no_secret(&log, "the logs");
+    assert!(!log.contains(&encoded), "{log}");
+
+    // Written raw, the password breaks the URL: the configuration error echoes it,
+    // redacted. So does a malformed property name holding a secret.
+    let raw_url = format!("postgres://app:{URL_PASSWORD}@db:5432/x");
+    for (variable, value) in [
+        ("DATABASE_URL", raw_url.as_str()),
+        ("RECON_KAFKA_PROP_sasl.password", "kafka-Qm4pass"),
+    ] {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_recon-worker"));
+        command
+            .arg("run")
+            .env_clear()
+            .env("DATABASE_URL", "postgres://postgres@127.0.0.1/x");
+        for (k, v) in KAFKA_SECRETS {
+            command.env(k, v);
+        }
+        let output = command.env(variable, value).output().expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(variable), "{stderr}");
+        assert_no_secret(&stderr, variable);
+    }
+
+    // A property librdkafka refuses when the consumer is created, after migrations:
+    // its error names the property and quotes the value.
+    let mut extra: Vec<(&str, &str)> = vec![REFUSED_SECRET];
+    extra.extend(KAFKA_SECRETS);
+    let mut refused = world.spawn_worker("refused-secret", &extra);
+    let status = refused.wait(WITHIN);
+    assert!(!status.success());
+    let log = refused.log_text();
+    assert!(
+        log.contains("sasl.oauthbearer.token.endpoint.url"),
+        "the refused property is named:\n{log}"
+    );
+    assert_no_secret(&log, "the refusal");
+}
+
+/// `world.database_url` with an application name, to find the worker's sessions.
+fn url_named(world: &World, application_name: &str) -> String {
+    format!("{}?application_name={application_name}", world.database_url)
+}
+
+/// Ends every session of `application_name`, as an administrator or a failover would.
+async fn terminate_sessions(admin: &mut sqlx::PgConnection, application_name: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = $1) AS t",
+    )
+    .bind(application_name)
+    .persistent(false)
+    .fetch_one(admin)
+    .await
+    .expect("terminate")
+}
+
+/// Waits until the worker logs a retry of an error containing `text`.
+async fn await_retry_of(worker: &mut Worker, text: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let log = worker.log_text();
+        if log
+            .lines()
+            .any(|l| l.contains("transient database error") && l.contains(text))
+        {
+            return;
+        }
+        assert_running(worker);
+        assert!(
+            started.elapsed() < WITHIN,
+            "no retry of {text:?} logged:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_database_turned_read_only_and_back_is_waited_out(pool: PgPool) {
+    use sqlx::Connection;
+    let world = World::new(pool, 2).await;
+    let exact = exact_mix();
+    let (first, mut truth) = generate(&world.plan(300, 71, exact.clone()));
+    world.produce(&first).await;
+    let name = "recon-read-only";
+    let url = url_named(&world, name);
+    let mut worker = world.spawn_worker("read-only", &[("DATABASE_URL", &url)]);
+    world.await_truth(&truth, WITHIN).await;
+
+    // A failover to a server that does not take writes yet: the worker's sessions
+    // end, and every new one is read-only. This connection, opened before, stays
+    // read-write to undo it.
+    let mut admin = sqlx::PgConnection::connect(&world.database_url)
+        .await
+        .expect("admin connection");
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut admin)
+        .await
+        .expect("name");
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{database}\" SET default_transaction_read_only = on"
+    ))
+    .execute(&mut admin)
+    .await
+    .expect("read-only");
+    terminate_sessions(&mut admin, name).await;
+    let (second, truth_2) = generate(&world.plan(300, 72, exact));
+    world.produce(&second).await;
+    truth.outcomes.extend(truth_2.outcomes);
+    await_retry_of(&mut worker, "read-only transaction").await;
+    // Some more retries, then the new primary takes writes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_running(&mut worker);
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{database}\" RESET default_transaction_read_only"
+    ))
+    .execute(&mut admin)
+    .await
+    .expect("read-write again");
+    // The sessions opened while it was read-only stay read-only: only new ones help.
+    world.await_truth(&truth, WITHIN).await;
+    assert_eq!(
+        stored_offsets_total(&world).await as usize,
+        first.len() + second.len()
+    );
+    stop_cleanly(&mut worker);
+}
+
+#[sqlx::test(migrations = false)]
+async fn terminated_database_sessions_are_reconnected_mid_stream(pool: PgPool) {
+    use sqlx::Connection;
+    let world = World::new(pool, 2).await;
+    let (records, truth) = generate(&world.plan(2_000, 73, exact_mix()));
+    world.produce(&records).await;
+    let name = "recon-terminated";
+    let url = url_named(&world, name);
+    let mut worker = world.spawn_worker(
+        "terminated",
+        &[("DATABASE_URL", &url), ("RECON_BATCH_MAX_MESSAGES", "50")],
+    );
+    let mut admin = sqlx::PgConnection::connect(&world.database_url)
+        .await
+        .expect("admin connection");
+    // Sessions end over and over while the stream is read (pg_terminate_backend:
+    // SQLSTATE 57P01 to a statement in flight, a closed socket to an idle one).
+    let started = std::time::Instant::now();
+    let mut terminated = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        terminated += terminate_sessions(&mut admin, name).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(terminated > 0, "no session was terminated");
+    assert_running(&mut worker);
+    world.await_truth(&truth, WITHIN).await;
+    stop_cleanly(&mut worker);
+}
+
+/// The worker's statements wait on a lock the test holds, with `option` (a
+/// statement or lock timeout) set for its sessions: they fail with `sqlstate`, the
+/// worker retries and catches up once the lock is released.
+async fn a_held_lock_is_waited_out(pool: PgPool, option: &str, error_text: &str) {
+    use sqlx::Connection;
+    let world = World::new(pool, 1).await;
+    let exact = exact_mix();
+    let (first, mut truth) = generate(&world.plan(100, 81, exact.clone()));
+    world.produce(&first).await;
+    let url = format!(
+        "{}?options=-c%20{}",
+        world.database_url,
+        option.replace('=', "%3D")
+    );
+    let mut worker = world.spawn_worker("locked", &[("DATABASE_URL", &url)]);
+    world.await_truth(&truth, WITHIN).await;
+    let mut admin = sqlx::PgConnection::connect(&world.database_url)
+        .await
+        .expect("admin connection");
+    let mut lock = admin.begin().await.expect("begin");
+    // Reads go on; every checkpoint's offset update waits for the lock.
+    sqlx::query("LOCK TABLE recon_partition_pairs IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let (second, truth_2) = generate(&world.plan(100, 82, exact));
+    world.produce(&second).await;
+    truth.outcomes.extend(truth_2.outcomes);
+    await_retry_of(&mut worker, error_text).await;
+    assert_running(&mut worker);
+    lock.rollback().await.expect("release");
+    world.await_truth(&truth, WITHIN).await;
+    stop_cleanly(&mut worker);
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_statement_timeout_is_retried(pool: PgPool) {
+    a_held_lock_is_waited_out(pool, "statement_timeout=500", "statement timeout").await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_lock_timeout_is_retried(pool: PgPool) {
+    a_held_lock_is_waited_out(pool, "lock_timeout=500", "lock timeout").await;
+}

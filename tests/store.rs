@@ -376,3 +376,124 @@ async fn a_checkpoint_retried_after_a_commit_of_unknown_outcome_writes_nothing_t
     let position = store.owned_position(0, 1).await.expect("position");
     assert_eq!(position.map(|p| p.next_offsets), Some([Some(1), None]));
 }
+
+/// The SQLSTATE of a database error.
+fn sqlstate(error: &sqlx::Error) -> Option<String> {
+    error
+        .as_database_error()
+        .and_then(|db| db.code())
+        .map(|code| code.into_owned())
+}
+
+/// Each condition that ends by itself, provoked on the real server: the store calls it
+/// transient, so the pipeline backs off and retries instead of exiting (which would
+/// hand the partitions to a worker meeting the same condition).
+#[sqlx::test(migrations = false)]
+async fn conditions_that_end_by_themselves_are_transient(pool: PgPool) {
+    let mut conn = pool.acquire().await.expect("connection");
+    let mut other = pool.acquire().await.expect("second connection");
+    sqlx::query("CREATE TABLE plan_probe (a int)")
+        .execute(&mut *conn)
+        .await
+        .expect("create");
+
+    // statement_timeout.
+    sqlx::query("SET statement_timeout = 50")
+        .execute(&mut *conn)
+        .await
+        .expect("set");
+    let error = sqlx::query("SELECT pg_sleep(2)")
+        .execute(&mut *conn)
+        .await
+        .expect_err("statement timeout");
+    assert_eq!(sqlstate(&error).as_deref(), Some("57014"), "{error}");
+    assert!(StoreError::from(error).is_transient());
+    sqlx::query("RESET statement_timeout")
+        .execute(&mut *conn)
+        .await
+        .expect("reset");
+
+    // lock_timeout, the lock held by another session.
+    sqlx::query("BEGIN")
+        .execute(&mut *other)
+        .await
+        .expect("begin");
+    sqlx::query("LOCK TABLE plan_probe IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *other)
+        .await
+        .expect("lock");
+    sqlx::query("SET lock_timeout = 50")
+        .execute(&mut *conn)
+        .await
+        .expect("set");
+    let error = sqlx::query("SELECT * FROM plan_probe")
+        .execute(&mut *conn)
+        .await
+        .expect_err("lock timeout");
+    assert_eq!(sqlstate(&error).as_deref(), Some("55P03"), "{error}");
+    assert!(StoreError::from(error).is_transient());
+    sqlx::query("ROLLBACK")
+        .execute(&mut *other)
+        .await
+        .expect("rollback");
+    sqlx::query("RESET lock_timeout")
+        .execute(&mut *conn)
+        .await
+        .expect("reset");
+
+    // A write in a read-only transaction: what a primary turned standby answers.
+    sqlx::query("BEGIN READ ONLY")
+        .execute(&mut *conn)
+        .await
+        .expect("begin");
+    let error = sqlx::query("INSERT INTO plan_probe VALUES (1)")
+        .execute(&mut *conn)
+        .await
+        .expect_err("read-only");
+    assert_eq!(sqlstate(&error).as_deref(), Some("25006"), "{error}");
+    assert!(StoreError::from(error).is_transient());
+    sqlx::query("ROLLBACK")
+        .execute(&mut *conn)
+        .await
+        .expect("rollback");
+
+    // A statement prepared before a migration changed the columns it returns.
+    sqlx::query("SELECT * FROM plan_probe")
+        .execute(&mut *conn)
+        .await
+        .expect("prepared");
+    sqlx::query("ALTER TABLE plan_probe ADD COLUMN b int")
+        .execute(&mut *other)
+        .await
+        .expect("alter");
+    let error = sqlx::query("SELECT * FROM plan_probe")
+        .execute(&mut *conn)
+        .await
+        .expect_err("stale plan");
+    assert_eq!(sqlstate(&error).as_deref(), Some("0A000"), "{error}");
+    assert!(StoreError::from(error).is_transient());
+    // Any other feature_not_supported is a mistake in a statement: permanent.
+    let error = sqlx::query("SELECT count(*) FROM plan_probe FOR UPDATE")
+        .persistent(false)
+        .execute(&mut *other)
+        .await
+        .expect_err("not supported");
+    assert_eq!(sqlstate(&error).as_deref(), Some("0A000"), "{error}");
+    assert!(!StoreError::from(error).is_transient());
+
+    // An administrator (or a failover) ends the session.
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("pid");
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&mut *other)
+        .await
+        .expect("terminate");
+    let error = sqlx::query("SELECT 1")
+        .execute(&mut *conn)
+        .await
+        .expect_err("terminated");
+    assert!(StoreError::from(error).is_transient());
+}

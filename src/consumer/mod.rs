@@ -672,7 +672,7 @@ pub fn start(
             config.payments_topic.clone(),
             config.settlements_topic.clone(),
         ],
-        max_message_bytes: config.max_message_bytes,
+        limits: config.decode_limits(),
         positions: HashMap::new(),
         last_timestamps: HashMap::new(),
         paused: HashSet::new(),
@@ -700,7 +700,7 @@ struct Poller {
     failed: Arc<AtomicBool>,
     /// Payments, settlements.
     topics: [String; 2],
-    max_message_bytes: usize,
+    limits: crate::event::Limits,
     /// Next offset to read per (input, partition), as far as this thread has read.
     positions: HashMap<(Input, i32), i64>,
     /// Kafka timestamp of the last message read per (input, partition).
@@ -824,7 +824,8 @@ impl Poller {
                 input,
                 message.key(),
                 message.payload(),
-                self.max_message_bytes,
+                message.timestamp().to_millis(),
+                self.limits,
             )
             .map_err(|rejection| rejected(rejection.to_string(), rejection.class())),
         };

@@ -24,8 +24,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// A store failure, saying whether retrying can help.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Connection lost, server restarting, pool exhausted, serialisation conflict:
-    /// retry with backoff.
+    /// Connection lost, server restarting or read-only after a failover, pool
+    /// exhausted, serialisation conflict, statement or lock timeout: retry with backoff.
     #[error("transient database error: {0}")]
     Transient(#[source] sqlx::Error),
     /// Schema missing, authentication, constraint violations: retrying will not help.
@@ -46,7 +46,7 @@ pub enum StoreError {
     #[error("PostgreSQL refused values of messages {0:?}")]
     DataErrors(Vec<RefusedMessage>),
     #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
 }
 
 impl StoreError {
@@ -57,6 +57,9 @@ impl StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
+        if needs_new_connections(&error) {
+            replace_connections();
+        }
         if is_transient(&error) {
             StoreError::Transient(error)
         } else {
@@ -65,7 +68,21 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-fn is_transient(error: &sqlx::Error) -> bool {
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(error: sqlx::migrate::MigrateError) -> Self {
+        if let sqlx::migrate::MigrateError::Execute(inner)
+        | sqlx::migrate::MigrateError::ExecuteMigration(inner, _) = &error
+        {
+            if needs_new_connections(inner) {
+                replace_connections();
+            }
+        }
+        StoreError::Migrate(error)
+    }
+}
+
+/// Whether the same operation may succeed if tried again later.
+pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
@@ -73,15 +90,84 @@ fn is_transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception; 40001/40P01: serialisation/deadlock; 53: out of
-            // resources; 57P01-57P03: shutdown/crash/cannot connect now.
-            code.starts_with("08")
-                || code.starts_with("53")
-                || matches!(&*code, "40001" | "40P01" | "57P01" | "57P02" | "57P03")
-        }),
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| is_transient_sqlstate(&code, db.message())),
         _ => false,
     }
+}
+
+/// The SQLSTATEs after which the same statement can succeed later: none says anything
+/// about the data, and each ends by itself (a failover completes, a lock is released,
+/// a migration finishes), so exiting would only hand the partitions to a worker that
+/// meets the same condition.
+pub fn is_transient_sqlstate(code: &str, message: &str) -> bool {
+    // 08: connection exception; 53: out of resources.
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(
+            code,
+            // Serialisation failure, deadlock.
+            "40001" | "40P01"
+            // Admin shutdown (pg_terminate_backend, a failover), crash shutdown,
+            // cannot connect now (starting up).
+            | "57P01" | "57P02" | "57P03"
+            // statement_timeout (or a cancel), lock_timeout.
+            | "57014" | "55P03"
+            // A write on a server that became a standby, or a database set
+            // read-only for maintenance.
+            | "25006"
+        )
+        // feature_not_supported is a programming error, except this one: a statement
+        // prepared before a migration changed the table's columns. Only a new
+        // connection (a fresh statement cache) gets past it.
+        || (code == "0A000" && message.contains("cached plan must not change result type"))
+}
+
+/// Errors after which the pool's connections must not be reused: they are attached to
+/// a server that no longer accepts writes (after a failover every pooled connection
+/// points at the old primary, and retrying on them would fail for ever), or hold
+/// prepared statements the server refuses.
+fn needs_new_connections(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = error else {
+        return false;
+    };
+    db.code().is_some_and(|code| {
+        code == "25006"
+            || (code == "0A000"
+                && db
+                    .message()
+                    .contains("cached plan must not change result type"))
+    })
+}
+
+/// Time base of [`REPLACE_BEFORE_NANOS`].
+static CLOCK: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Pooled connections opened before this many nanoseconds after [`CLOCK`] are closed
+/// instead of handed out (0: none). Process-wide because errors become [`StoreError`]
+/// where no pool is at hand (`?`); a pool that did not see the error only reconnects
+/// once, which costs a connection set-up.
+static REPLACE_BEFORE_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn clock_nanos() -> u64 {
+    let elapsed = CLOCK.get_or_init(std::time::Instant::now).elapsed();
+    u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn replace_connections() {
+    tracing::warn!("closing pooled database connections: they reach a read-only server or hold stale prepared statements");
+    REPLACE_BEFORE_NANOS.fetch_max(clock_nanos().max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether a pooled connection of this age may be reused.
+fn connection_is_current(age: Duration) -> bool {
+    let replace_before = REPLACE_BEFORE_NANOS.load(std::sync::atomic::Ordering::Relaxed);
+    if replace_before == 0 {
+        return true;
+    }
+    let age = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
+    clock_nanos().saturating_sub(age) > replace_before
 }
 
 /// Where a partition pair stands when a worker takes it over.
@@ -170,6 +256,10 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(5))
+            .before_acquire(|_, meta| {
+                let current = connection_is_current(meta.age);
+                Box::pin(async move { Ok(current) })
+            })
             .connect_lazy_with(options);
         Self::with_pool(pool, payments_topic, settlements_topic)
     }
@@ -976,4 +1066,37 @@ async fn write_discrepancies(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_that_end_by_themselves_are_transient() {
+        for code in [
+            "08006", "08001", "53300", "40001", "40P01", "57P01", "57P02", "57P03", "57014",
+            "55P03", "25006",
+        ] {
+            assert!(is_transient_sqlstate(code, "whatever"), "{code}");
+        }
+        assert!(is_transient_sqlstate(
+            "0A000",
+            "cached plan must not change result type"
+        ));
+        for code in [
+            "0A000", "23505", "22021", "42P01", "28000", "3D000", "25001",
+        ] {
+            assert!(!is_transient_sqlstate(code, "some other failure"), "{code}");
+        }
+    }
+
+    #[test]
+    fn connections_opened_before_a_replacement_are_not_reused() {
+        replace_connections();
+        // Opened before the mark: closed. Opened after it: kept.
+        assert!(!connection_is_current(Duration::from_secs(1)));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(connection_is_current(Duration::ZERO));
+    }
 }
