@@ -239,8 +239,12 @@ async fn exactly_once_through_kills_restarts_and_a_frozen_worker(pool: PgPool) {
                     labels.push("PostgreSQL restart".into());
                 }
                 Fault::RestartBroker => {
+                    let down = Instant::now();
                     restart_broker();
-                    labels.push("broker SIGKILL + restart".into());
+                    labels.push(format!(
+                        "broker SIGKILL + restart (ready again after {:.1}s)",
+                        down.elapsed().as_secs_f64()
+                    ));
                 }
                 Fault::Freeze => {
                     let victim = rng.random_range(0..WORKERS);

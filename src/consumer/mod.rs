@@ -558,6 +558,11 @@ pub fn client_config(config: &Config) -> ClientConfig {
         // at 50 ms, fetch waits were half of the mean latency at 8k msg/s here).
         .set("fetch.wait.max.ms", "10")
         .set("statistics.interval.ms", "0")
+        // Back to a restarted broker within a second of its return: librdkafka's
+        // reconnect backoff doubles up to 10 s by default, and each second of it is a
+        // second of reconciliation stopped (chaos test: broker back, then up to 10 s
+        // more before the offsets moved again).
+        .set("reconnect.backoff.max.ms", "1000")
         .set_log_level(RDKafkaLogLevel::Warning);
     match config.group_protocol {
         // Range assigns partition p of both topics to the same member.
