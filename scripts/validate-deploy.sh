@@ -10,7 +10,7 @@
 #   5. docker-compose.yml (docker-compose config -q; no Docker engine needed)
 #
 # Needs the local services running: `scripts/dev-services.sh up` (PostgreSQL on
-# 127.0.0.1:5432 with trust auth, Kafka-API broker on 127.0.0.1:9092). The live check
+# 127.0.0.1:5432 with trust auth, Apache Kafka on 127.0.0.1:9092). The live check
 # uses a fresh database recon_validate_<pid> (dropped at exit) and fresh topics
 # validate-{p,s}-<pid>, so it can run beside tests that use the same broker.
 #
