@@ -921,6 +921,31 @@ async fn a_permanent_database_error_fails_fast_with_a_clear_message(pool: PgPool
     );
 }
 
+/// A permanent error in mid-stream (here a constraint an operator added that every new
+/// event breaks) stops the worker with that error on stderr: the consumer's last
+/// revoke must not panic on the way out and hide it.
+#[sqlx::test(migrations = false)]
+async fn a_permanent_error_mid_stream_stops_the_worker_naming_it(pool: PgPool) {
+    let world = World::new(pool, 1).await;
+    let plan = world.plan(50, 61, exact_mix());
+    let (records, truth) = generate(&plan);
+    world.produce(&records).await;
+    let mut worker = world.spawn_worker("constrained", &[]);
+    world.await_truth(&truth, WITHIN).await;
+    sqlx::query("ALTER TABLE recon_events ADD CONSTRAINT no_new_events CHECK (false) NOT VALID")
+        .execute(&world.pool)
+        .await
+        .expect("constraint");
+    let mut more = world.plan(5, 62, exact_mix());
+    more.id_prefix = "more-".into();
+    world.produce(&generate(&more).0).await;
+    let status = worker.wait(Duration::from_secs(40));
+    let log = worker.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("no_new_events"), "the error is named: {log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 /// A second database for `world`'s topics, created with `options` (dropped by the
 /// caller through the returned pool's owner).
 async fn other_database(world: &World, prefix: &str, options: &str) -> World {

@@ -244,15 +244,7 @@ impl ConsumerContext for RebalanceContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(?pairs, "partition pairs revoked");
-                let (done, wait) = std_mpsc::sync_channel(1);
-                // After Stop the pipeline is gone and has already committed everything.
-                if self
-                    .deliveries
-                    .blocking_send(Delivery::Revoke { pairs, done })
-                    .is_ok()
-                {
-                    let _ = wait.recv();
-                }
+                self.hand_back(pairs);
                 if let Err(error) = consumer.unassign() {
                     tracing::warn!(%error, "unassign failed");
                 }
@@ -402,17 +394,7 @@ impl RebalanceContext {
     ) {
         if !broken.is_empty() {
             tracing::info!(pairs = ?broken, "partition pairs revoked (incremental)");
-            let (done, wait) = std_mpsc::sync_channel(1);
-            if self
-                .deliveries
-                .blocking_send(Delivery::Revoke {
-                    pairs: broken.to_vec(),
-                    done,
-                })
-                .is_ok()
-            {
-                let _ = wait.recv();
-            }
+            self.hand_back(broken.to_vec());
         }
         if let Err(error) = consumer.incremental_unassign(revoked) {
             tracing::warn!(%error, "incremental unassign failed");
@@ -439,6 +421,26 @@ impl RebalanceContext {
             Input::Payments
         } else {
             Input::Settlements
+        }
+    }
+
+    /// Has the pipeline finish the batch in hand and drop the pairs' state, and waits
+    /// for it. After Stop the pipeline is gone and has already committed everything.
+    /// Only the poll thread may wait: when the pipeline stops on an error, the last
+    /// consumer handle can be dropped on a tokio thread, librdkafka runs the final
+    /// revoke there, and a blocking send would panic (hiding the error that stopped the
+    /// worker); there is no pipeline left to ask by then.
+    fn hand_back(&self, pairs: Vec<i32>) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
+        let (done, wait) = std_mpsc::sync_channel(1);
+        if self
+            .deliveries
+            .blocking_send(Delivery::Revoke { pairs, done })
+            .is_ok()
+        {
+            let _ = wait.recv();
         }
     }
 
