@@ -12,8 +12,10 @@
 # `kafka.tools.StorageTool`, and the broker is `java kafka.Kafka server.properties`.
 # A JDK, Maven and PostgreSQL are installed from Debian's packages where missing.
 #
-# `restart-broker` stops the broker with SIGTERM (a controlled shutdown) and starts it
-# again; `restart-broker --hard` SIGKILLs it first (the chaos test's crash).
+# `up` starts a stopped broker on empty storage (topics are the tests' own, made anew
+# each run); `restart-broker` stops it with SIGTERM (a controlled shutdown) and starts
+# it again on the same storage; `restart-broker --hard` SIGKILLs it first (the chaos
+# test's crash).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -149,6 +151,14 @@ logger.request.level=WARN
 logger.state.name=state.change.logger
 logger.state.level=WARN
 EOF
+    if [ "${1:-}" = fresh ]; then
+        # A cold `up` starts from empty storage, like the compose file's broker: every
+        # test, demo and benchmark creates topics of its own, and a log directory that
+        # kept them all (thousands of partitions after a few suite runs) slowed every
+        # start and every restart of the broker.
+        rm -rf "$KAFKA_DATA"
+        mkdir -p "$KAFKA_DATA"
+    fi
     if [ ! -f "$KAFKA_DATA/meta.properties" ]; then
         log "formatting Kafka storage in $KAFKA_DATA"
         local cluster_id
@@ -163,13 +173,14 @@ broker_pid() {
     [ -f "$KAFKA_PID" ] && kill -0 "$(cat "$KAFKA_PID")" 2>/dev/null && cat "$KAFKA_PID"
 }
 
+# broker_up [fresh]: `fresh` (a cold start) empties the storage first; a restart keeps it.
 broker_up() {
     if port_open "$BROKER_PORT"; then
         log "broker already listening on 127.0.0.1:$BROKER_PORT"
         return
     fi
     kafka_install
-    kafka_configure
+    kafka_configure "${1:-}"
     log "starting Apache Kafka $KAFKA_VERSION (data: $KAFKA_DATA)"
     local mark
     mark=$(wc -l <"$KAFKA_LOG" 2>/dev/null || echo 0)
@@ -216,7 +227,7 @@ status() {
 
 mkdir -p "$STATE_DIR" "$CACHE_DIR"
 case "${1:-up}" in
-    up) postgres_up; broker_up; status ;;
+    up) postgres_up; broker_up fresh; status ;;
     down) broker_down TERM; status ;;
     restart-broker)
         if [ "${2:-}" = --hard ]; then broker_down KILL; else broker_down TERM; fi
