@@ -49,7 +49,12 @@ async fn restart_one_of_two(pool: PgPool, static_membership: bool, seed: u64) ->
     let world = World::new(pool, 4).await;
     let ids = [format!("{}-a", world.group), format!("{}-b", world.group)];
     let settings = |i: usize| {
-        let mut s = vec![("RECON_KAFKA_PROP_SESSION_TIMEOUT_MS", "30000")];
+        // A session longer than the restart takes (under the next-generation protocol
+        // the broker's, 10 s in scripts/dev-services.sh).
+        let mut s = Vec::new();
+        if !consumer_protocol() {
+            s.push(("RECON_KAFKA_PROP_SESSION_TIMEOUT_MS", "30000"));
+        }
         if static_membership {
             s.push(("RECON_INSTANCE_ID", ids[i].as_str()));
         }
@@ -101,11 +106,18 @@ async fn a_static_member_restarted_within_the_session_moves_no_other_pair(pool: 
 
 #[sqlx::test(migrations = false)]
 async fn without_instance_ids_the_same_restart_rebalances_the_other_worker(pool: PgPool) {
+    if consumer_protocol() {
+        // Not a control there: under the next-generation protocol the leaver's pairs
+        // go to the other worker only at its next heartbeat, and a restart quicker
+        // than that leaves the other worker untouched even without instance ids.
+        return;
+    }
     let (rebalances, moved) = restart_one_of_two(pool, false, 41).await;
     assert!(
         rebalances >= 2.0,
         "leave and rejoin must revoke and assign the other worker's pairs ({rebalances})"
     );
+    // Every pair of both workers is revoked and assigned again.
     assert_eq!(moved.len(), 4, "pairs whose epoch moved: {moved:?}");
 }
 

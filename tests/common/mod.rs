@@ -16,6 +16,12 @@ use sqlx::{PgPool, Row};
 
 pub const SEC: i64 = 1_000_000;
 
+/// Whether the suite runs under the next-generation group protocol
+/// (`RECON_TEST_GROUP_PROTOCOL=consumer`), whose sessions are the broker's.
+pub fn consumer_protocol() -> bool {
+    std::env::var("RECON_TEST_GROUP_PROTOCOL").is_ok_and(|p| p == "consumer")
+}
+
 pub fn brokers() -> String {
     std::env::var("RECON_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
@@ -109,19 +115,16 @@ impl World {
             .env("RECON_IDLE_TIMEOUT", "2s")
             .env("RECON_METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "info,librdkafka=warn");
-        match std::env::var("RECON_TEST_GROUP_PROTOCOL") {
+        if consumer_protocol() {
             // The whole suite can run under the next-generation group protocol, whose
             // sessions are the broker's (10 s in scripts/dev-services.sh).
-            Ok(protocol) if protocol == "consumer" => {
-                command.env("RECON_GROUP_PROTOCOL", protocol);
-            }
+            command.env("RECON_GROUP_PROTOCOL", "consumer");
+        } else {
             // Short sessions: a killed worker's pairs move to the others within the
             // tests' patience (the broker allows sessions down to 1 s).
-            _ => {
-                command
-                    .env("RECON_KAFKA_PROP_SESSION_TIMEOUT_MS", "6000")
-                    .env("RECON_KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "1000");
-            }
+            command
+                .env("RECON_KAFKA_PROP_SESSION_TIMEOUT_MS", "6000")
+                .env("RECON_KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "1000");
         }
         for (k, v) in extra {
             command.env(k, v);
