@@ -1191,14 +1191,14 @@ async fn consume_all_then_stop(world: &World, transactional: bool) {
     );
 }
 
-#[sqlx::test(migrations = false)]
-async fn a_quiet_stream_read_to_its_end_before_a_restart_still_raises_missing_settlement(
+/// Nothing is left to read when a second worker is assigned the pair: only the idle
+/// rule can move the watermark on, and the deadline must fire.
+async fn a_quiet_stream_after_a_restart_raises_missing_settlement(
     pool: PgPool,
+    transactional: bool,
 ) {
     let world = World::new(pool, 1).await;
-    consume_all_then_stop(&world, false).await;
-    // Nothing is left to read when the second worker is assigned the pair: only the
-    // idle rule can move the watermark on, and the deadline must fire.
+    consume_all_then_stop(&world, transactional).await;
     let _second = world.spawn_worker(
         "second",
         &[
@@ -1216,27 +1216,19 @@ async fn a_quiet_stream_read_to_its_end_before_a_restart_still_raises_missing_se
 }
 
 #[sqlx::test(migrations = false)]
+async fn a_quiet_stream_read_to_its_end_before_a_restart_still_raises_missing_settlement(
+    pool: PgPool,
+) {
+    a_quiet_stream_after_a_restart_raises_missing_settlement(pool, false).await;
+}
+
+#[sqlx::test(migrations = false)]
 async fn a_quiet_transactional_stream_still_raises_missing_settlement_after_a_restart(
     pool: PgPool,
 ) {
-    let world = World::new(pool, 1).await;
     // The commit markers sit after the last messages: the stored offsets stay one
     // below each partition's end, though nothing is left to read.
-    consume_all_then_stop(&world, true).await;
-    let _second = world.spawn_worker(
-        "second",
-        &[
-            ("RECON_SETTLEMENT_DEADLINE", "3s"),
-            ("RECON_IDLE_TIMEOUT", "2s"),
-        ],
-    );
-    await_outcome(
-        &world,
-        "quiet-p",
-        "missing_settlement",
-        Duration::from_secs(20),
-    )
-    .await;
+    a_quiet_stream_after_a_restart_raises_missing_settlement(pool, true).await;
 }
 
 #[sqlx::test(migrations = false)]
