@@ -944,7 +944,7 @@ impl Pipeline {
         }
         self.advisory_pending = false;
         self.advisory_due = Instant::now() + ADVISORY_EVERY;
-        let Some(consumer) = &self.consumer else {
+        let Some(consumer) = self.consumer.as_ref().and_then(|c| c.consumer.as_ref()) else {
             return;
         };
         let mut offsets = Vec::new();
@@ -955,7 +955,7 @@ impl Pipeline {
                 }
             }
         }
-        commit_advisory(&consumer.consumer, &offsets);
+        commit_advisory(consumer, &offsets);
     }
 
     fn publish_gauges(&self) {
