@@ -609,8 +609,11 @@ impl Pipeline {
                         metrics::histogram!(m::CHECKPOINT_BATCH_SIZE).record(message_count as f64);
                         let committed_ms = chrono::Utc::now().timestamp_millis();
                         for ts in timestamps {
+                            // Saturating: a producer sets the Kafka timestamp, to
+                            // anything (i64::MIN overflowed the subtraction: a panic in
+                            // a debug build, found by tests/fuzz_path.rs).
                             metrics::histogram!(m::PROCESSING_LATENCY)
-                                .record((committed_ms - ts).max(0) as f64 / 1000.0);
+                                .record(committed_ms.saturating_sub(ts).max(0) as f64 / 1000.0);
                         }
                     }
                     written

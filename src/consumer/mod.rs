@@ -1028,7 +1028,10 @@ impl Poller {
                 continue;
             };
             let paused = self.paused.contains(&key);
-            match step(mine - theirs, paused, || self.caught_up(other, partition)) {
+            // Saturating: Kafka timestamps are the producers' and may be anything.
+            match step(mine.saturating_sub(theirs), paused, || {
+                self.caught_up(other, partition)
+            }) {
                 Some(true) if self.pause_or_resume(key, true) => {
                     self.paused.insert(key);
                     metrics::counter!(crate::telemetry::metrics::TOPIC_PAUSES, "topic" => input.label())
