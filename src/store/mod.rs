@@ -233,7 +233,7 @@ pub struct Store {
 /// decoder accepts is inside, and sweep bounds far outside stay valid for PostgreSQL.
 fn to_time(micros: Micros) -> DateTime<Utc> {
     const YEAR_1: Micros = -62_135_596_800_000_000;
-    const YEAR_9999_END: Micros = 253_402_300_799_999_999;
+    const YEAR_9999_END: Micros = crate::event::MAX_EVENT_TIME;
     DateTime::from_timestamp_micros(micros.clamp(YEAR_1, YEAR_9999_END))
         .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
