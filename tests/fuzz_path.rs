@@ -1065,35 +1065,51 @@ fn fuzz(cases: u32, duration: Option<Duration>) {
         .expect("runtime");
     let (utf8, latin1) =
         runtime.block_on(async { (database("UTF8").await, database("LATIN1").await) });
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases,
-        source_file: Some(file!()),
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions",
-        ))),
-        // Shrinking a case costs a pipeline run per step: bound it.
-        max_shrink_iters: 512,
-        ..ProptestConfig::default()
-    });
     let tally = std::cell::RefCell::new(Tally::default());
     let started = Instant::now();
-    let result = runner.run(&case(), |case| {
-        if duration.is_some_and(|d| started.elapsed() > d) {
-            // Time is up: the remaining cases pass at once.
-            return Ok(());
+    // A timed run goes in rounds of CHUNK cases, each from a fresh random seed, until
+    // the time is spent (proptest has no way to stop a run early but failing).
+    const CHUNK: u32 = 100;
+    let mut result = Ok(());
+    let mut left = cases;
+    while result.is_ok() && left > 0 {
+        let round = match duration {
+            Some(d) if started.elapsed() >= d => break,
+            Some(_) => CHUNK,
+            None => left,
+        };
+        left = left.saturating_sub(round);
+        let mut runner = TestRunner::new(ProptestConfig {
+            cases: round,
+            source_file: Some(file!()),
+            failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+                "proptest-regressions",
+            ))),
+            // Shrinking a case costs a pipeline run per step: bound it.
+            max_shrink_iters: 512,
+            ..ProptestConfig::default()
+        });
+        result = runner.run(&case(), |case| {
+            let db = if case.latin1 { &latin1 } else { &utf8 };
+            let one = runtime.block_on(run_case(db, &case))?;
+            let mut tally = tally.borrow_mut();
+            tally.cases += 1;
+            tally.messages += case.messages.len() as u64;
+            tally.accepted += one.accepted;
+            tally.redeliveries += one.redeliveries;
+            tally.rejected += one.rejected;
+            tally.data_errors += one.data_errors;
+            tally.rewinds += one.rewinds;
+            Ok(())
+        });
+        if duration.is_some() {
+            eprintln!(
+                "fuzz_path: {:?} after {:.0?}",
+                tally.borrow(),
+                started.elapsed()
+            );
         }
-        let db = if case.latin1 { &latin1 } else { &utf8 };
-        let one = runtime.block_on(run_case(db, &case))?;
-        let mut tally = tally.borrow_mut();
-        tally.cases += 1;
-        tally.messages += case.messages.len() as u64;
-        tally.accepted += one.accepted;
-        tally.redeliveries += one.redeliveries;
-        tally.rejected += one.rejected;
-        tally.data_errors += one.data_errors;
-        tally.rewinds += one.rewinds;
-        Ok(())
-    });
+    }
     eprintln!(
         "fuzz_path: {:?} in {:.0?}",
         tally.borrow(),
