@@ -22,6 +22,13 @@ pub const MAX_ID_CHARS: usize = 128;
 /// predates it, and such a time is a producer's default value, not a real event.
 pub const MIN_EVENT_TIME: Micros = 0;
 
+/// Latest event time accepted: 9999-12-31T23:59:59.999999Z, the last instant RFC 3339's
+/// four-digit years can name in UTC. A timestamp such as `9999-12-31T23:59:59-23:59`
+/// is valid text for an instant in the year 10000; without a Kafka timestamp to bound
+/// it, it was accepted and then stored clamped to this instant (a time other than the
+/// one the engine matched with). Found by the whole-path fuzz test.
+pub const MAX_EVENT_TIME: Micros = 253_402_300_799_999_999;
+
 /// What [`decode`] checks beyond the contract's fixed rules (contract §1, §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -314,7 +321,7 @@ pub fn decode(
 }
 
 /// Contract §1: no event time before 1970, none more than the configured skew ahead of
-/// the message's Kafka timestamp.
+/// the message's Kafka timestamp, none after the year 9999.
 fn check_event_time(
     event: &Event,
     timestamp_ms: Option<i64>,
@@ -331,6 +338,11 @@ fn check_event_time(
     };
     if at < MIN_EVENT_TIME {
         return Err(out_of_range("before 1970-01-01T00:00:00Z".to_owned()));
+    }
+    if at > MAX_EVENT_TIME {
+        return Err(out_of_range(
+            "after 9999-12-31T23:59:59.999999Z, the latest time stored".to_owned(),
+        ));
     }
     // A producer's clock may run a little ahead of the broker's; saturating, so an
     // absurd timestamp cannot overflow into acceptance.

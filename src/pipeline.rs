@@ -609,8 +609,11 @@ impl Pipeline {
                         metrics::histogram!(m::CHECKPOINT_BATCH_SIZE).record(message_count as f64);
                         let committed_ms = chrono::Utc::now().timestamp_millis();
                         for ts in timestamps {
+                            // Saturating: a producer sets the Kafka timestamp, to
+                            // anything (i64::MIN overflowed the subtraction: a panic in
+                            // a debug build, found by tests/fuzz_path.rs).
                             metrics::histogram!(m::PROCESSING_LATENCY)
-                                .record((committed_ms - ts).max(0) as f64 / 1000.0);
+                                .record(committed_ms.saturating_sub(ts).max(0) as f64 / 1000.0);
                         }
                     }
                     written
@@ -944,7 +947,7 @@ impl Pipeline {
         }
         self.advisory_pending = false;
         self.advisory_due = Instant::now() + ADVISORY_EVERY;
-        let Some(consumer) = &self.consumer else {
+        let Some(consumer) = self.consumer.as_ref().and_then(|c| c.consumer.as_ref()) else {
             return;
         };
         let mut offsets = Vec::new();
@@ -955,7 +958,7 @@ impl Pipeline {
                 }
             }
         }
-        commit_advisory(&consumer.consumer, &offsets);
+        commit_advisory(consumer, &offsets);
     }
 
     fn publish_gauges(&self) {

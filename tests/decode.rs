@@ -408,6 +408,34 @@ fn event_times_before_1970_are_rejected() {
     }
 }
 
+/// A valid RFC 3339 text for an instant after 9999-12-31 UTC cannot be stored as it is
+/// (PostgreSQL would hold it, the worker's times stop at 9999): rejected, even without
+/// a Kafka timestamp (found by tests/fuzz_path.rs: it was stored clamped).
+#[test]
+fn event_times_after_the_year_9999_are_rejected() {
+    for (input, base, field) in [
+        (Input::Payments, payment(), "occurred_at"),
+        (Input::Settlements, settlement(), "settled_at"),
+    ] {
+        let last = with(base.clone(), field, json!("9999-12-31T23:59:59.999999Z"));
+        let event = run(input, "pay-1", &last).expect("the last instant of 9999");
+        assert_eq!(event.event_time(), recon_worker::event::MAX_EVENT_TIME);
+        for at in [
+            "9999-12-31T23:59:59-23:59",
+            "9999-12-31T23:59:59.9999999-00:01",
+        ] {
+            let value = with(base.clone(), field, json!(at));
+            let err = run_at(input, "pay-1", &value, Some(i64::MAX)).expect_err(at);
+            assert_eq!(err.class(), "event_time_out_of_range", "{at}");
+            assert!(err.to_string().contains("9999"), "{err}");
+            assert_eq!(
+                class(run(input, "pay-1", &value)),
+                "event_time_out_of_range"
+            );
+        }
+    }
+}
+
 #[test]
 fn event_times_too_far_ahead_of_the_kafka_timestamp_are_rejected() {
     let kafka_ms = 1_800_000_000_000i64;

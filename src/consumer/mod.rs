@@ -144,7 +144,9 @@ pub const DATA_ERROR_CLASS: &str = "data_error";
 
 /// The pipeline's handle on the consumer: advisory offset commits and rewinds.
 pub struct ConsumerHandle {
-    pub consumer: Arc<KafkaConsumer>,
+    /// `None` when the pipeline is driven without a broker (the whole-path fuzz test,
+    /// whose stand-in for the poll thread serves the rewinds): no advisory commits.
+    pub consumer: Option<Arc<KafkaConsumer>>,
     pub rewinds: std_mpsc::Sender<Rewind>,
 }
 
@@ -693,7 +695,10 @@ pub fn start(
         .map_err(|e| ConsumerError::Kafka(KafkaError::ClientCreation(e.to_string())))?;
     Ok((
         PollThread { handle, failed },
-        ConsumerHandle { consumer, rewinds },
+        ConsumerHandle {
+            consumer: Some(consumer),
+            rewinds,
+        },
     ))
 }
 
@@ -812,36 +817,22 @@ impl Poller {
         if let Some(timestamp) = message.timestamp().to_millis() {
             self.last_timestamps.insert((input, partition), timestamp);
         }
-        let rejected = |reason: String, class: &'static str| {
-            let payload = message.payload();
-            RejectedMessage {
-                input,
-                partition,
-                offset,
-                reason,
-                class,
-                payload: payload.map(|p| p[..p.len().min(REJECTED_PAYLOAD_CAP)].to_vec()),
-                payload_size: payload.map_or(0, |p| i32::try_from(p.len()).unwrap_or(i32::MAX)),
-                key: message.key().map(|k| k[..k.len().min(1024)].to_vec()),
-            }
-        };
-        let decoded = match self.refused.remove(&(input, partition, offset)) {
-            Some(reason) => Err(rejected(reason, DATA_ERROR_CLASS)),
-            None => decode(
-                input,
-                message.key(),
-                message.payload(),
-                message.timestamp().to_millis(),
-                self.limits,
-            )
-            .map_err(|rejection| rejected(rejection.to_string(), rejection.class())),
-        };
+        let refused = self.refused.remove(&(input, partition, offset));
         Delivery::Message(ReadMessage {
             input,
             partition,
             offset,
             timestamp_ms: message.timestamp().to_millis(),
-            decoded,
+            decoded: decode_message(
+                input,
+                partition,
+                offset,
+                message.key(),
+                message.payload(),
+                message.timestamp().to_millis(),
+                self.limits,
+                refused,
+            ),
             reset,
         })
     }
@@ -1039,7 +1030,10 @@ impl Poller {
                 continue;
             };
             let paused = self.paused.contains(&key);
-            match step(mine - theirs, paused, || self.caught_up(other, partition)) {
+            // Saturating: Kafka timestamps are the producers' and may be anything.
+            match step(mine.saturating_sub(theirs), paused, || {
+                self.caught_up(other, partition)
+            }) {
                 Some(true) if self.pause_or_resume(key, true) => {
                     self.paused.insert(key);
                     metrics::counter!(crate::telemetry::metrics::TOPIC_PAUSES, "topic" => input.label())
@@ -1158,6 +1152,39 @@ fn cached_watermarks(consumer: &KafkaConsumer, topic: &str, partition: i32) -> (
         (low, high)
     } else {
         (-1, -1)
+    }
+}
+
+/// What the poll thread makes of one message: its event, or the rejection to store
+/// (raw bytes and key kept). `refused` is PostgreSQL's reason when this message's
+/// values were refused before (a data error): it is rejected with that reason, not
+/// decoded again. Public so that a test driving the pipeline without a broker (the
+/// whole-path fuzz test) hands it exactly what the poll thread would.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_message(
+    input: Input,
+    partition: i32,
+    offset: i64,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    timestamp_ms: Option<i64>,
+    limits: crate::event::Limits,
+    refused: Option<String>,
+) -> Result<Event, RejectedMessage> {
+    let rejected = |reason: String, class: &'static str| RejectedMessage {
+        input,
+        partition,
+        offset,
+        reason,
+        class,
+        payload: payload.map(|p| p[..p.len().min(REJECTED_PAYLOAD_CAP)].to_vec()),
+        payload_size: payload.map_or(0, |p| i32::try_from(p.len()).unwrap_or(i32::MAX)),
+        key: key.map(|k| k[..k.len().min(1024)].to_vec()),
+    };
+    match refused {
+        Some(reason) => Err(rejected(reason, DATA_ERROR_CLASS)),
+        None => decode(input, key, payload, timestamp_ms, limits)
+            .map_err(|rejection| rejected(rejection.to_string(), rejection.class())),
     }
 }
 

@@ -233,7 +233,7 @@ pub struct Store {
 /// decoder accepts is inside, and sweep bounds far outside stay valid for PostgreSQL.
 fn to_time(micros: Micros) -> DateTime<Utc> {
     const YEAR_1: Micros = -62_135_596_800_000_000;
-    const YEAR_9999_END: Micros = 253_402_300_799_999_999;
+    const YEAR_9999_END: Micros = crate::event::MAX_EVENT_TIME;
     DateTime::from_timestamp_micros(micros.clamp(YEAR_1, YEAR_9999_END))
         .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
@@ -369,8 +369,20 @@ impl Store {
             .map_err(StoreError::from)
     }
 
-    /// Every stored event of the given (pair, payment_id) keys, in one query.
+    /// Every stored event of the given (pair, payment_id) keys, in one query. A key
+    /// PostgreSQL cannot take as a value finds nothing (see [`without_refused_keys`]).
     pub async fn lookup(
+        &self,
+        pairs: &[i32],
+        payment_ids: &[String],
+    ) -> Result<Vec<(i32, StoredEvent)>, StoreError> {
+        without_refused_keys(payment_ids.len(), |keys| {
+            self.lookup_once(&pairs[keys.clone()], &payment_ids[keys])
+        })
+        .await
+    }
+
+    async fn lookup_once(
         &self,
         pairs: &[i32],
         payment_ids: &[String],
@@ -430,7 +442,20 @@ impl Store {
     }
 
     /// Which of these (event_kind, event_id) are already stored, under any payment id.
+    /// An id PostgreSQL cannot take as a value is not stored (see
+    /// [`without_refused_keys`]).
     pub async fn stored_event_ids(
+        &self,
+        inputs: &[Input],
+        event_ids: &[&str],
+    ) -> Result<Vec<(Input, String)>, StoreError> {
+        without_refused_keys(event_ids.len(), |keys| {
+            self.stored_event_ids_once(&inputs[keys.clone()], &event_ids[keys])
+        })
+        .await
+    }
+
+    async fn stored_event_ids_once(
         &self,
         inputs: &[Input],
         event_ids: &[&str],
@@ -850,6 +875,40 @@ impl Unit<'_> {
             },
         }
     }
+}
+
+/// Runs a read keyed by ids over the keys `0..len`, leaving out the keys PostgreSQL
+/// refuses as values (a data error: a character the database encoding cannot hold).
+/// No stored row can carry such a value, so it finds nothing — and the event
+/// carrying it is refused, and rejected, when its checkpoint inserts it. Before, the
+/// window lookup of a batch with one such payment id failed for good and stopped the
+/// worker (found by the whole-path fuzz test on a LATIN1 database). On a data error
+/// the keys are halved until each refusing key is alone; the usual read is one query.
+async fn without_refused_keys<T, F, Fut>(len: usize, mut read: F) -> Result<Vec<T>, StoreError>
+where
+    F: FnMut(std::ops::Range<usize>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>, StoreError>>,
+{
+    let mut found = Vec::new();
+    // A stack of key ranges still to read, the whole range first.
+    let mut pending = Vec::new();
+    pending.push(0..len);
+    while let Some(keys) = pending.pop() {
+        match read(keys.clone()).await {
+            Ok(rows) => found.extend(rows),
+            Err(StoreError::Permanent(sqlx::Error::Database(db))) if is_data_error(&*db) => {
+                if keys.len() > 1 {
+                    let middle = keys.start + keys.len() / 2;
+                    pending.push(middle..keys.end);
+                    pending.push(keys.start..middle);
+                } else {
+                    tracing::warn!(error = %db, "a key PostgreSQL cannot hold as a value; nothing stored matches it");
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(found)
 }
 
 /// SQLSTATE class 22, data exception: a value the statement's types cannot hold.
