@@ -51,6 +51,10 @@ enum Command {
         /// Scenario weights, e.g. `matched=70,late=3,currency=2,amount=3,fee=2,dup_payment=2,dup_settlement=2,missing=3,orphan=3,pending=0,redelivery=5`.
         #[arg(long)]
         mix: Option<String>,
+        /// After the mix, this many duplicates of one payment id, each with a fresh event
+        /// id (a duplicate storm; some are also sent again).
+        #[arg(long, default_value_t = 0)]
+        duplicate_storm: usize,
     },
     /// Measurements for scripts/bench.sh (they print figures and assert nothing).
     #[command(subcommand)]
@@ -165,6 +169,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             id_prefix,
             rate,
             mix,
+            duplicate_storm,
         } => {
             let engine = recon_worker::engine::EngineConfig::new(&config.matching, config.window);
             let plan = loadgen::Plan {
@@ -181,7 +186,12 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                 max_message_bytes: config.max_message_bytes,
                 id_prefix,
             };
-            let (records, truth) = loadgen::generate(&plan);
+            let (mut records, mut truth) = loadgen::generate(&plan);
+            if duplicate_storm > 0 {
+                let (storm, storm_truth) = loadgen::duplicate_storm(&plan, duplicate_storm);
+                records.extend(storm);
+                truth.outcomes.extend(storm_truth.outcomes);
+            }
             let producer = admin::producer(&config.brokers).context("creating the producer")?;
             let started = std::time::Instant::now();
             admin::produce_paced(

@@ -712,14 +712,18 @@ impl Pipeline {
 
     /// One lookup for every key the batch needs that is not in memory and, for pairs
     /// replaying after a clash, one probe for which of their event ids are already
-    /// stored (redeliveries under any payment id); both run concurrently.
+    /// stored (redeliveries under any payment id); both run concurrently. Events that
+    /// would be duplicates of a key (see [`PairEngine::needs_event_id_check`]: the
+    /// window does not hold duplicates, so a duplicate sent again is only known by its
+    /// stored event id) are probed too: those of resident keys in the same round trip,
+    /// those of keys just looked up in a second one, which only batches with such
+    /// events pay.
     async fn load_misses(&mut self, items: &[Item]) -> Result<(), PipelineError> {
         let mut seen = HashSet::new();
         let (mut pairs, mut ids) = (Vec::new(), Vec::new());
-        let (mut inputs, mut event_ids) = (Vec::new(), Vec::new());
-        // Every pair that carries each probed event id: one id can come under several
-        // payment ids, on several partitions, in one batch.
-        let mut event_pairs: HashMap<(Input, &str), Vec<i32>> = HashMap::new();
+        let mut probe = EventIdProbe::default();
+        // Events of keys being looked up, to be checked once their keys are loaded.
+        let mut after_load = Vec::new();
         let mut rewound = HashSet::new();
         for item in items {
             let (partition, event) = match item {
@@ -727,58 +731,55 @@ impl Pipeline {
                     partition,
                     decoded: Ok(event),
                     ..
-                }) => (partition, event),
+                }) => (*partition, event),
                 Item::Rewound(pair) => {
                     rewound.insert(*pair);
                     continue;
                 }
                 _ => continue,
             };
-            let Some(owned) = self.pairs.get(partition) else {
+            let Some(owned) = self.pairs.get(&partition) else {
                 continue;
             };
-            if owned.rewinding && !rewound.contains(partition) {
+            if owned.rewinding && !rewound.contains(&partition) {
                 continue;
             }
             if owned.probe_until.is_some() {
-                inputs.push(event.input());
-                event_ids.push(event.event_id());
-                let carriers = event_pairs
-                    .entry((event.input(), event.event_id()))
-                    .or_default();
-                if !carriers.contains(partition) {
-                    carriers.push(*partition);
+                probe.add(partition, event);
+                if !owned.engine.is_resident(event.payment_id())
+                    && seen.insert((partition, event.payment_id()))
+                {
+                    pairs.push(partition);
+                    ids.push(event.payment_id().to_owned());
+                }
+                continue;
+            }
+            if owned.engine.is_resident(event.payment_id()) {
+                if owned.engine.needs_event_id_check(
+                    event.input(),
+                    event.payment_id(),
+                    event.event_id(),
+                ) {
+                    probe.add(partition, event);
+                }
+            } else {
+                after_load.push((partition, event));
+                if seen.insert((partition, event.payment_id())) {
+                    pairs.push(partition);
+                    ids.push(event.payment_id().to_owned());
                 }
             }
-            if !owned.engine.is_resident(event.payment_id())
-                && seen.insert((*partition, event.payment_id()))
-            {
-                pairs.push(*partition);
-                ids.push(event.payment_id().to_owned());
-            }
         }
-        if ids.is_empty() && event_ids.is_empty() {
+        if ids.is_empty() && probe.is_empty() {
             return Ok(());
         }
         let store = self.store.clone();
         let (rows, stored) = tokio::try_join!(
             self.retry("lookup", || store.lookup(&pairs, &ids)),
             self.retry("lookup_event_ids", || store
-                .stored_event_ids(&inputs, &event_ids)),
+                .stored_event_ids(&probe.inputs, &probe.event_ids)),
         )?;
-        let mut stored_by_pair: HashMap<i32, Vec<(Input, String)>> = HashMap::new();
-        for (input, event_id) in stored {
-            for &pair in event_pairs
-                .get(&(input, event_id.as_str()))
-                .into_iter()
-                .flatten()
-            {
-                stored_by_pair
-                    .entry(pair)
-                    .or_default()
-                    .push((input, event_id.clone()));
-            }
-        }
+        let mut stored_by_pair = probe.by_pair(stored);
         let mut rows_by_pair: HashMap<i32, Vec<_>> = HashMap::new();
         for (pair, row) in rows {
             rows_by_pair.entry(pair).or_default().push(row);
@@ -794,6 +795,33 @@ impl Pipeline {
                     .load(keys, rows_by_pair.remove(&pair).unwrap_or_default());
             }
             if let Some(stored) = stored_by_pair.remove(&pair) {
+                owned.engine.load_stored_event_ids(stored);
+            }
+        }
+        // The keys just loaded may have a first event that makes some of this batch's
+        // events duplicates (say a payment sent again long after its key was evicted).
+        let mut probe = EventIdProbe::default();
+        for (partition, event) in after_load {
+            if self.pairs.get(&partition).is_some_and(|owned| {
+                owned.engine.needs_event_id_check(
+                    event.input(),
+                    event.payment_id(),
+                    event.event_id(),
+                )
+            }) {
+                probe.add(partition, event);
+            }
+        }
+        if probe.is_empty() {
+            return Ok(());
+        }
+        let stored = self
+            .retry("lookup_event_ids", || {
+                store.stored_event_ids(&probe.inputs, &probe.event_ids)
+            })
+            .await?;
+        for (pair, stored) in probe.by_pair(stored) {
+            if let Some(owned) = self.pairs.get_mut(&pair) {
                 owned.engine.load_stored_event_ids(stored);
             }
         }
@@ -1012,6 +1040,54 @@ impl Pipeline {
                 Err(error) => return Err(error),
             }
         }
+    }
+}
+
+/// Event ids to check against storage, and every pair that carries each: one id can
+/// come under several payment ids, on several partitions, in one batch.
+#[derive(Default)]
+struct EventIdProbe<'a> {
+    inputs: Vec<Input>,
+    event_ids: Vec<&'a str>,
+    carriers: HashMap<(Input, &'a str), Vec<i32>>,
+}
+
+impl<'a> EventIdProbe<'a> {
+    fn add(&mut self, pair: i32, event: &'a crate::event::Event) {
+        let carriers = self
+            .carriers
+            .entry((event.input(), event.event_id()))
+            .or_default();
+        if carriers.is_empty() {
+            self.inputs.push(event.input());
+            self.event_ids.push(event.event_id());
+        }
+        if !carriers.contains(&pair) {
+            carriers.push(pair);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.event_ids.is_empty()
+    }
+
+    /// The stored ones among them, by the pairs that carry them.
+    fn by_pair(&self, stored: Vec<(Input, String)>) -> HashMap<i32, Vec<(Input, String)>> {
+        let mut by_pair: HashMap<i32, Vec<(Input, String)>> = HashMap::new();
+        for (input, event_id) in stored {
+            for &pair in self
+                .carriers
+                .get(&(input, event_id.as_str()))
+                .into_iter()
+                .flatten()
+            {
+                by_pair
+                    .entry(pair)
+                    .or_default()
+                    .push((input, event_id.clone()));
+            }
+        }
+        by_pair
     }
 }
 

@@ -1363,7 +1363,8 @@ async fn a_recreated_topic_is_read_from_its_start_and_nothing_is_lost(pool: PgPo
 /// `messages`.
 async fn await_committed(world: &World, worker: &Worker, messages: usize) {
     let started = std::time::Instant::now();
-    while (stored_offsets_total(world).await as usize) < messages {
+    // Before the worker's migrations have run the count fails (-1): nothing committed.
+    while (stored_offsets_total(world).await.max(0) as usize) < messages {
         assert!(
             started.elapsed() < WITHIN,
             "{messages} messages not committed:\n{}",
@@ -1853,4 +1854,82 @@ async fn a_statement_timeout_is_retried(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn a_lock_timeout_is_retried(pool: PgPool) {
     a_held_lock_is_waited_out(pool, "lock_timeout=500", "lock timeout").await;
+}
+
+/// Issue 19, item 10: a producer that mints a fresh event id for every resend of one
+/// payment. 20,000 duplicates of one payment id amid ordinary traffic, over a restart
+/// (the new worker loads that key from PostgreSQL), some of them redelivered under
+/// their own event id after they were committed (only storage can tell those apart
+/// from new duplicates once the window no longer holds them). Exactly one payment of
+/// that id is matched, every other one is `duplicate_payment`, everything reconciles,
+/// and no key weighs more in the window than an ordinary one does.
+#[sqlx::test(migrations = false)]
+async fn a_storm_of_duplicates_of_one_payment_id_is_reconciled_in_bounded_memory(pool: PgPool) {
+    let world = World::new(pool, 2).await;
+    let plan = world.plan(1000, 61, exact_mix());
+    let (mix, mut truth) = generate(&plan);
+    let (storm, storm_truth) = recon_worker::loadgen::duplicate_storm(&plan, 20_000);
+    let redelivered = storm.len() - storm_truth.outcomes.len();
+    assert!(redelivered >= 10, "the storm redelivers some duplicates");
+    truth.outcomes.extend(storm_truth.outcomes);
+    // The storm's messages spread through the mix, so its key shares batches (and the
+    // window) with ordinary keys: half of both before the restart, half after.
+    let interleave = |mix: &[recon_worker::loadgen::Record],
+                      storm: &[recon_worker::loadgen::Record]| {
+        let per = storm.len().div_ceil(mix.len().max(1));
+        let mut records = Vec::with_capacity(mix.len() + storm.len());
+        let mut storm = storm.iter();
+        for record in mix {
+            records.push(record.clone());
+            records.extend(storm.by_ref().take(per).cloned());
+        }
+        records.extend(storm.cloned());
+        records
+    };
+    let first = interleave(&mix[..mix.len() / 2], &storm[..storm.len() / 2]);
+    let second = interleave(&mix[mix.len() / 2..], &storm[storm.len() / 2..]);
+    world.produce(&first).await;
+    let small_batches = [("RECON_BATCH_MAX_MESSAGES", "500")];
+    let mut worker = world.spawn_worker("storm-1", &small_batches);
+    await_committed(&world, &worker, first.len()).await;
+    stop_cleanly(&mut worker);
+
+    world.produce(&second).await;
+    let mut worker = world.spawn_worker("storm-2", &small_batches);
+    world.await_truth(&truth, WITHIN).await;
+    await_committed(&world, &worker, first.len() + second.len()).await;
+    let storm_id = format!("{}storm", plan.id_prefix);
+    let count = |outcome: &str| {
+        format!(
+            "SELECT count(*) FROM recon_outcomes WHERE payment_id = '{storm_id}' \
+             AND event_kind = 'payment' AND outcome = '{outcome}'"
+        )
+    };
+    assert_eq!(world.count(&count("matched")).await, 1);
+    assert_eq!(world.count(&count("duplicate_payment")).await, 20_000);
+
+    // Before the fix the storm's key held every duplicate's event id: about 60 bytes
+    // each, 1.2 MB for this one key, against about 180 bytes for a matched pair.
+    let addr = worker.metrics_addr(Duration::from_secs(10));
+    let items = scrape(&addr, "recon_window_items").await;
+    let bytes = scrape(&addr, "recon_window_bytes").await;
+    assert!(items > 0.0, "the window holds the keys just read");
+    assert!(
+        bytes <= 512.0 * items,
+        "window: {bytes} bytes for {items} keys; a duplicate storm must not grow a key"
+    );
+    // The duplicates sent again after the restart are redeliveries, each counted once.
+    let mut seen = std::collections::HashSet::new();
+    let mut again = 0usize;
+    for (i, record) in storm.iter().enumerate() {
+        let value: serde_json::Value =
+            serde_json::from_slice(record.value.as_deref().unwrap_or_default()).expect("json");
+        let event_id = value["event_id"].as_str().unwrap_or_default().to_owned();
+        if !seen.insert(event_id) && i >= storm.len() / 2 {
+            again += 1;
+        }
+    }
+    assert!(again > 0, "some duplicates come again after the restart");
+    assert_counter_settles_at(&addr, "recon_events_redelivered_total", again as f64).await;
+    stop_cleanly(&mut worker);
 }

@@ -229,10 +229,17 @@ struct FakeStore {
 }
 
 impl FakeStore {
+    /// A key's stored events but its duplicates, as the store's lookup reads them.
     fn lookup(&self, keys: &[String]) -> Vec<StoredEvent> {
         self.rows
             .iter()
             .filter(|(_, row)| keys.contains(&row.payment_id))
+            .filter(|(_, row)| {
+                !matches!(
+                    row.outcome,
+                    Outcome::DuplicatePayment | Outcome::DuplicateSettlement
+                )
+            })
             .map(|((input, id), row)| StoredEvent {
                 input: *input,
                 event_id: id.clone(),
@@ -306,12 +313,41 @@ fn run_batch(
         keys.dedup();
         keys
     };
-    let rows = store.lookup(&keys);
-    engine.load(keys, rows);
-    let stored: Vec<(Input, String)> = batch
+    // Which event ids are checked against storage, as the pipeline picks them: those
+    // the engine asks about (would-be duplicates of a key it holds, before the lookup
+    // for resident keys and after it for the others), and those stored under another
+    // payment id, which the pipeline learns of when their insert clashes and it
+    // replays the pair checking every id (this stand-in skips the replay).
+    let events: Vec<Event> = batch.iter().filter_map(|(_, _, m)| to_event(m)).collect();
+    let check = |engine: &PairEngine, e: &Event| {
+        engine.needs_event_id_check(e.input(), e.payment_id(), e.event_id())
+    };
+    let mut checked: Vec<(Input, String)> = events
         .iter()
-        .filter_map(|(_, _, m)| to_event(m))
+        .filter(|e| engine.is_resident(e.payment_id()) && check(engine, e))
         .map(|e| (e.input(), e.event_id().to_owned()))
+        .collect();
+    let rows = store.lookup(&keys);
+    engine.load(keys.clone(), rows);
+    checked.extend(
+        events
+            .iter()
+            .filter(|e| keys.iter().any(|k| k == e.payment_id()) && check(engine, e))
+            .map(|e| (e.input(), e.event_id().to_owned())),
+    );
+    checked.extend(
+        events
+            .iter()
+            .filter(|e| {
+                store
+                    .rows
+                    .get(&(e.input(), e.event_id().to_owned()))
+                    .is_some_and(|row| row.payment_id != e.payment_id())
+            })
+            .map(|e| (e.input(), e.event_id().to_owned())),
+    );
+    let stored: Vec<(Input, String)> = checked
+        .into_iter()
         .filter(|k| store.rows.contains_key(k))
         .collect();
     engine.load_stored_event_ids(stored);

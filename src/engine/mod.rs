@@ -2,11 +2,20 @@
 //! times, the wall-clock `now` and everything loaded from storage come in as data.
 //!
 //! One [`PairEngine`] per partition pair holds the in-memory window: a map from
-//! `payment_id` to everything known about that id (the payment, its first settlement
-//! line and the event ids of duplicates). **A key present in memory is complete**: the
-//! caller must [`PairEngine::load`] every key an event needs that is not resident —
-//! one batched lookup per batch — so memory is a cache over PostgreSQL and results do
-//! not depend on the window size.
+//! `payment_id` to what matching needs of that id: the payment and its first
+//! settlement line. **A key present in memory is complete**: the caller must
+//! [`PairEngine::load`] every key an event needs that is not resident — one batched
+//! lookup per batch — so memory is a cache over PostgreSQL and results do not depend
+//! on the window size.
+//!
+//! Duplicates are not state. A `duplicate_payment` or `duplicate_settlement` never
+//! changes outcome and takes no part in matching, so neither the window nor the
+//! lookups hold them: a key's size does not grow with the number of duplicates sent
+//! for it (issue 19: a producer minting a fresh event id per resend of one payment).
+//! What they were kept for, telling a redelivered duplicate (same event id again) from
+//! a new one, is asked of storage: an event that would be a duplicate of a resident
+//! key ([`PairEngine::needs_event_id_check`]) has its event id checked against the
+//! stored ones before it is applied ([`PairEngine::load_stored_event_ids`]).
 //!
 //! Deadlines are checked at the end of each batch ([`PairEngine::fire_deadlines`])
 //! over the items touched in the batch plus the stored pending items the caller swept
@@ -172,7 +181,8 @@ pub struct PairEngine {
     /// pipeline applies a batch while the previous one is still committing, so up to
     /// two generations are pinned at once.
     unacknowledged: std::collections::VecDeque<(u64, Vec<Id>)>,
-    /// Event ids of this batch already stored under another payment id: redeliveries.
+    /// Event ids of this batch found in storage: redeliveries, under another payment id
+    /// (a replay after a clash) or as a stored duplicate of their own.
     stored_elsewhere: HashSet<(Input, Id)>,
     /// Event ids the previous batch inserted. The pipeline looks up a batch while the
     /// previous one is still being committed, so its probe of stored event ids cannot
@@ -222,8 +232,10 @@ impl PairEngine {
     }
 
     /// Installs keys fetched from storage. Every id in `looked_up` becomes resident
-    /// (empty if it has no rows); `rows` must hold *all* stored events of those ids.
-    /// Keys already resident are left alone: memory is authoritative for them.
+    /// (empty if it has no rows); `rows` must hold every stored event of those ids
+    /// except duplicates, which the store's lookup leaves out and this skips (they are
+    /// not state: see the module docs). Keys already resident are left alone: memory
+    /// is authoritative for them.
     pub fn load(&mut self, looked_up: impl IntoIterator<Item = String>, rows: Vec<StoredEvent>) {
         let mut fresh: HashMap<Id, KeyState> = HashMap::new();
         for id in looked_up {
@@ -237,10 +249,7 @@ impl PairEngine {
             };
             let event_id = Id::from(row.event_id);
             match (row.input, row.outcome) {
-                (Input::Payments, Outcome::DuplicatePayment)
-                | (Input::Settlements, Outcome::DuplicateSettlement) => {
-                    state.push_duplicate(row.input, event_id);
-                }
+                (_, Outcome::DuplicatePayment | Outcome::DuplicateSettlement) => {}
                 (Input::Payments, outcome) => {
                     let terms = PaymentTerms {
                         amount: row.amount,
@@ -266,6 +275,21 @@ impl PairEngine {
             self.bytes += state.bytes(&key);
             self.keys.insert(key, state);
         }
+    }
+
+    /// Whether the event id of this event must be checked against storage before it
+    /// is applied: its key is resident and already has a first event of its input
+    /// under another event id, so the event is a duplicate — or a duplicate stored
+    /// before and sent again, which only storage can tell now that duplicates are not
+    /// held. Asked after the batch's keys are loaded (an event whose key has no first
+    /// event of its input cannot have a stored duplicate there: a key's first event is
+    /// stored no later than its duplicates, and memory or a lookup has it). Duplicates
+    /// written by this batch or by the one still committing are known without storage.
+    pub fn needs_event_id_check(&self, input: Input, payment_id: &str, event_id: &str) -> bool {
+        self.keys
+            .get(payment_id)
+            .and_then(|state| state.first_event_id(input))
+            .is_some_and(|first| first != event_id)
     }
 
     /// Event ids of this batch's events that storage already holds. An event id is
@@ -337,8 +361,7 @@ impl PairEngine {
             .expect("engine invariant: key resident (checked in apply)");
         let before = state.bytes(&key);
         if let Some(original) = state.payment().map(|p| p.event_id.clone()) {
-            state.push_duplicate(Input::Payments, event_id.clone());
-            self.bytes = self.bytes + state.bytes(&key) - before;
+            // Not kept in the key's state: see the module docs.
             self.record_new(
                 Input::Payments,
                 &key,
@@ -407,8 +430,7 @@ impl PairEngine {
             .expect("engine invariant: key resident (checked in apply)");
         let before = state.bytes(&key);
         if let Some(original) = state.settlement().map(|s| s.event_id.clone()) {
-            state.push_duplicate(Input::Settlements, event_id.clone());
-            self.bytes = self.bytes + state.bytes(&key) - before;
+            // Not kept in the key's state: see the module docs.
             self.record_new(
                 Input::Settlements,
                 &key,
@@ -768,6 +790,120 @@ mod tests {
             net: 99,
             currency: Currency::from_code("EUR").expect("EUR is a currency"),
         }
+    }
+
+    fn eur() -> Currency {
+        Currency::from_code("EUR").expect("EUR is a currency")
+    }
+
+    fn payment(event_id: &str, payment_id: &str) -> Event {
+        Event::Payment(Payment {
+            event_id: event_id.to_owned(),
+            payment_id: payment_id.to_owned(),
+            merchant_id: "m".to_owned(),
+            amount: crate::money::MinorUnits::new(100),
+            currency: eur(),
+            occurred_at: 0,
+        })
+    }
+
+    fn settlement(event_id: &str, payment_id: &str) -> Event {
+        Event::Settlement(Settlement {
+            event_id: event_id.to_owned(),
+            settlement_id: "po".to_owned(),
+            payment_id: payment_id.to_owned(),
+            gross: crate::money::MinorUnits::new(100),
+            fee: crate::money::MinorUnits::new(1),
+            net: 99,
+            currency: eur(),
+            settled_at: 0,
+        })
+    }
+
+    fn new_engine(max_items: usize) -> PairEngine {
+        let window = WindowConfig {
+            max_items,
+            max_bytes: usize::MAX / 2,
+        };
+        PairEngine::new(
+            EngineConfig::new(&MatchConfig::default(), window),
+            [None, None],
+        )
+    }
+
+    /// Hands the batch's changes over and acknowledges them as durable.
+    fn commit(engine: &mut PairEngine) {
+        let generation = engine.take_changes().generation;
+        engine.checkpointed(generation);
+    }
+
+    /// Issue 19: a producer minting fresh event ids for one payment id must not grow
+    /// that key's state. Ids longer than 24 bytes, as UUIDs are, live on the heap.
+    #[test]
+    fn ten_thousand_duplicates_of_one_key_leave_its_accounted_size_unchanged() {
+        let mut engine = new_engine(10);
+        engine.load(["storm".to_owned()], Vec::new());
+        engine.apply(payment("storm-payment-0000-first-event", "storm"), 0);
+        engine.apply(settlement("storm-settlement-000-first-line", "storm"), 0);
+        let (items, bytes) = (engine.window_items(), engine.window_bytes());
+        for i in 1..=10_000i64 {
+            let outcome = engine.apply(payment(&format!("storm-payment-dup-{i:012}"), "storm"), i);
+            assert_eq!(outcome, Applied::Accepted(Outcome::DuplicatePayment));
+            let outcome = engine.apply(
+                settlement(&format!("storm-settlement-dup-{i:012}"), "storm"),
+                i,
+            );
+            assert_eq!(outcome, Applied::Accepted(Outcome::DuplicateSettlement));
+            if i % 500 == 0 {
+                commit(&mut engine);
+                engine.evict();
+            }
+        }
+        assert_eq!(engine.window_items(), items);
+        assert_eq!(
+            engine.window_bytes(),
+            bytes,
+            "window bytes grew with duplicates"
+        );
+        assert!(bytes < 512, "one matched key: {bytes} bytes");
+    }
+
+    #[test]
+    fn a_duplicate_sent_again_is_a_redelivery_once_storage_says_its_id_is_stored() {
+        let mut engine = new_engine(10);
+        engine.load(["k".to_owned()], Vec::new());
+        assert_eq!(
+            engine.apply(payment("first", "k"), 0),
+            Applied::Accepted(Outcome::Pending)
+        );
+        // A key's first event is known from memory; nothing to ask storage.
+        assert!(!engine.needs_event_id_check(Input::Payments, "k", "first"));
+        assert!(!engine.needs_event_id_check(Input::Settlements, "k", "line"));
+        assert_eq!(engine.apply(payment("first", "k"), 1), Applied::Redelivery);
+        assert_eq!(
+            engine.apply(payment("dup", "k"), 2),
+            Applied::Accepted(Outcome::DuplicatePayment)
+        );
+        // Within the batch, and in the next one while this one commits: known.
+        assert_eq!(engine.apply(payment("dup", "k"), 3), Applied::Redelivery);
+        commit(&mut engine);
+        assert_eq!(engine.apply(payment("dup", "k"), 4), Applied::Redelivery);
+        commit(&mut engine);
+        // Committed: only storage knows it. The engine asks for its id to be checked,
+        // and with storage's answer the event is a redelivery.
+        assert!(engine.needs_event_id_check(Input::Payments, "k", "dup"));
+        engine.load_stored_event_ids([(Input::Payments, "dup".to_owned())]);
+        assert_eq!(engine.apply(payment("dup", "k"), 5), Applied::Redelivery);
+        assert!(engine.take_changes().rows.is_empty());
+        // A key loaded from storage: its duplicate rows are not state.
+        let mut reloaded = new_engine(10);
+        let mut first = stored(Input::Payments, "k", Outcome::Pending);
+        first.event_id = "first".to_owned();
+        let mut dup = stored(Input::Payments, "k", Outcome::DuplicatePayment);
+        dup.event_id = "dup".to_owned();
+        reloaded.load(["k".to_owned()], vec![first, dup]);
+        assert_eq!(reloaded.window_bytes(), engine.window_bytes());
+        assert!(reloaded.needs_event_id_check(Input::Payments, "k", "dup"));
     }
 
     #[test]

@@ -6,6 +6,15 @@
 //! twice the entry size per key. Here the buckets hold 4-byte slot numbers and the
 //! 80-byte slots sit densely in a vector (freed slots are reused), which keeps an open
 //! payment near 90 bytes. Ids up to 24 bytes are stored inline (`CompactString`).
+//!
+//! Duplicates (`duplicate_payment`, `duplicate_settlement`) are not part of a key's
+//! state: once an event is a duplicate its outcome never changes and nothing else
+//! depends on it, so the window has nothing to decide with it. Holding their event ids
+//! (for redelivery detection) let one payment id grow without bound: a producer
+//! minting a fresh event id per resend made a single key hold every id it ever sent,
+//! in memory and in every lookup. A key is therefore at most a payment and its first
+//! settlement line, whatever the input; a redelivered duplicate is recognised by its
+//! stored event id instead (see [`super::PairEngine::needs_event_id_check`]).
 
 use std::hash::BuildHasher;
 
@@ -31,8 +40,6 @@ pub struct SettlementItem {
 #[derive(Debug, Default)]
 struct Extra {
     settlement: Option<SettlementItem>,
-    /// Event ids of `duplicate_payment` / `duplicate_settlement` events, for redelivery.
-    duplicates: Vec<(Input, Id)>,
 }
 
 /// A view of the payment of a key.
@@ -97,17 +104,6 @@ impl KeyState {
         self.extra.get_or_insert_with(Box::default).settlement = Some(item);
     }
 
-    pub fn duplicates(&self) -> &[(Input, Id)] {
-        self.extra.as_ref().map_or(&[], |e| &e.duplicates)
-    }
-
-    pub fn push_duplicate(&mut self, input: Input, event_id: Id) {
-        self.extra
-            .get_or_insert_with(Box::default)
-            .duplicates
-            .push((input, event_id));
-    }
-
     pub fn is_open(&self) -> bool {
         self.payment_outcome.is_some_and(Outcome::is_open)
             || self.settlement().is_some_and(|s| s.outcome.is_open())
@@ -132,16 +128,19 @@ impl KeyState {
         }
     }
 
+    /// The event id of the first event of `input` (the payment, or the first
+    /// settlement line): every later one of that input is a duplicate or a redelivery.
+    pub fn first_event_id(&self, input: Input) -> Option<&Id> {
+        match input {
+            Input::Payments => self.payment().map(|p| p.event_id),
+            Input::Settlements => self.settlement().map(|s| &s.event_id),
+        }
+    }
+
+    /// Whether `event_id` is the key's first event of `input`. Duplicates are not
+    /// held (see the module docs), so this says nothing about them.
     pub fn knows(&self, input: Input, event_id: &str) -> bool {
-        let first = match input {
-            Input::Payments => self.payment().map(|p| p.event_id.as_str()),
-            Input::Settlements => self.settlement().map(|s| s.event_id.as_str()),
-        };
-        first == Some(event_id)
-            || self
-                .duplicates()
-                .iter()
-                .any(|(i, id)| *i == input && id == event_id)
+        self.first_event_id(input).is_some_and(|id| id == event_id)
     }
 
     /// Bytes this key occupies: its slot, its index bucket, and what lives on the heap.
@@ -153,12 +152,7 @@ impl KeyState {
             + heap(&self.payment_event);
         if let Some(extra) = &self.extra {
             total += std::mem::size_of::<Extra>()
-                + extra.settlement.as_ref().map_or(0, |s| heap(&s.event_id))
-                + extra
-                    .duplicates
-                    .iter()
-                    .map(|(_, id)| std::mem::size_of::<(Input, Id)>() + heap(id))
-                    .sum::<usize>();
+                + extra.settlement.as_ref().map_or(0, |s| heap(&s.event_id));
         }
         total
     }

@@ -369,8 +369,12 @@ impl Store {
             .map_err(StoreError::from)
     }
 
-    /// Every stored event of the given (pair, payment_id) keys, in one query. A key
-    /// PostgreSQL cannot take as a value finds nothing (see [`without_refused_keys`]).
+    /// Every stored event of the given (pair, payment_id) keys but their duplicates,
+    /// in one query. Duplicates are not window state (see [`crate::engine`]): reading
+    /// them made every lookup of a key cost as many rows as duplicates were ever sent
+    /// for it. The condition is the predicate of the partial index it reads (migration
+    /// 0007), written the same way so the planner can use it. A key PostgreSQL cannot
+    /// take as a value finds nothing (see [`without_refused_keys`]).
     pub async fn lookup(
         &self,
         pairs: &[i32],
@@ -399,6 +403,7 @@ impl Store {
              -- OFFSET 0 keeps this a per-key index probe whatever the statistics say.
              CROSS JOIN LATERAL (SELECT * FROM recon_events e
                                  WHERE e.payment_id = k.payment_id AND e.kafka_partition = k.kafka_partition
+                                   AND e.outcome NOT IN ('duplicate_payment', 'duplicate_settlement')
                                  OFFSET 0) e",
         )
         .bind(pairs)
