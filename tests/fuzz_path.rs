@@ -595,10 +595,11 @@ struct Database {
 }
 
 /// Creates (or re-creates) a database for the fuzz test on the test server.
-async fn database(encoding: &str) -> Database {
-    // One per process: a long run and a CI run may share the server.
+async fn database(test: &str, encoding: &str) -> Database {
+    // One per test and process: the tests of this file run at once, and a long run
+    // and a CI run may share the server.
     let name = format!(
-        "recon_fuzz_{}_{}",
+        "recon_fuzz_{test}_{}_{}",
         encoding.to_lowercase(),
         std::process::id()
     );
@@ -1063,8 +1064,12 @@ fn fuzz(cases: u32, duration: Option<Duration>) {
         .enable_all()
         .build()
         .expect("runtime");
-    let (utf8, latin1) =
-        runtime.block_on(async { (database("UTF8").await, database("LATIN1").await) });
+    let (utf8, latin1) = runtime.block_on(async {
+        (
+            database("random", "UTF8").await,
+            database("random", "LATIN1").await,
+        )
+    });
     let tally = std::cell::RefCell::new(Tally::default());
     let started = Instant::now();
     // A timed run goes in rounds of CHUNK cases, each from a fresh random seed, until
@@ -1227,7 +1232,10 @@ fn cases_found_by_fuzzing_stay_fixed() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let (utf8, latin1) = (database("UTF8").await, database("LATIN1").await);
+        let (utf8, latin1) = (
+            database("found", "UTF8").await,
+            database("found", "LATIN1").await,
+        );
         let mut failures = Vec::new();
         for case in &cases {
             let db = if case.latin1 { &latin1 } else { &utf8 };
