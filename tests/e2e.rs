@@ -1107,36 +1107,15 @@ async fn a_value_postgresql_refuses_rejects_its_message_and_the_partition_goes_o
 /// Produces records in one Kafka transaction: its commit marker takes an offset on
 /// every partition written, after the last message.
 async fn produce_transactionally(world: &World, records: &[recon_worker::loadgen::Record]) {
-    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("transactional.id", unique("recon-test-tx"))
-        .create()
-        .expect("transactional producer");
-    producer
-        .init_transactions(Duration::from_secs(30))
-        .expect("init transactions");
-    producer.begin_transaction().expect("begin");
-    for r in records {
-        let topic = match r.input {
-            recon_worker::event::Input::Payments => &world.payments,
-            recon_worker::event::Input::Settlements => &world.settlements,
-        };
-        let mut message = FutureRecord::<[u8], [u8]>::to(topic);
-        if let Some(key) = &r.key {
-            message = message.key(key);
-        }
-        if let Some(value) = &r.value {
-            message = message.payload(value);
-        }
-        producer
-            .send(message, Duration::from_secs(10))
-            .await
-            .expect("send in transaction");
-    }
-    producer
-        .commit_transaction(Duration::from_secs(30))
-        .expect("commit transaction");
+    let producer = transactional_producer(&unique("recon-test-tx")).await;
+    produce_in_transaction(
+        &producer,
+        records,
+        [&world.payments, &world.settlements],
+        true,
+    )
+    .await
+    .expect("commit transaction");
 }
 
 /// A payment that will miss its settlement and a matched pair, so both topics hold
