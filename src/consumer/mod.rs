@@ -501,6 +501,12 @@ impl RebalanceContext {
     }
 }
 
+/// One offset reset (or unread messages deleted) seen on this partition.
+fn count_offset_reset(input: Input, partition: i32) {
+    metrics::counter!(crate::telemetry::metrics::OFFSET_RESETS, "topic" => input.label(), "partition" => partition.to_string())
+        .increment(1);
+}
+
 /// Applies one incremental grant (or revocation) of partition halves to the granted
 /// set; returns the pairs that became whole (granting) or stopped being whole
 /// (revoking), in order. A half alone changes no pair.
@@ -848,8 +854,7 @@ impl Poller {
         let topic = &self.topics[input.index()];
         if offset < expected {
             let (_, high) = cached_watermarks(&self.consumer, topic, partition);
-            metrics::counter!(crate::telemetry::metrics::OFFSET_RESETS, "topic" => input.label(), "partition" => partition.to_string())
-                .increment(1);
+            count_offset_reset(input, partition);
             tracing::error!(
                 topic = %topic,
                 partition,
@@ -867,8 +872,7 @@ impl Poller {
         if offset > expected {
             let (low, _) = cached_watermarks(&self.consumer, topic, partition);
             if low > expected {
-                metrics::counter!(crate::telemetry::metrics::OFFSET_RESETS, "topic" => input.label(), "partition" => partition.to_string())
-                    .increment(1);
+                count_offset_reset(input, partition);
                 tracing::error!(
                     topic = %topic,
                     partition,
