@@ -6,10 +6,11 @@
 use std::collections::HashSet;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use recon_worker::config::{MatchConfig, WindowConfig};
 use recon_worker::engine::{EngineConfig, PairEngine};
+use recon_worker::engine::{MatchConfig, WindowConfig};
 use recon_worker::event::{decode, Event};
 use recon_worker::loadgen::{self, Mix, Plan, Record};
+use recon_worker::pair::PerInput;
 
 const SCENARIOS: usize = 20_000;
 const BATCH: usize = 5_000;
@@ -59,7 +60,7 @@ fn decoding(c: &mut Criterion) {
 /// Batches as the pipeline forms them: load the batch's missing keys, apply, advance
 /// the watermark, fire deadlines, hand over the changes, mark them durable.
 fn run_engine(config: EngineConfig, events: Vec<Event>) -> usize {
-    let mut engine = PairEngine::new(config, [None, None]);
+    let mut engine = PairEngine::new(config, PerInput::default());
     let mut offset = 0i64;
     let mut rows = 0;
     let mut batch = Vec::with_capacity(BATCH);

@@ -16,7 +16,9 @@ use crate::consumer::{Delivery, ReadMessage};
 use crate::engine::{EngineConfig, PairEngine, StoredEvent};
 use crate::event::{decode, Input};
 use crate::loadgen::{self, Mix, Plan};
+use crate::pair::PerInput;
 use crate::pipeline::Pipeline;
+use crate::rejection::{MessageAt, RejectedMessage};
 use crate::store::{PairCheckpoint, Store};
 use crate::telemetry::Health;
 
@@ -49,7 +51,7 @@ pub fn window_memory(items: usize) -> (u64, u64, f64, usize) {
         },
     );
     let eur = crate::money::Currency::from_code("EUR").expect("EUR is active");
-    let mut engine = PairEngine::new(config, [None, None]);
+    let mut engine = PairEngine::new(config, PerInput::default());
     let before = rss_bytes();
     // Loaded as the worker does: at most one batch of keys (5,000) at a time.
     let chunk = 5_000;
@@ -202,7 +204,7 @@ pub async fn raw_pg_write(
         let checkpoint = PairCheckpoint {
             pair: 0,
             epoch,
-            next_offsets: [Some(end as i64), None],
+            next_offsets: PerInput::new(Some(end as i64), None),
             changes: crate::engine::PairChanges {
                 rows: writes,
                 ..Default::default()
@@ -252,15 +254,14 @@ pub async fn pipeline_only(
                 None,
                 config.decode_limits(),
             )
-            .map_err(|r| crate::store::RejectedMessage {
-                input: record.input,
-                partition,
-                offset: *offset - 1,
-                reason: r.to_string(),
-                class: r.class(),
-                payload: record.value.clone(),
-                payload_size: record.value.as_ref().map_or(0, |v| v.len() as i32),
-                key: record.key.clone(),
+            .map_err(|r| {
+                let at = MessageAt {
+                    input: record.input,
+                    partition,
+                    offset: *offset - 1,
+                };
+                let (key, value) = (record.key.as_deref(), record.value.as_deref());
+                RejectedMessage::new(at, r.to_string(), r.class(), key, value)
             });
             Delivery::Message(ReadMessage {
                 input: record.input,

@@ -46,45 +46,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Matching parameters (contract §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MatchConfig {
-    /// D: a payment without a settlement after this long is `missing_settlement`.
-    pub settlement_deadline: Duration,
-    /// O: a settlement without a payment after this long is `orphan_settlement`.
-    pub orphan_timeout: Duration,
-    /// T: largest |gross − amount| still counted as equal.
-    pub amount_tolerance_minor: i64,
-    /// An input caught up for this long no longer holds the watermark back.
-    pub idle_timeout: Duration,
-}
-
-impl Default for MatchConfig {
-    fn default() -> Self {
-        Self {
-            settlement_deadline: Duration::from_secs(72 * 3600),
-            orphan_timeout: Duration::from_secs(72 * 3600),
-            amount_tolerance_minor: 0,
-            idle_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-/// Bounds of the in-memory matching window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WindowConfig {
-    pub max_items: usize,
-    pub max_bytes: usize,
-}
-
-impl Default for WindowConfig {
-    fn default() -> Self {
-        Self {
-            max_items: 50_000,
-            max_bytes: 8 * 1024 * 1024,
-        }
-    }
-}
+pub use crate::engine::{MatchConfig, WindowConfig};
 
 /// The whole worker configuration.
 #[derive(Clone)]

@@ -39,10 +39,6 @@ pub struct Limits {
     pub max_future_skew: Micros,
 }
 
-/// At most this many bytes of a rejected message are kept in `rejected_events.payload`;
-/// `payload_size` keeps the original length.
-pub const REJECTED_PAYLOAD_CAP: usize = 64 * 1024;
-
 /// Which of the two input topics a message came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Input {

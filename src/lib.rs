@@ -18,13 +18,16 @@
 pub mod admin;
 pub mod allocator;
 pub mod bench;
+pub mod clock;
 pub mod config;
 pub mod consumer;
 pub mod engine;
 pub mod event;
 pub mod loadgen;
 pub mod money;
+pub mod pair;
 pub mod pipeline;
+pub mod rejection;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

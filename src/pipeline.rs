@@ -27,16 +27,17 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tracing::Instrument;
 
+use crate::clock::now_micros;
 use crate::config::Config;
 use crate::consumer::{
-    commit_advisory, now_micros, ConsumerHandle, Delivery, OffsetReset, PartitionProgress,
-    ReadMessage, Refused, Rewind,
+    commit_advisory, ConsumerHandle, Delivery, OffsetReset, PartitionProgress, ReadMessage,
+    Refused, Rewind,
 };
 use crate::engine::{Applied, EngineConfig, PairEngine, SweepRequest};
 use crate::event::Input;
-use crate::store::{
-    PairCheckpoint, PairPosition, RefusedMessage, RejectedMessage, Store, StoreError,
-};
+use crate::pair::{PairPosition, PerInput};
+use crate::rejection::RejectedMessage;
+use crate::store::{PairCheckpoint, RefusedMessage, Store, StoreError};
 use crate::telemetry::metrics as m;
 use crate::telemetry::Health;
 
@@ -69,19 +70,19 @@ struct OwnedPair {
     epoch: i64,
     engine: PairEngine,
     /// Next offset to read per input, as far as this pipeline has processed.
-    read: [Option<i64>; 2],
+    read: PerInput<Option<i64>>,
     /// Next offset per input as last committed to PostgreSQL.
-    committed: [Option<i64>; 2],
+    committed: PerInput<Option<i64>>,
     /// Next offset per input as last handed to a commit (committed or in flight).
-    sent: [Option<i64>; 2],
-    high_watermarks: [i64; 2],
+    sent: PerInput<Option<i64>>,
+    high_watermarks: PerInput<i64>,
     /// Rewound, and waiting for the poll thread's marker: the pair's messages before
     /// it were read before the rewind and are dropped.
     rewinding: bool,
     /// Replaying after an event id clash: every event id of the pair is checked
     /// against storage until the committed offsets reach these (how far the pair had
     /// read when it clashed).
-    probe_until: Option<[Option<i64>; 2]>,
+    probe_until: Option<PerInput<Option<i64>>>,
     /// Messages PostgreSQL refused, to be rejected when read again; kept until a
     /// commit covers them (a replay before that must reject them too).
     refused: Vec<Refused>,
@@ -97,7 +98,7 @@ impl OwnedPair {
             read: position.next_offsets,
             committed: position.next_offsets,
             sent: position.next_offsets,
-            high_watermarks: [-1, -1],
+            high_watermarks: PerInput::new(-1, -1),
             rewinding: false,
             probe_until: None,
             refused: Vec::new(),
@@ -112,22 +113,21 @@ impl OwnedPair {
     /// checked against storage up to the log's end as it was then, so messages read
     /// before come out as redeliveries whatever their payment id.
     fn reset(&mut self, input: Input, offset: i64, reset: OffsetReset) {
-        let i = input.index();
         tracing::warn!(
             topic = %input,
             offset,
             expected = reset.expected,
-            read = ?self.read[i],
+            read = ?self.read[input],
             "reading the partition again from below its position; checking every event id"
         );
-        self.read[i] = Some(offset);
+        self.read[input] = Some(offset);
         let until = if reset.high_watermark >= 0 {
             reset.high_watermark
         } else {
             reset.expected
         };
-        let mut probe = self.probe_until.unwrap_or([None, None]);
-        probe[i] = Some(probe[i].map_or(until, |u| u.max(until)));
+        let mut probe = self.probe_until.unwrap_or_default();
+        probe[input] = Some(probe[input].map_or(until, |u| u.max(until)));
         self.probe_until = Some(probe);
     }
 }
@@ -137,8 +137,8 @@ impl OwnedPair {
 /// must not be counted twice.
 #[derive(Debug, Default)]
 struct ReadCounts {
-    consumed: [u64; 2],
-    redelivered: [u64; 2],
+    consumed: PerInput<u64>,
+    redelivered: PerInput<u64>,
 }
 
 /// A pair whose insert clashed, or whose values PostgreSQL refused, to be rebuilt
@@ -147,7 +147,7 @@ struct Replay {
     pair: i32,
     epoch: i64,
     /// How far the pair had read when it was dropped.
-    read: [Option<i64>; 2],
+    read: PerInput<Option<i64>>,
     /// Check every event id against storage until past `read` (after a clash).
     probe: bool,
     /// Messages to reject when read again.
@@ -158,7 +158,7 @@ pub struct Pipeline {
     store: Store,
     consumer: Option<ConsumerHandle>,
     engine_config: EngineConfig,
-    topics: [String; 2],
+    topics: PerInput<String>,
     batch_max_messages: usize,
     batch_max_wait: Duration,
     commit_parallelism: usize,
@@ -215,10 +215,10 @@ impl Pipeline {
             store,
             consumer,
             engine_config: EngineConfig::new(&config.matching, config.window),
-            topics: [
+            topics: PerInput::new(
                 config.payments_topic.clone(),
                 config.settlements_topic.clone(),
-            ],
+            ),
             batch_max_messages: config.batch_max_messages,
             batch_max_wait: config.batch_max_wait,
             commit_parallelism: config.commit_parallelism,
@@ -538,18 +538,18 @@ impl Pipeline {
                     }
                     // Read again after a rewind that a reassignment overtook (a reset
                     // of the log itself came flagged, and moved the read position).
-                    if owned.read[input.index()].is_some_and(|next| message.offset < next) {
+                    if owned.read[input].is_some_and(|next| message.offset < next) {
                         continue;
                     }
-                    owned.read[input.index()] = Some(message.offset + 1);
-                    owned.counts.consumed[input.index()] += 1;
+                    owned.read[input] = Some(message.offset + 1);
+                    owned.counts.consumed[input] += 1;
                     if let Some(ts) = message.timestamp_ms {
                         timestamps.push(ts);
                     }
                     match message.decoded {
                         Ok(event) => match owned.engine.apply(event, message.offset) {
                             Applied::Accepted(_) => {}
-                            Applied::Redelivery => owned.counts.redelivered[input.index()] += 1,
+                            Applied::Redelivery => owned.counts.redelivered[input] += 1,
                         },
                         Err(rejection) => {
                             owned.engine.observe_activity(input);
@@ -564,7 +564,7 @@ impl Pipeline {
                     for p in progress {
                         if let Some(owned) = self.pairs.get_mut(&p.partition) {
                             owned.engine.observe_caught_up(p.input, p.caught_up, now);
-                            owned.high_watermarks[p.input.index()] = p.high_watermark;
+                            owned.high_watermarks[p.input] = p.high_watermark;
                         }
                     }
                 }
@@ -896,9 +896,9 @@ impl Pipeline {
             if changes.is_empty() && rejected.is_empty() && owned.read == owned.sent {
                 continue;
             }
-            let next_offsets = [0, 1].map(|i| {
-                (owned.read[i] != owned.sent[i])
-                    .then_some(owned.read[i])
+            let next_offsets = PerInput::from_fn(|input| {
+                (owned.read[input] != owned.sent[input])
+                    .then_some(owned.read[input])
                     .flatten()
             });
             owned.sent = owned.read;
@@ -929,11 +929,10 @@ impl Pipeline {
             }
             if let Some(counts) = self.in_flight_counts.remove(&checkpoint.pair) {
                 for input in Input::ALL {
-                    let i = input.index();
                     metrics::counter!(m::EVENTS_CONSUMED, "topic" => input.label())
-                        .increment(counts.consumed[i]);
+                        .increment(counts.consumed[input]);
                     metrics::counter!(m::EVENTS_REDELIVERED, "topic" => input.label())
-                        .increment(counts.redelivered[i]);
+                        .increment(counts.redelivered[input]);
                 }
             }
             let Some(owned) = self.pairs.get_mut(&checkpoint.pair) else {
@@ -941,8 +940,8 @@ impl Pipeline {
             };
             owned.engine.checkpointed(checkpoint.changes.generation);
             for input in Input::ALL {
-                if let Some(offset) = checkpoint.next_offsets[input.index()] {
-                    owned.committed[input.index()] = Some(offset);
+                if let Some(offset) = checkpoint.next_offsets[input] {
+                    owned.committed[input] = Some(offset);
                     self.advisory_pending = true;
                 }
             }
@@ -950,12 +949,13 @@ impl Pipeline {
                 let committed = owned.committed;
                 owned
                     .refused
-                    .retain(|r| committed[r.input.index()].is_none_or(|next| r.offset >= next));
+                    .retain(|r| committed[r.input].is_none_or(|next| r.offset >= next));
             }
             if let Some(until) = owned.probe_until {
-                let past =
-                    |i: usize| until[i].is_none_or(|u| owned.committed[i].is_some_and(|c| c >= u));
-                if past(0) && past(1) {
+                let past = |input: Input| {
+                    until[input].is_none_or(|u| owned.committed[input].is_some_and(|c| c >= u))
+                };
+                if Input::ALL.into_iter().all(past) {
                     owned.probe_until = None;
                     tracing::info!(
                         pair = checkpoint.pair,
@@ -981,8 +981,8 @@ impl Pipeline {
         let mut offsets = Vec::new();
         for (&pair, owned) in &self.pairs {
             for input in Input::ALL {
-                if let Some(offset) = owned.committed[input.index()] {
-                    offsets.push((self.topics[input.index()].as_str(), pair, offset));
+                if let Some(offset) = owned.committed[input] {
+                    offsets.push((self.topics[input].as_str(), pair, offset));
                 }
             }
         }
@@ -1004,11 +1004,11 @@ impl Pipeline {
                     .set(watermark as f64 / 1e6);
             }
             for input in Input::ALL {
-                let high = owned.high_watermarks[input.index()];
+                let high = owned.high_watermarks[input];
                 if high < 0 {
                     continue;
                 }
-                let stored = owned.committed[input.index()].unwrap_or(0);
+                let stored = owned.committed[input].unwrap_or(0);
                 metrics::gauge!(m::CONSUMER_LAG, "topic" => input.label(), "partition" => pair.to_string())
                     .set((high - stored).max(0) as f64);
             }

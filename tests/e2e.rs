@@ -64,7 +64,7 @@ async fn a_known_mix_reaches_exactly_the_expected_outcomes_and_rejections(pool: 
             "too_large" => {
                 assert_eq!(
                     payload.map(|p| p.len()),
-                    Some(recon_worker::event::REJECTED_PAYLOAD_CAP)
+                    Some(recon_worker::rejection::REJECTED_PAYLOAD_CAP)
                 );
                 assert!(size as usize > 64 * 1024);
             }

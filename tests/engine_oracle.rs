@@ -12,12 +12,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use proptest::prelude::*;
-use recon_worker::config::{MatchConfig, WindowConfig};
 use recon_worker::engine::{
     EngineConfig, Outcome, PairChanges, PairEngine, StoredEvent, SweepRequest,
 };
+use recon_worker::engine::{MatchConfig, WindowConfig};
 use recon_worker::event::{Event, Input, Micros, Payment, Settlement};
 use recon_worker::money::{Currency, MinorUnits};
+use recon_worker::pair::PerInput;
 
 const SEC: Micros = 1_000_000;
 
@@ -494,7 +495,7 @@ proptest! {
             }
         }
 
-        let mut engine = PairEngine::new(config, [None, None]);
+        let mut engine = PairEngine::new(config, PerInput::default());
         let mut store = FakeStore::default();
         let mut now: Micros = 1_000 * SEC;
         let mut cursor = 0usize;

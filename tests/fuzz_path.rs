@@ -36,10 +36,10 @@ use proptest::test_runner::{
 use recon_worker::config::Config;
 use recon_worker::consumer::{
     decode_message, ConsumerHandle, Delivery, PartitionProgress, ReadMessage, Rewind,
-    DATA_ERROR_CLASS,
 };
-use recon_worker::event::{decode, Event, Input, Limits, REJECTED_PAYLOAD_CAP};
+use recon_worker::event::{decode, Event, Input, Limits};
 use recon_worker::pipeline::Pipeline;
+use recon_worker::rejection::{DATA_ERROR_CLASS, REJECTED_PAYLOAD_CAP};
 use recon_worker::store::Store;
 use recon_worker::telemetry::Health;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -844,7 +844,7 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
             queue.retain(|d| !matches!(d, Delivery::Message(m) if m.partition == rewind.pair));
             queue.push_front(Delivery::Rewound { pair: rewind.pair });
             for (m, &offset) in case.messages.iter().zip(&offsets) {
-                let from = rewind.next_offsets[m.input.index()].unwrap_or(0);
+                let from = rewind.next_offsets[m.input].unwrap_or(0);
                 if m.pair != rewind.pair || offset < from {
                     continue;
                 }

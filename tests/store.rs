@@ -6,7 +6,8 @@ use recon_worker::engine::{
 };
 use recon_worker::event::Input;
 use recon_worker::money::Currency;
-use recon_worker::store::{PairCheckpoint, RejectedMessage, Store, StoreError};
+use recon_worker::rejection::RejectedMessage;
+use recon_worker::store::{PairCheckpoint, Store, StoreError};
 use sqlx::PgPool;
 
 async fn store(pool: PgPool) -> Store {
@@ -43,7 +44,7 @@ fn checkpoint(
     PairCheckpoint {
         pair,
         epoch,
-        next_offsets: offsets,
+        next_offsets: offsets.into(),
         changes: PairChanges {
             rows,
             discrepancies: vec![DiscrepancyChange::Opened {
@@ -52,7 +53,7 @@ fn checkpoint(
                 payment_event_id: None,
                 settlement_event_id: None,
             }],
-            high_marks: [Some(5), None],
+            high_marks: [Some(5), None].into(),
             generation: 1,
         },
         rejected: vec![RejectedMessage {
@@ -243,7 +244,7 @@ async fn a_batch_inserting_a_stored_event_id_names_the_pair_and_writes_nothing(p
     let position = store.owned_position(1, 1).await.expect("position");
     assert_eq!(
         position.map(|p| p.next_offsets),
-        Some([Some(1), None]),
+        Some([Some(1), None].into()),
         "pair 1 as stored before the batch"
     );
     assert_eq!(store.owned_position(1, 2).await.expect("query"), None);
@@ -332,7 +333,7 @@ async fn a_checkpoint_retried_after_a_commit_of_unknown_outcome_writes_nothing_t
     let fired = PairCheckpoint {
         pair: 0,
         epoch: 1,
-        next_offsets: [None, None],
+        next_offsets: [None, None].into(),
         changes: PairChanges {
             rows: vec![RowWrite {
                 new: None,
@@ -345,7 +346,7 @@ async fn a_checkpoint_retried_after_a_commit_of_unknown_outcome_writes_nothing_t
                 payment_event_id: Some("e".into()),
                 settlement_event_id: None,
             }],
-            high_marks: [Some(5), None],
+            high_marks: [Some(5), None].into(),
             generation: 2,
         },
         rejected: Vec::new(),
@@ -374,7 +375,10 @@ async fn a_checkpoint_retried_after_a_commit_of_unknown_outcome_writes_nothing_t
     assert_eq!(count(&pool, "rejected_events").await, 1);
     assert_eq!(count(&pool, "recon_discrepancies").await, 2);
     let position = store.owned_position(0, 1).await.expect("position");
-    assert_eq!(position.map(|p| p.next_offsets), Some([Some(1), None]));
+    assert_eq!(
+        position.map(|p| p.next_offsets),
+        Some([Some(1), None].into())
+    );
 }
 
 /// The SQLSTATE of a database error.

@@ -29,8 +29,9 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, GroupProtocol};
-use crate::event::{decode, Event, Input, Micros, REJECTED_PAYLOAD_CAP};
-use crate::store::{PairPosition, RejectedMessage};
+use crate::event::{decode, Event, Input};
+use crate::pair::{PairPosition, PerInput};
+use crate::rejection::{MessageAt, RejectedMessage, DATA_ERROR_CLASS};
 use crate::telemetry::Health;
 
 /// A Kafka failure at start, saying whether retrying can help.
@@ -125,7 +126,7 @@ pub type KafkaConsumer = BaseConsumer<RebalanceContext>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewind {
     pub pair: i32,
-    pub next_offsets: [Option<i64>; 2],
+    pub next_offsets: PerInput<Option<i64>>,
     /// Messages PostgreSQL refused (a data error): when read again they are handed
     /// over as rejections with this reason, raw bytes and all, instead of decoded.
     pub refused: Vec<Refused>,
@@ -138,9 +139,6 @@ pub struct Refused {
     pub offset: i64,
     pub reason: String,
 }
-
-/// The `reason_class` of a message PostgreSQL refused (SQLSTATE class 22).
-pub const DATA_ERROR_CLASS: &str = "data_error";
 
 /// The pipeline's handle on the consumer: advisory offset commits and rewinds.
 pub struct ConsumerHandle {
@@ -161,7 +159,7 @@ pub struct RebalanceContext {
     /// Next-generation protocol only: which of each pair's partitions the coordinator
     /// has granted (payments, settlements). Only librdkafka's callbacks on the poll
     /// thread touch it; the lock satisfies the context's `Sync` bound.
-    granted: Mutex<HashMap<i32, [bool; 2]>>,
+    granted: Mutex<HashMap<i32, PerInput<bool>>>,
     /// Where each newly assigned partition starts, for the poll thread (the callback
     /// runs inside its `poll`, which cannot lend it the poller itself).
     assigned: Arc<Mutex<Vec<Assigned>>>,
@@ -299,10 +297,10 @@ impl RebalanceContext {
             // Halves whose co-partition is not (or no longer) granted.
             let lone: Vec<(Input, i32)> = granted
                 .iter()
-                .filter(|(_, held)| held[0] != held[1])
+                .filter(|(_, held)| held.payments != held.settlements)
                 .map(|(&pair, held)| {
                     (
-                        if held[0] {
+                        if held.payments {
                             Input::Payments
                         } else {
                             Input::Settlements
@@ -344,7 +342,7 @@ impl RebalanceContext {
             positions
                 .iter()
                 .find(|p| p.pair == pair)
-                .and_then(|p| p.next_offsets[input.index()])
+                .and_then(|p| p.next_offsets[input])
                 .map_or(Offset::Beginning, Offset::Offset)
         };
         let mut assignment = TopicPartitionList::new();
@@ -463,8 +461,7 @@ impl RebalanceContext {
         let mut tpl = TopicPartitionList::new();
         for position in positions {
             for input in Input::ALL {
-                let offset =
-                    position.next_offsets[input.index()].map_or(Offset::Beginning, Offset::Offset);
+                let offset = position.next_offsets[input].map_or(Offset::Beginning, Offset::Offset);
                 let topic = self.topic(input);
                 if let Err(error) = tpl.add_partition_offset(topic, position.pair, offset) {
                     tracing::error!(%error, topic, partition = position.pair, "bad partition offset");
@@ -494,7 +491,7 @@ impl RebalanceContext {
                 assigned.push(Assigned {
                     input,
                     partition: position.pair,
-                    next_offset: position.next_offsets[input.index()],
+                    next_offset: position.next_offsets[input],
                 });
             }
         }
@@ -511,19 +508,19 @@ fn count_offset_reset(input: Input, partition: i32) {
 /// set; returns the pairs that became whole (granting) or stopped being whole
 /// (revoking), in order. A half alone changes no pair.
 fn regrant(
-    granted: &mut HashMap<i32, [bool; 2]>,
+    granted: &mut HashMap<i32, PerInput<bool>>,
     halves: impl IntoIterator<Item = (Input, i32)>,
     granting: bool,
 ) -> Vec<i32> {
     let mut changed = Vec::new();
     for (input, pair) in halves {
         let held = granted.entry(pair).or_default();
-        let was_whole = held[0] && held[1];
-        held[input.index()] = granting;
-        if was_whole != (held[0] && held[1]) {
+        let was_whole = held.payments && held.settlements;
+        held[input] = granting;
+        if was_whole != (held.payments && held.settlements) {
             changed.push(pair);
         }
-        if !held[0] && !held[1] {
+        if !held.payments && !held.settlements {
             granted.remove(&pair);
         }
     }
@@ -683,10 +680,10 @@ pub fn start(
         rewinds_pending: Vec::new(),
         stop,
         failed: failed.clone(),
-        topics: [
+        topics: PerInput::new(
             config.payments_topic.clone(),
             config.settlements_topic.clone(),
-        ],
+        ),
         limits: config.decode_limits(),
         positions: HashMap::new(),
         last_timestamps: HashMap::new(),
@@ -717,7 +714,7 @@ struct Poller {
     stop: Arc<AtomicBool>,
     failed: Arc<AtomicBool>,
     /// Payments, settlements.
-    topics: [String; 2],
+    topics: PerInput<String>,
     limits: crate::event::Limits,
     /// Next offset to read per (input, partition), as far as this thread has read.
     positions: HashMap<(Input, i32), i64>,
@@ -807,7 +804,7 @@ impl Poller {
     }
 
     fn input_of(&self, topic: &str) -> Input {
-        if topic == self.topics[Input::Payments.index()] {
+        if topic == self.topics[Input::Payments] {
             Input::Payments
         } else {
             Input::Settlements
@@ -851,7 +848,7 @@ impl Poller {
     /// markers, compaction).
     fn check_offset(&self, input: Input, partition: i32, offset: i64) -> Option<OffsetReset> {
         let &expected = self.positions.get(&(input, partition))?;
-        let topic = &self.topics[input.index()];
+        let topic = &self.topics[input];
         if offset < expected {
             let (_, high) = cached_watermarks(&self.consumer, topic, partition);
             count_offset_reset(input, partition);
@@ -930,10 +927,9 @@ impl Poller {
                 continue;
             }
             let sought = Input::ALL.iter().try_for_each(|&input| {
-                let offset =
-                    rewind.next_offsets[input.index()].map_or(Offset::Beginning, Offset::Offset);
+                let offset = rewind.next_offsets[input].map_or(Offset::Beginning, Offset::Offset);
                 self.consumer
-                    .seek(&self.topics[input.index()], pair, offset, REWIND_TIMEOUT)
+                    .seek(&self.topics[input], pair, offset, REWIND_TIMEOUT)
             });
             if let Err(error) = sought {
                 tracing::warn!(%error, pair, "seek for a rewind failed; trying again");
@@ -942,7 +938,7 @@ impl Poller {
             }
             for input in Input::ALL {
                 self.last_timestamps.remove(&(input, pair));
-                match rewind.next_offsets[input.index()] {
+                match rewind.next_offsets[input] {
                     Some(offset) => self.positions.insert((input, pair), offset),
                     None => self.positions.remove(&(input, pair)),
                 };
@@ -986,7 +982,7 @@ impl Poller {
 
     /// Whether this thread has read everything the broker last reported.
     fn caught_up(&self, input: Input, partition: i32) -> bool {
-        let watermarks = cached_watermarks(&self.consumer, &self.topics[input.index()], partition);
+        let watermarks = cached_watermarks(&self.consumer, &self.topics[input], partition);
         self.caught_up_to(input, partition, watermarks)
     }
 
@@ -1081,7 +1077,7 @@ impl Poller {
 
     fn pause_or_resume(&self, (input, partition): (Input, i32), pause: bool) -> bool {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topics[input.index()], partition);
+        tpl.add_partition(&self.topics[input], partition);
         let result = if pause {
             self.consumer.pause(&tpl)
         } else {
@@ -1175,16 +1171,13 @@ pub fn decode_message(
     limits: crate::event::Limits,
     refused: Option<String>,
 ) -> Result<Event, RejectedMessage> {
-    let rejected = |reason: String, class: &'static str| RejectedMessage {
+    let at = MessageAt {
         input,
         partition,
         offset,
-        reason,
-        class,
-        payload: payload.map(|p| p[..p.len().min(REJECTED_PAYLOAD_CAP)].to_vec()),
-        payload_size: payload.map_or(0, |p| i32::try_from(p.len()).unwrap_or(i32::MAX)),
-        key: key.map(|k| k[..k.len().min(1024)].to_vec()),
     };
+    let rejected =
+        |reason: String, class: &'static str| RejectedMessage::new(at, reason, class, key, payload);
     match refused {
         Some(reason) => Err(rejected(reason, DATA_ERROR_CLASS)),
         None => decode(input, key, payload, timestamp_ms, limits)
@@ -1204,11 +1197,6 @@ pub fn commit_advisory(consumer: &KafkaConsumer, offsets: &[(&str, i32, i64)]) {
             tracing::debug!(%error, "advisory Kafka commit failed");
         }
     }
-}
-
-/// Micros now, from the wall clock: the only place the worker reads time.
-pub fn now_micros() -> Micros {
-    chrono::Utc::now().timestamp_micros()
 }
 
 #[cfg(test)]

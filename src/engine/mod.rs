@@ -24,6 +24,7 @@
 //! Every change is recorded as a [`PairChanges`] for the checkpoint; items changed
 //! since the last checkpoint are never evicted.
 
+pub mod config;
 pub mod rules;
 pub mod watermark;
 pub mod window;
@@ -32,38 +33,16 @@ pub mod window;
 // worker's CPU in a profile of a backlog drain.
 use hashbrown::{HashMap, HashSet};
 
-use crate::config::{MatchConfig, WindowConfig};
 use crate::event::{Event, Input, Micros, Payment, Settlement};
 use crate::money::Currency;
+use crate::pair::PerInput;
+pub use config::{EngineConfig, MatchConfig, WindowConfig};
 pub use rules::Outcome;
 use rules::{classify, PaymentTerms, SettlementTerms};
 use watermark::Watermark;
 
 pub use window::{Id, SettlementItem};
 use window::{KeyState, Window};
-
-/// Engine parameters in microseconds.
-#[derive(Debug, Clone, Copy)]
-pub struct EngineConfig {
-    pub deadline: Micros,
-    pub orphan_timeout: Micros,
-    pub tolerance: i64,
-    pub idle_timeout: Micros,
-    pub window: WindowConfig,
-}
-
-impl EngineConfig {
-    pub fn new(matching: &MatchConfig, window: WindowConfig) -> Self {
-        let micros = |d: std::time::Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        Self {
-            deadline: micros(matching.settlement_deadline),
-            orphan_timeout: micros(matching.orphan_timeout),
-            tolerance: matching.amount_tolerance_minor,
-            idle_timeout: micros(matching.idle_timeout),
-            window,
-        }
-    }
-}
 
 /// One event as stored in PostgreSQL, to load into the window.
 #[derive(Debug, Clone)]
@@ -128,7 +107,7 @@ pub enum DiscrepancyChange {
 pub struct PairChanges {
     pub rows: Vec<RowWrite>,
     pub discrepancies: Vec<DiscrepancyChange>,
-    pub high_marks: [Option<Micros>; 2],
+    pub high_marks: PerInput<Option<Micros>>,
     /// Which [`PairEngine::take_changes`] call produced these: acknowledge with
     /// [`PairEngine::checkpointed`] once they are durable.
     pub generation: u64,
@@ -192,7 +171,7 @@ pub struct PairEngine {
 }
 
 impl PairEngine {
-    pub fn new(config: EngineConfig, high_marks: [Option<Micros>; 2]) -> Self {
+    pub fn new(config: EngineConfig, high_marks: PerInput<Option<Micros>>) -> Self {
         Self {
             config,
             keys: Window::default(),
@@ -717,7 +696,7 @@ impl PairEngine {
         changes
     }
 
-    pub fn high_marks(&self) -> [Option<Micros>; 2] {
+    pub fn high_marks(&self) -> PerInput<Option<Micros>> {
         self.watermark.high_marks()
     }
 
@@ -827,7 +806,7 @@ mod tests {
         };
         PairEngine::new(
             EngineConfig::new(&MatchConfig::default(), window),
-            [None, None],
+            PerInput::default(),
         )
     }
 
@@ -914,7 +893,7 @@ mod tests {
         };
         let mut engine = PairEngine::new(
             EngineConfig::new(&MatchConfig::default(), window),
-            [None, None],
+            PerInput::default(),
         );
         // 4 closed, 4 open through a fired deadline, 4 pending: 12 keys over a cap
         // of 10 are evicted down to 9.

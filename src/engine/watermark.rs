@@ -6,25 +6,26 @@
 //! never moves backwards. Time comes in as data (`now`), so this is deterministic.
 
 use crate::event::{Input, Micros};
+use crate::pair::PerInput;
 
 #[derive(Debug, Clone, Default)]
 pub struct Watermark {
-    high: [Option<Micros>; 2],
+    high: PerInput<Option<Micros>>,
     /// When the input was last seen caught up with nothing read since.
-    idle_since: [Option<Micros>; 2],
+    idle_since: PerInput<Option<Micros>>,
     current: Option<Micros>,
 }
 
 impl Watermark {
     /// Restores the high marks stored with the last checkpoint.
-    pub fn with_high_marks(high: [Option<Micros>; 2]) -> Self {
+    pub fn with_high_marks(high: PerInput<Option<Micros>>) -> Self {
         Self {
             high,
             ..Self::default()
         }
     }
 
-    pub fn high_marks(&self) -> [Option<Micros>; 2] {
+    pub fn high_marks(&self) -> PerInput<Option<Micros>> {
         self.high
     }
 
@@ -34,19 +35,19 @@ impl Watermark {
 
     /// An event was accepted from `input`: it is not idle, and its high mark may rise.
     pub fn observe_event(&mut self, input: Input, event_time: Micros) {
-        let i = input.index();
-        self.high[i] = Some(self.high[i].map_or(event_time, |h| h.max(event_time)));
-        self.idle_since[i] = None;
+        let high = &mut self.high[input];
+        *high = Some(high.map_or(event_time, |h| h.max(event_time)));
+        self.idle_since[input] = None;
     }
 
     /// A message was read from `input` (accepted or not): it is not idle.
     pub fn observe_activity(&mut self, input: Input) {
-        self.idle_since[input.index()] = None;
+        self.idle_since[input] = None;
     }
 
     /// The consumer reports whether `input` has nothing left to read at `now`.
     pub fn observe_caught_up(&mut self, input: Input, caught_up: bool, now: Micros) {
-        let slot = &mut self.idle_since[input.index()];
+        let slot = &mut self.idle_since[input];
         if !caught_up {
             *slot = None;
         } else if slot.is_none() {
@@ -56,13 +57,15 @@ impl Watermark {
 
     /// Recomputes the watermark at `now`; returns it.
     pub fn advance(&mut self, now: Micros, idle_timeout: Micros) -> Option<Micros> {
-        let idle = |i: usize| self.idle_since[i].is_some_and(|since| now - since >= idle_timeout);
-        let candidate = match (idle(0), idle(1)) {
+        let idle = self
+            .idle_since
+            .map(|since| since.is_some_and(|since| now - since >= idle_timeout));
+        let candidate = match (idle.payments, idle.settlements) {
             (true, true) => Some(now),
-            (true, false) => self.high[1],
-            (false, true) => self.high[0],
-            (false, false) => match self.high {
-                [Some(p), Some(s)] => Some(p.min(s)),
+            (true, false) => self.high.settlements,
+            (false, true) => self.high.payments,
+            (false, false) => match (self.high.payments, self.high.settlements) {
+                (Some(p), Some(s)) => Some(p.min(s)),
                 _ => None,
             },
         };

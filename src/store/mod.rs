@@ -18,6 +18,8 @@ use sqlx::{PgPool, Row};
 use crate::engine::{DiscrepancyChange, Outcome, PairChanges, RowWrite, StoredEvent, SweepRequest};
 use crate::event::{Input, Micros};
 use crate::money::Currency;
+use crate::pair::{PairPosition, PerInput};
+use crate::rejection::RejectedMessage;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -170,30 +172,6 @@ fn connection_is_current(age: Duration) -> bool {
     clock_nanos().saturating_sub(age) > replace_before
 }
 
-/// Where a partition pair stands when a worker takes it over.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PairPosition {
-    pub pair: i32,
-    pub epoch: i64,
-    /// Next offset to read, per input; `None` when nothing was ever stored.
-    pub next_offsets: [Option<i64>; 2],
-    pub high_marks: [Option<Micros>; 2],
-}
-
-/// A rejected message, ready to store.
-#[derive(Debug, Clone)]
-pub struct RejectedMessage {
-    pub input: Input,
-    pub partition: i32,
-    pub offset: i64,
-    pub reason: String,
-    pub class: &'static str,
-    /// At most [`crate::event::REJECTED_PAYLOAD_CAP`] bytes.
-    pub payload: Option<Vec<u8>>,
-    pub payload_size: i32,
-    pub key: Option<Vec<u8>>,
-}
-
 /// A message whose values PostgreSQL refused, with PostgreSQL's reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefusedMessage {
@@ -209,7 +187,7 @@ pub struct PairCheckpoint {
     pub pair: i32,
     pub epoch: i64,
     /// Next offset per input after this batch; `None` when the batch read nothing there.
-    pub next_offsets: [Option<i64>; 2],
+    pub next_offsets: PerInput<Option<i64>>,
     pub changes: PairChanges,
     pub rejected: Vec<RejectedMessage>,
 }
@@ -317,8 +295,8 @@ impl Store {
                 Ok(PairPosition {
                     pair: row.try_get(0)?,
                     epoch: row.try_get(1)?,
-                    next_offsets: [row.try_get(2)?, row.try_get(3)?],
-                    high_marks: marks.map(|m| m.map(|t| t.timestamp_micros())),
+                    next_offsets: PerInput::from([row.try_get(2)?, row.try_get(3)?]),
+                    high_marks: PerInput::from(marks.map(|m| m.map(|t| t.timestamp_micros()))),
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -348,8 +326,8 @@ impl Store {
         Ok(Some(PairPosition {
             pair,
             epoch,
-            next_offsets: [row.try_get(0)?, row.try_get(1)?],
-            high_marks: marks.map(|m| m.map(|t| t.timestamp_micros())),
+            next_offsets: PerInput::from([row.try_get(0)?, row.try_get(1)?]),
+            high_marks: PerInput::from(marks.map(|m| m.map(|t| t.timestamp_micros()))),
         }))
     }
 
@@ -468,9 +446,9 @@ impl Store {
         if event_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut by_input: [Vec<&str>; 2] = Default::default();
+        let mut by_input: PerInput<Vec<&str>> = PerInput::default();
         for (input, id) in inputs.iter().zip(event_ids) {
-            by_input[input.index()].push(id);
+            by_input[*input].push(id);
         }
         // One primary-key scan per kind with `= ANY`: the key is unique, so the plan is
         // an index(-only) scan at any table size, and it costs about a third less than
@@ -480,8 +458,8 @@ impl Store {
              UNION ALL
              SELECT event_kind, event_id FROM recon_events WHERE event_kind = 'settlement' AND event_id = ANY($2)",
         )
-        .bind(&by_input[Input::Payments.index()])
-        .bind(&by_input[Input::Settlements.index()])
+        .bind(&by_input.payments)
+        .bind(&by_input.settlements)
         .fetch_all(&mut *self.connection().await?)
         .await?;
         rows.into_iter()
@@ -715,14 +693,14 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut pairs = Vec::with_capacity(batch.len());
         let mut epochs = Vec::with_capacity(batch.len());
-        let mut offsets: [Vec<Option<i64>>; 2] = Default::default();
-        let mut marks: [Vec<Option<DateTime<Utc>>>; 2] = Default::default();
+        let mut offsets: PerInput<Vec<Option<i64>>> = PerInput::default();
+        let mut marks: PerInput<Vec<Option<DateTime<Utc>>>> = PerInput::default();
         for pair in batch {
             pairs.push(pair.pair);
             epochs.push(pair.epoch);
-            for i in 0..2 {
-                offsets[i].push(pair.next_offsets[i]);
-                marks[i].push(pair.changes.high_marks[i].map(to_time));
+            for input in Input::ALL {
+                offsets[input].push(pair.next_offsets[input]);
+                marks[input].push(pair.changes.high_marks[input].map(to_time));
             }
         }
         let updated: Vec<i32> = sqlx::query_scalar(
@@ -742,10 +720,10 @@ impl Store {
         .bind(&self.settlements_topic)
         .bind(&pairs)
         .bind(&epochs)
-        .bind(&offsets[0])
-        .bind(&offsets[1])
-        .bind(&marks[0])
-        .bind(&marks[1])
+        .bind(&offsets.payments)
+        .bind(&offsets.settlements)
+        .bind(&marks.payments)
+        .bind(&marks.settlements)
         .fetch_all(&mut *tx)
         .await?;
         let fenced: Vec<i32> = pairs.into_iter().filter(|p| !updated.contains(p)).collect();

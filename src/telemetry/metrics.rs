@@ -65,7 +65,7 @@ pub fn init_series() {
             metrics::counter!(EVENTS_REJECTED, "topic" => topic, "reason" => reason).absolute(0);
         }
         // Values the decoder accepts but PostgreSQL refuses (SQLSTATE class 22).
-        metrics::counter!(EVENTS_REJECTED, "topic" => topic, "reason" => crate::consumer::DATA_ERROR_CLASS)
+        metrics::counter!(EVENTS_REJECTED, "topic" => topic, "reason" => crate::rejection::DATA_ERROR_CLASS)
             .absolute(0);
     }
     for outcome in crate::engine::Outcome::ALL {
