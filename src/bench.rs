@@ -12,7 +12,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, WindowConfig};
-use crate::consumer::{Delivery, ReadMessage};
+use crate::consumer::{Control, Delivery, ReadMessage};
 use crate::engine::{EngineConfig, PairEngine, StoredEvent};
 use crate::event::{decode, Input};
 use crate::loadgen::{self, Mix, Plan};
@@ -263,7 +263,7 @@ pub async fn pipeline_only(
                 let (key, value) = (record.key.as_deref(), record.value.as_deref());
                 RejectedMessage::new(at, r.to_string(), r.class(), key, value)
             });
-            Delivery::Message(ReadMessage {
+            Delivery::from(ReadMessage {
                 input: record.input,
                 partition,
                 offset: *offset - 1,
@@ -277,25 +277,22 @@ pub async fn pipeline_only(
     let (sender, receiver) = mpsc::channel(config.batch_max_messages * 2);
     let pipeline = Pipeline::new(config, store, None, Arc::new(Health::default()));
     let task = tokio::spawn(pipeline.run(receiver));
-    let (reply, answer) = std::sync::mpsc::sync_channel(1);
-    sender
-        .send(Delivery::Assign {
-            pairs: (0..partitions).collect(),
-            reply,
-        })
-        .await?;
-    tokio::task::spawn_blocking(move || answer.recv())
-        .await??
-        .map_err(anyhow::Error::msg)?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let assign = Control::Assign {
+        pairs: (0..partitions).collect(),
+        reply,
+    };
+    sender.send(assign.into()).await?;
+    answer.await?.map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     for message in messages {
         sender.send(message).await?;
     }
-    let (done, stopped) = std::sync::mpsc::sync_channel(1);
-    sender.send(Delivery::Stop { done }).await?;
+    let (done, stopped) = tokio::sync::oneshot::channel();
+    sender.send(Control::Stop { done }.into()).await?;
     task.await??;
     let elapsed = started.elapsed();
-    let _ = stopped.recv();
+    let _ = stopped.await;
     Ok((count, elapsed))
 }
 

@@ -28,6 +28,7 @@ pub mod money;
 pub mod pair;
 pub mod pipeline;
 pub mod rejection;
+pub mod retry;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

@@ -142,7 +142,12 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                 &config.payments_topic,
                 &config.settlements_topic,
             );
-            worker::migrate(&store, Duration::from_secs(30)).await?;
+            worker::migrate(
+                &store,
+                &telemetry::Health::default(),
+                Duration::from_secs(30),
+            )
+            .await?;
             tracing::info!(database = %config.database_display, "migrations applied");
             Ok(())
         }

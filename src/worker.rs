@@ -16,25 +16,27 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::pipeline::Pipeline;
+use crate::retry::{Backoff, Operation};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{self, Health};
 
 /// Applies migrations, retrying for up to `patience` while the database is unreachable.
-pub async fn migrate(store: &Store, patience: Duration) -> anyhow::Result<()> {
+pub async fn migrate(store: &Store, health: &Health, patience: Duration) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Operation::Migrate, health);
     loop {
         match store.migrate().await {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                backoff.recovered();
+                return Ok(());
+            }
             // A migration cut short (its transaction rolled back) is applied again.
             Err(StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)))
             | Err(StoreError::Migrate(sqlx::migrate::MigrateError::ExecuteMigration(e, _)))
             | Err(StoreError::Transient(e))
                 if is_unreachable(&e) && started.elapsed() < patience =>
             {
-                tracing::warn!(error = %e, retry_in = ?backoff, "database unavailable; retrying migrations");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff.wait(&e).await;
             }
             Err(error) => return Err(error).context("applying database migrations"),
         }
@@ -65,7 +67,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let mut signal = Box::pin(shutdown_signal());
     tokio::select! {
-        result = migrate(&store, Duration::from_secs(u64::MAX / 4)) => result?,
+        result = migrate(&store, &health, Duration::from_secs(u64::MAX / 4)) => result?,
         _ = &mut signal => { tracing::info!("signal before start; exiting"); return Ok(()); }
     }
     health.set_database_ok(true);

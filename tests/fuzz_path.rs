@@ -35,11 +35,12 @@ use proptest::test_runner::{
 };
 use recon_worker::config::Config;
 use recon_worker::consumer::{
-    decode_message, ConsumerHandle, Delivery, PartitionProgress, ReadMessage, Rewind,
+    decode_message, Command, ConsumerHandle, Control, Data, Delivery, PartitionProgress,
+    ReadMessage, Rewind,
 };
 use recon_worker::event::{decode, Event, Input, Limits};
 use recon_worker::pipeline::Pipeline;
-use recon_worker::rejection::{DATA_ERROR_CLASS, REJECTED_PAYLOAD_CAP};
+use recon_worker::rejection::{MessageAt, DATA_ERROR_CLASS, REJECTED_PAYLOAD_CAP};
 use recon_worker::store::Store;
 use recon_worker::telemetry::Health;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -709,15 +710,18 @@ fn config(db: &Database, case: &Case) -> Config {
 }
 
 fn read(message: &Message, offset: i64, limits: Limits, refused: Option<String>) -> Delivery {
-    Delivery::Message(ReadMessage {
+    let at = MessageAt {
+        input: message.input,
+        partition: message.pair,
+        offset,
+    };
+    Delivery::from(ReadMessage {
         input: message.input,
         partition: message.pair,
         offset,
         timestamp_ms: message.timestamp_ms,
         decoded: decode_message(
-            message.input,
-            message.pair,
-            offset,
+            at,
             message.key.as_deref(),
             message.value.as_deref(),
             message.timestamp_ms,
@@ -763,12 +767,20 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
         .collect();
 
     let store = Store::with_pool(db.pool.clone(), PAYMENTS_TOPIC, SETTLEMENTS_TOPIC);
-    let (rewinds, rewind_requests) = std::sync::mpsc::channel::<Rewind>();
-    let mut requested: Vec<Rewind> = Vec::new();
-    let handle = ConsumerHandle {
-        consumer: None,
-        rewinds,
+    let (commands, command_receiver) = std::sync::mpsc::channel::<Command>();
+    // The stand-in for the poll thread serves the rewinds; advisory commits need a
+    // broker and are dropped.
+    let rewind_requests = || -> Vec<Rewind> {
+        command_receiver
+            .try_iter()
+            .filter_map(|command| match command {
+                Command::Rewind(rewind) => Some(rewind),
+                Command::Commit(_) => None,
+            })
+            .collect()
     };
+    let mut requested: Vec<Rewind> = Vec::new();
+    let handle = ConsumerHandle { commands };
     let pipeline = Pipeline::new(
         &config,
         store.clone(),
@@ -780,17 +792,17 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
     // A failed case must not leave its pipeline writing into the next one's tables
     // (while shrinking, say).
     let _abort = AbortOnDrop(task.abort_handle());
-    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let assign = Control::Assign {
+        pairs: (0..PAIRS).collect(),
+        reply,
+    };
     deliveries
-        .send(Delivery::Assign {
-            pairs: (0..PAIRS).collect(),
-            reply,
-        })
+        .send(assign.into())
         .await
         .map_err(|_| fail("pipeline gone before the assignment"))?;
-    tokio::task::spawn_blocking(move || answer.recv())
+    answer
         .await
-        .expect("join")
         .map_err(|_| fail("no answer to the assignment"))?
         .map_err(|e| fail(format!("assignment failed: {e}")))?;
 
@@ -802,7 +814,7 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
         .map(|(m, &offset)| read(m, offset, limits, None))
         .collect();
     // Like the poll thread's progress reports: everything read, nothing left.
-    pending.push(Delivery::Progress(
+    pending.push(Delivery::Data(Data::Progress(
         (0..PAIRS)
             .flat_map(|pair| {
                 Input::ALL.map(|input| PartitionProgress {
@@ -813,7 +825,7 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
                 })
             })
             .collect(),
-    ));
+    )));
     let expected_offsets: BTreeMap<i32, [Option<i64>; 2]> = (0..PAIRS)
         .map(|pair| (pair, Input::ALL.map(|i| next.get(&(i, pair)).copied())))
         .collect();
@@ -831,18 +843,20 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
                 }
                 _ = &mut task => return Err(fail("the pipeline stopped while reading")),
             }
-            requested.extend(rewind_requests.try_iter());
+            requested.extend(rewind_requests());
             if !requested.is_empty() {
                 break;
             }
         }
-        requested.extend(rewind_requests.try_iter());
+        requested.extend(rewind_requests());
         for rewind in std::mem::take(&mut requested) {
             tally.rewinds += 1;
             // Like the poll thread: the marker, then the pair from the stored offsets,
             // refused messages handed over as rejections with PostgreSQL's reason.
-            queue.retain(|d| !matches!(d, Delivery::Message(m) if m.partition == rewind.pair));
-            queue.push_front(Delivery::Rewound { pair: rewind.pair });
+            queue.retain(
+                |d| !matches!(d, Delivery::Data(Data::Message(m)) if m.partition == rewind.pair),
+            );
+            queue.push_front(Delivery::Data(Data::Rewound { pair: rewind.pair }));
             for (m, &offset) in case.messages.iter().zip(&offsets) {
                 let from = rewind.next_offsets[m.input].unwrap_or(0);
                 if m.pair != rewind.pair || offset < from {
@@ -869,7 +883,7 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
             .map_err(|e| fail(format!("stored offsets: {e}")))?
             .into_iter()
             .collect();
-        requested.extend(rewind_requests.try_iter());
+        requested.extend(rewind_requests());
         if stored == expected_offsets && requested.is_empty() {
             break;
         }
@@ -880,9 +894,9 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let (done, _stopped) = std::sync::mpsc::sync_channel(1);
+    let (done, _stopped) = tokio::sync::oneshot::channel();
     deliveries
-        .send(Delivery::Stop { done })
+        .send(Control::Stop { done }.into())
         .await
         .map_err(|_| fail("pipeline gone before the stop"))?;
     match tokio::time::timeout(SETTLE_TIMEOUT, task).await {
@@ -891,7 +905,7 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
             .map_err(|e| fail(format!("the pipeline panicked: {e}")))?
             .map_err(|e| fail(format!("the pipeline failed (the worker would exit): {e}")))?,
     }
-    if let Ok(rewind) = rewind_requests.try_recv() {
+    if let Some(rewind) = rewind_requests().into_iter().next() {
         return Err(fail(format!(
             "a rewind asked for after every offset was stored: {rewind:?}"
         )));

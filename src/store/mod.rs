@@ -83,6 +83,12 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     }
 }
 
+impl crate::retry::Transient for StoreError {
+    fn is_transient(&self) -> bool {
+        StoreError::is_transient(self)
+    }
+}
+
 /// Whether the same operation may succeed if tried again later.
 pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {

@@ -44,17 +44,7 @@ pub fn init_series() {
     for kind in ["transient", "permanent"] {
         metrics::counter!(CHECKPOINT_FAILURES, "kind" => kind).absolute(0);
     }
-    for operation in [
-        "checkpoint",
-        "lookup",
-        "lookup_event_ids",
-        "sweep",
-        "sweep_lookup",
-        "acquire_pairs",
-        "owned_position",
-        "warm",
-        "warm_lookup",
-    ] {
+    for operation in crate::retry::Operation::ALL.map(crate::retry::Operation::label) {
         metrics::counter!(RETRIES, "operation" => operation).absolute(0);
     }
     for topic in crate::event::Input::ALL.map(crate::event::Input::label) {

@@ -1,0 +1,362 @@
+//! The partition pairs this worker owns: each one's engine, how far it has read, handed
+//! to a commit and committed, and its replay state; and the pairs dropped after a clash
+//! or a data error, waiting to be replayed. Applying a batch's data to them is here
+//! too: it touches nothing else.
+
+use std::collections::BTreeMap;
+
+use hashbrown::HashMap;
+
+use crate::consumer::{Data, OffsetReset, ReadMessage, Refused, StoredOffset};
+use crate::engine::{Applied, EngineConfig, PairEngine, WindowConfig};
+use crate::event::{Input, Micros};
+use crate::pair::{PairPosition, PerInput};
+use crate::rejection::RejectedMessage;
+use crate::store::RefusedMessage;
+
+pub(super) struct OwnedPair {
+    pub epoch: i64,
+    pub engine: PairEngine,
+    /// Next offset to read per input, as far as this pipeline has processed.
+    pub read: PerInput<Option<i64>>,
+    /// Next offset per input as last committed to PostgreSQL.
+    pub committed: PerInput<Option<i64>>,
+    /// Next offset per input as last handed to a commit (committed or in flight).
+    pub sent: PerInput<Option<i64>>,
+    pub high_watermarks: PerInput<i64>,
+    /// Rewound, and waiting for the poll thread's marker: the pair's messages before
+    /// it were read before the rewind and are dropped.
+    pub rewinding: bool,
+    /// Replaying after an event id clash: every event id of the pair is checked
+    /// against storage until the committed offsets reach these (how far the pair had
+    /// read when it clashed).
+    pub probe_until: Option<PerInput<Option<i64>>>,
+    /// Messages PostgreSQL refused, to be rejected when read again; kept until a
+    /// commit covers them (a replay before that must reject them too).
+    pub refused: Vec<Refused>,
+    /// What the batch being collected read from this pair, for the metrics.
+    pub counts: ReadCounts,
+}
+
+/// Messages a batch read from one pair, counted once the pair's part of the batch is
+/// committed: a batch dropped (fenced, or replayed after a clash) is read again and
+/// must not be counted twice.
+#[derive(Debug, Default)]
+pub(super) struct ReadCounts {
+    pub consumed: PerInput<u64>,
+    pub redelivered: PerInput<u64>,
+}
+
+/// A pair whose insert clashed, or whose values PostgreSQL refused, to be rebuilt
+/// from storage and re-read.
+pub(super) struct Replay {
+    pub pair: i32,
+    pub epoch: i64,
+    /// How far the pair had read when it was dropped.
+    pub read: PerInput<Option<i64>>,
+    /// Check every event id against storage until past `read` (after a clash).
+    pub probe: bool,
+    /// Messages to reject when read again.
+    pub refused: Vec<Refused>,
+}
+
+/// What became of one message read.
+enum Read {
+    /// Read before a rewind (or again after one): not this pair's to apply.
+    Stale,
+    /// Applied to the engine: accepted, or a redelivery.
+    Applied,
+    /// Rejected, to be stored with the pair's checkpoint.
+    Rejected(RejectedMessage),
+}
+
+/// What applying a batch's data left for its commit.
+#[derive(Default)]
+pub(super) struct AppliedBatch {
+    /// Rejected messages per pair, stored with the pair's checkpoint.
+    pub rejected: HashMap<i32, Vec<RejectedMessage>>,
+    /// Kafka timestamps of the messages, for the latency histogram once committed.
+    pub timestamps: Vec<i64>,
+}
+
+impl OwnedPair {
+    fn new(position: &PairPosition, engine_config: EngineConfig) -> Self {
+        Self {
+            epoch: position.epoch,
+            engine: PairEngine::new(engine_config, position.high_marks),
+            read: position.next_offsets,
+            committed: position.next_offsets,
+            sent: position.next_offsets,
+            high_watermarks: PerInput::new(-1, -1),
+            rewinding: false,
+            probe_until: None,
+            refused: Vec::new(),
+            counts: ReadCounts::default(),
+        }
+    }
+
+    /// The consumer read `input` from `offset`, below where it stood (see
+    /// [`OffsetReset`]): what comes from here is read as new, and every event id is
+    /// checked against storage up to the log's end as it was then, so messages read
+    /// before come out as redeliveries whatever their payment id.
+    fn reset(&mut self, input: Input, offset: i64, reset: OffsetReset) {
+        tracing::warn!(
+            topic = %input,
+            offset,
+            expected = reset.expected,
+            read = ?self.read[input],
+            "reading the partition again from below its position; checking every event id"
+        );
+        self.read[input] = Some(offset);
+        let until = if reset.high_watermark >= 0 {
+            reset.high_watermark
+        } else {
+            reset.expected
+        };
+        let mut probe = self.probe_until.unwrap_or_default();
+        probe[input] = Some(probe[input].map_or(until, |u| u.max(until)));
+        self.probe_until = Some(probe);
+    }
+
+    /// Applies one message.
+    fn apply(&mut self, message: ReadMessage) -> Read {
+        let input = message.input;
+        if self.rewinding {
+            return Read::Stale;
+        }
+        if let Some(reset) = message.reset {
+            self.reset(input, message.offset, reset);
+        }
+        // Read again after a rewind that a reassignment overtook (a reset of the log
+        // itself came flagged, and moved the read position).
+        if self.read[input].is_some_and(|next| message.offset < next) {
+            return Read::Stale;
+        }
+        self.read[input] = Some(message.offset + 1);
+        self.counts.consumed[input] += 1;
+        match message.decoded {
+            Ok(event) => {
+                if let Applied::Redelivery = self.engine.apply(event, message.offset) {
+                    self.counts.redelivered[input] += 1;
+                }
+                Read::Applied
+            }
+            Err(rejection) => {
+                self.engine.observe_activity(input);
+                Read::Rejected(rejection)
+            }
+        }
+    }
+}
+
+/// The partition pairs this worker owns, by pair, and those waiting to be replayed.
+pub(super) struct Pairs {
+    owned: BTreeMap<i32, OwnedPair>,
+    replays: Vec<Replay>,
+    engine_config: EngineConfig,
+}
+
+impl Pairs {
+    pub fn new(engine_config: EngineConfig) -> Self {
+        Self {
+            owned: BTreeMap::new(),
+            replays: Vec::new(),
+            engine_config,
+        }
+    }
+
+    pub fn engine_config(&self) -> EngineConfig {
+        self.engine_config
+    }
+
+    pub fn len(&self) -> usize {
+        self.owned.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.owned.is_empty()
+    }
+
+    pub fn owns(&self, pair: i32) -> bool {
+        self.owned.contains_key(&pair)
+    }
+
+    pub fn get(&self, pair: i32) -> Option<&OwnedPair> {
+        self.owned.get(&pair)
+    }
+
+    pub fn get_mut(&mut self, pair: i32) -> Option<&mut OwnedPair> {
+        self.owned.get_mut(&pair)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (i32, &OwnedPair)> {
+        self.owned.iter().map(|(&pair, owned)| (pair, owned))
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (i32, &mut OwnedPair)> {
+        self.owned.iter_mut().map(|(&pair, owned)| (pair, owned))
+    }
+
+    pub fn numbers(&self) -> Vec<i32> {
+        self.owned.keys().copied().collect()
+    }
+
+    /// Takes ownership as PostgreSQL granted it; a pending replay of such a pair is
+    /// moot (it starts again from its stored offsets).
+    pub fn take(&mut self, position: &PairPosition) {
+        self.owned
+            .insert(position.pair, OwnedPair::new(position, self.engine_config));
+        self.replays.retain(|replay| replay.pair != position.pair);
+    }
+
+    /// A pair rebuilt from storage for a replay, dropping its messages until the poll
+    /// thread's rewind marker.
+    pub fn take_for_replay(&mut self, position: &PairPosition, replay: Replay) {
+        let mut owned = OwnedPair::new(position, self.engine_config);
+        owned.rewinding = true;
+        owned.probe_until = replay.probe.then_some(replay.read);
+        owned.refused = replay.refused;
+        self.owned.insert(replay.pair, owned);
+    }
+
+    /// Drops a pair's state: revoked, or fenced by another owner.
+    pub fn drop_pair(&mut self, pair: i32) -> Option<OwnedPair> {
+        self.owned.remove(&pair)
+    }
+
+    /// Drops pairs whose inserts clashed with stored event ids, to be replayed with
+    /// every event id checked.
+    pub fn clash(&mut self, pairs: Vec<i32>) {
+        for pair in pairs {
+            if let Some(owned) = self.owned.remove(&pair) {
+                self.replays.push(Replay {
+                    pair,
+                    epoch: owned.epoch,
+                    read: owned.read,
+                    probe: true,
+                    refused: owned.refused,
+                });
+            }
+        }
+    }
+
+    /// Drops the pairs of messages PostgreSQL refused, to be replayed with those
+    /// messages rejected; returns how many pairs.
+    pub fn refuse(&mut self, refused: Vec<RefusedMessage>) -> usize {
+        let mut by_pair: BTreeMap<i32, Vec<Refused>> = BTreeMap::new();
+        for message in refused {
+            by_pair.entry(message.pair).or_default().push(Refused {
+                input: message.input,
+                offset: message.offset,
+                reason: message.reason,
+            });
+        }
+        let count = by_pair.len();
+        for (pair, mut refused) in by_pair {
+            let Some(owned) = self.owned.remove(&pair) else {
+                continue;
+            };
+            refused.extend(owned.refused);
+            self.replays.push(Replay {
+                pair,
+                epoch: owned.epoch,
+                read: owned.read,
+                probe: owned.probe_until.is_some(),
+                refused,
+            });
+        }
+        count
+    }
+
+    pub fn take_replays(&mut self) -> Vec<Replay> {
+        std::mem::take(&mut self.replays)
+    }
+
+    /// Splits the worker's window bound evenly among the pairs it owns now.
+    pub fn share_window(&mut self) {
+        let owned = self.owned.len().max(1);
+        let total = self.engine_config.window;
+        let share = WindowConfig {
+            max_items: (total.max_items / owned).max(1),
+            max_bytes: (total.max_bytes / owned).max(1024),
+        };
+        for owned_pair in self.owned.values_mut() {
+            owned_pair.engine.set_window(share);
+        }
+    }
+
+    pub fn evict(&mut self) {
+        for owned in self.owned.values_mut() {
+            owned.engine.evict();
+        }
+    }
+
+    /// Applies a batch's data in order: messages to their pairs' engines, progress to
+    /// their watermarks, rewind markers end the dropping of a pair's stale messages.
+    pub fn apply(&mut self, items: Vec<Data>, now: Micros) -> AppliedBatch {
+        let mut applied = AppliedBatch::default();
+        for item in items {
+            match item {
+                Data::Message(message) => {
+                    let partition = message.partition;
+                    let Some(owned) = self.owned.get_mut(&partition) else {
+                        tracing::debug!(partition, "message for a pair not owned; dropped");
+                        continue;
+                    };
+                    let timestamp = message.timestamp_ms;
+                    match owned.apply(message) {
+                        Read::Stale => continue,
+                        Read::Applied => {}
+                        Read::Rejected(rejection) => applied
+                            .rejected
+                            .entry(partition)
+                            .or_default()
+                            .push(rejection),
+                    }
+                    if let Some(ts) = timestamp {
+                        applied.timestamps.push(ts);
+                    }
+                }
+                Data::Progress(progress) => {
+                    for p in progress {
+                        if let Some(owned) = self.owned.get_mut(&p.partition) {
+                            owned.engine.observe_caught_up(p.input, p.caught_up, now);
+                            owned.high_watermarks[p.input] = p.high_watermark;
+                        }
+                    }
+                }
+                Data::Rewound { pair } => {
+                    if let Some(owned) = self.owned.get_mut(&pair) {
+                        owned.rewinding = false;
+                    }
+                }
+            }
+        }
+        applied
+    }
+
+    /// The committed offsets of the pairs `which` selects, for Kafka.
+    pub fn committed_offsets(&self, which: impl Fn(i32) -> bool) -> Vec<StoredOffset> {
+        let mut offsets = Vec::new();
+        for (&pair, owned) in self.owned.iter().filter(|(&pair, _)| which(pair)) {
+            for (input, committed) in owned.committed.iter() {
+                if let Some(next_offset) = *committed {
+                    offsets.push(StoredOffset {
+                        input,
+                        partition: pair,
+                        next_offset,
+                    });
+                }
+            }
+        }
+        offsets
+    }
+
+    /// What each pair read since the last call, for the metrics of the commit.
+    pub fn take_counts(&mut self) -> HashMap<i32, ReadCounts> {
+        self.owned
+            .iter_mut()
+            .map(|(&pair, owned)| (pair, std::mem::take(&mut owned.counts)))
+            .collect()
+    }
+}
