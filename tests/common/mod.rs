@@ -9,9 +9,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use recon_tools::loadgen::{self, GroundTruth, Mix, Plan, Record};
 use recon_worker::engine::Outcome;
 use recon_worker::event::Input;
-use recon_worker::loadgen::{self, GroundTruth, Mix, Plan, Record};
 use sqlx::{PgPool, Row};
 
 pub const SEC: i64 = 1_000_000;
@@ -68,10 +68,10 @@ impl World {
             log_dir: std::env::temp_dir().join(unique("recon-test")),
         };
         std::fs::create_dir_all(&world.log_dir).expect("log dir");
-        recon_worker::admin::create_topics(&brokers(), &[&world.payments], payments)
+        recon_tools::admin::create_topics(&brokers(), &[&world.payments], payments)
             .await
             .expect("create payments topic");
-        recon_worker::admin::create_topics(&brokers(), &[&world.settlements], settlements)
+        recon_tools::admin::create_topics(&brokers(), &[&world.settlements], settlements)
             .await
             .expect("create settlements topic");
         world
@@ -91,8 +91,8 @@ impl World {
     }
 
     pub async fn produce(&self, records: &[Record]) {
-        let producer = recon_worker::admin::producer(&brokers()).expect("producer");
-        recon_worker::admin::produce_all(&producer, records, [&self.payments, &self.settlements])
+        let producer = recon_tools::admin::producer(&brokers()).expect("producer");
+        recon_tools::admin::produce_all(&producer, records, [&self.payments, &self.settlements])
             .await
             .expect("produce");
     }
