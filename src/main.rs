@@ -80,6 +80,6 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             tracing::info!(database = %config.database_display, "migrations applied");
             Ok(())
         }
-        Command::Run => worker::run(config).await,
+        Command::Run => worker::run(config, worker::shutdown_signal()).await,
     }
 }
