@@ -6,10 +6,10 @@
 use std::collections::HashSet;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use recon_tools::loadgen::{self, Mix, Plan, Record};
 use recon_worker::engine::{EngineConfig, PairEngine};
 use recon_worker::engine::{MatchConfig, WindowConfig};
 use recon_worker::event::{decode, Event};
-use recon_worker::loadgen::{self, Mix, Plan, Record};
 use recon_worker::pair::PerInput;
 
 const SCENARIOS: usize = 20_000;

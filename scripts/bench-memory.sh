@@ -11,11 +11,12 @@ export PATH="$HOME/.cargo/bin:$PATH"
 scripts/dev-services.sh up >/dev/null
 cargo build --release --locked --quiet
 bin=$PWD/target/release/recon-worker
+tools=$PWD/target/release/recon-tools
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 echo "== window: 1,000,000 open payments in memory"
-DATABASE_URL=postgres://unused@127.0.0.1/unused "$bin" bench window-memory --items 1000000
+DATABASE_URL=postgres://unused@127.0.0.1/unused "$tools" bench window-memory --items 1000000
 
 drain() {
     local scenarios=$1 id
@@ -23,8 +24,8 @@ drain() {
     psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS bench_mem WITH (FORCE)" -c "CREATE DATABASE bench_mem" >/dev/null
     export DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_mem
     export RECON_PAYMENTS_TOPIC="$id-p" RECON_SETTLEMENTS_TOPIC="$id-s" RECON_GROUP_ID="$id" RECON_METRICS_ADDR=127.0.0.1:0
-    "$bin" create-topics --partitions 4 >/dev/null
-    "$bin" loadgen --scenarios "$scenarios" --seed 5 --id-prefix "$id-" >"$work/loadgen.txt"
+    "$tools" create-topics --partitions 4 >/dev/null
+    "$tools" loadgen --scenarios "$scenarios" --seed 5 --id-prefix "$id-" >"$work/loadgen.txt"
     local messages started seconds
     messages=$(awk '/^produced/ {print $2}' "$work/loadgen.txt")
     started=$(date +%s.%N)

@@ -28,6 +28,8 @@ BROKER_PROCESS="kafka.Kafka "
 scripts/dev-services.sh up >/dev/null
 cargo build --release --locked --quiet
 bin=$PWD/target/release/recon-worker
+# Topics, the load generator and the measurements around the worker.
+tools=$PWD/target/release/recon-tools
 id=$(date +%s)
 work=$(mktemp -d)
 psql_() { psql -q -h 127.0.0.1 -U postgres "$@"; }
@@ -83,21 +85,21 @@ worker=""
 cleanup() { [ -n "$worker" ] && kill -TERM "$worker" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-"$bin" create-topics --partitions $PARTITIONS >/dev/null
+"$tools" create-topics --partitions $PARTITIONS >/dev/null
 echo "== backlog: $SCENARIOS scenarios"
-"$bin" loadgen --scenarios "$SCENARIOS" --seed "$id" --poison-every 200 --id-prefix "b$id-" >"$work/loadgen.txt"
+"$tools" loadgen --scenarios "$SCENARIOS" --seed "$id" --poison-every 200 --id-prefix "b$id-" >"$work/loadgen.txt"
 messages=$(awk '/^produced/ {print $2}' "$work/loadgen.txt")
 echo "produced $messages messages"
 
 quiesce
 echo "== raw consume"
 broker0=$(cpu_seconds "$BROKER_PROCESS")
-raw=$("$bin" bench consume --messages "$messages" | tee -a /dev/stderr)
+raw=$("$tools" bench consume --messages "$messages" | tee -a /dev/stderr)
 echo "cpu during raw consume: broker=$(awk -v a="$broker0" -v b="$(cpu_seconds "$BROKER_PROCESS")" 'BEGIN {printf "%.1f", b - a}')s"
 raw_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$raw")
 
 echo "== raw PostgreSQL write"
-pg=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pg "$bin" bench pg-write --rows "$messages" | tee -a /dev/stderr)
+pg=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pg "$tools" bench pg-write --rows "$messages" | tee -a /dev/stderr)
 pg_rps=$(sed -E 's/.* rows_per_s=([0-9]+).*/\1/' <<<"$pg")
 psql_ -c "DROP DATABASE bench_pg WITH (FORCE)"
 quiesce
@@ -119,7 +121,7 @@ kill -TERM "$worker"; wait "$worker" || true; worker=""
 quiesce bench_e2e
 
 echo "== pipeline only (no broker)"
-pipe=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pipe "$bin" bench pipeline --scenarios "$SCENARIOS" --partitions $PARTITIONS | tee -a /dev/stderr)
+pipe=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pipe "$tools" bench pipeline --scenarios "$SCENARIOS" --partitions $PARTITIONS | tee -a /dev/stderr)
 pipeline_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$pipe")
 psql_ -c "DROP DATABASE bench_pipe WITH (FORCE)"
 quiesce
@@ -135,7 +137,7 @@ echo "== live maximum: the load generator producing as fast as it can, the worke
 worker=$!
 for _ in $(seq 100); do curl -sf "http://$RECON_METRICS_ADDR/readyz" >/dev/null && break; sleep 0.2; done
 before=$(stored_offsets)
-"$bin" loadgen --scenarios "$SCENARIOS" --seed $((id + 3)) --poison-every 200 --id-prefix "m$id-" >"$work/live.txt" 2>/dev/null
+"$tools" loadgen --scenarios "$SCENARIOS" --seed $((id + 3)) --poison-every 200 --id-prefix "m$id-" >"$work/live.txt" 2>/dev/null
 produced_at=$(date +%s.%N)
 live_messages=$(awk '/^produced/ {print $2}' "$work/live.txt")
 produce_seconds=$(sed -nE 's/^produced .* in ([0-9.]+)s.*/\1/p' "$work/live.txt")
@@ -155,11 +157,11 @@ echo "== the broker's share of latency at the same load: a consumer with the wor
 (
     # Topics of its own: the worker below resumes where the drain stopped.
     export RECON_PAYMENTS_TOPIC="bench-kp-$id" RECON_SETTLEMENTS_TOPIC="bench-ks-$id"
-    "$bin" create-topics --partitions $PARTITIONS >/dev/null
-    "$bin" bench broker-latency --messages $((latency_scenarios * 2)) >"$work/broker-latency.txt" &
+    "$tools" create-topics --partitions $PARTITIONS >/dev/null
+    "$tools" bench broker-latency --messages $((latency_scenarios * 2)) >"$work/broker-latency.txt" &
     probe=$!
     sleep 2
-    "$bin" loadgen --scenarios "$latency_scenarios" --seed $((id + 2)) --poison-every 0 --id-prefix "k$id-" --rate "$rate" >/dev/null 2>&1
+    "$tools" loadgen --scenarios "$latency_scenarios" --seed $((id + 2)) --poison-every 0 --id-prefix "k$id-" --rate "$rate" >/dev/null 2>&1
     wait "$probe"
 )
 cat "$work/broker-latency.txt" >&2
@@ -169,7 +171,7 @@ echo "== latency at 50% load: $rate msg/s for ${LATENCY_SECONDS}s"
 "$bin" run >"$work/worker2.log" 2>&1 &
 worker=$!
 for _ in $(seq 100); do curl -sf "http://$RECON_METRICS_ADDR/readyz" >/dev/null && break; sleep 0.2; done
-"$bin" loadgen --scenarios "$latency_scenarios" --seed $((id + 1)) --poison-every 0 --id-prefix "l$id-" --rate "$rate" >/dev/null
+"$tools" loadgen --scenarios "$latency_scenarios" --seed $((id + 1)) --poison-every 0 --id-prefix "l$id-" --rate "$rate" >/dev/null
 sleep 2
 curl -s "http://$RECON_METRICS_ADDR/metrics" >"$work/metrics.txt"
 peak2_kb=$(awk '/VmHWM/ {print $2}' "/proc/$worker/status")

@@ -13,9 +13,11 @@ started=$(date +%s)
 
 scripts/dev-services.sh up
 
-echo "== building recon-worker (release)"
+echo "== building recon-worker and recon-tools (release)"
 cargo build --release --locked --quiet
 bin=target/release/recon-worker
+# Topic creation and the load generator: the tools package (tools/), not the worker.
+tools=target/release/recon-tools
 
 run_id=$(date +%s)
 export DATABASE_URL="postgres://postgres@127.0.0.1:5432/recon_demo"
@@ -32,7 +34,7 @@ psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS recon_demo" -c "CRE
 sql() { psql -h 127.0.0.1 -U postgres -d recon_demo "$@"; }
 
 echo "== topics"
-$bin create-topics --partitions 4
+$tools create-topics --partitions 4
 
 echo "== worker (log: target/demo-worker.log)"
 RUST_LOG=info $bin run >target/demo-worker.log 2>&1 &
@@ -40,7 +42,7 @@ worker=$!
 trap '[ "${KEEP_RUNNING:-0}" = 1 ] || kill -TERM $worker 2>/dev/null || true' EXIT
 
 echo "== producing a sample stream ($SCENARIOS payment ids)"
-$bin loadgen --scenarios "$SCENARIOS" --seed "$run_id" --poison-every 40 | tee target/demo-loadgen.txt
+$tools loadgen --scenarios "$SCENARIOS" --seed "$run_id" --poison-every 40 | tee target/demo-loadgen.txt
 produced=$(awk '/^produced/ {print $2}' target/demo-loadgen.txt)
 
 echo "== waiting until all $produced messages are reconciled"

@@ -12,19 +12,21 @@ scripts/dev-services.sh up
 export DATABASE_URL="${RECON_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export RECON_TEST_BROKERS="${RECON_TEST_BROKERS:-127.0.0.1:9092}"
 
-echo "== cargo fmt --check"
-cargo fmt --check
-echo "== cargo clippy --all-targets -- -D warnings"
-cargo clippy --locked --all-targets -- -D warnings
+# The workspace: the worker and its tools (tools/).
+echo "== cargo fmt --all --check"
+cargo fmt --all --check
+echo "== cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 if ! command -v cargo-nextest >/dev/null; then
     cargo install --locked cargo-nextest
 fi
 echo "== tests"
-cargo nextest run --locked --profile ci
+cargo nextest run --locked --workspace --profile ci
 
 echo "== deployment files and a live /metrics scrape, checked with real tools"
-cargo build --locked --quiet
+# Both binaries: the check runs the worker and feeds it with recon-tools.
+cargo build --locked --quiet --workspace --bins
 scripts/validate-deploy.sh target/debug/recon-worker
 
 # The chaos test restarts the shared PostgreSQL and broker, so it runs alone, last.

@@ -16,16 +16,23 @@
 #
 #   scripts/validate-deploy.sh [path/to/recon-worker]   (default target/debug/recon-worker)
 #
+# Topics and the sample stream come from recon-tools, found next to the worker binary
+# (or at RECON_TOOLS_BIN).
+#
 # Missing tools are installed: Debian packages with apt-get, PyPI packages into a venv
 # (RECON_VALIDATE_VENV, default ~/.cache/recon-worker/validate-venv). Safe to re-run.
 # Prints one line per check and exits non-zero if any check failed.
 set -euo pipefail
 
-# A path given as $1 is relative to the caller's directory; the default to the repo root.
+# Paths given ($1, RECON_TOOLS_BIN) are relative to the caller's directory; the
+# defaults to the repo root.
 bin=
 if [ -n "${1:-}" ]; then bin=$(realpath -m -- "$1"); fi
+tools=
+if [ -n "${RECON_TOOLS_BIN:-}" ]; then tools=$(realpath -m -- "$RECON_TOOLS_BIN"); fi
 cd "$(dirname "$0")/.."
 bin=${bin:-$PWD/target/debug/recon-worker}
+tools=${tools:-$(dirname -- "$bin")/recon-tools}
 
 started=$SECONDS
 PG_HOST=127.0.0.1
@@ -231,7 +238,7 @@ live_scrape() {
     psql_admin -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || return 1
     psql_admin -c "CREATE DATABASE $DB" || return 1
     db_created=1
-    "$bin" create-topics --partitions 2 || return 1
+    "$tools" create-topics --partitions 2 || return 1
 
     "$bin" run >"$work/worker.log" 2>&1 &
     worker_pid=$!
@@ -250,7 +257,7 @@ live_scrape() {
         tail -20 "$work/worker.log"
         return 1
     fi
-    "$bin" loadgen --scenarios 200 --poison-every 10 --id-prefix "validate-$$-" \
+    "$tools" loadgen --scenarios 200 --poison-every 10 --id-prefix "validate-$$-" \
         >"$work/loadgen.log" 2>&1 || { cat "$work/loadgen.log"; return 1; }
     local seen=0
     for _ in $(seq 120); do

@@ -14,16 +14,16 @@
 //!
 //! PostgreSQL is the durable state and the source of truth for offsets; the engine's
 //! window is a bounded cache over it. See `shared/design.md` for the reasons.
+//!
+//! This library is the product alone: the tools around it (topic creation, the load
+//! generator, the benchmarks) are the `recon-tools` package in `tools/`.
 
-pub mod admin;
 pub mod allocator;
-pub mod bench;
 pub mod clock;
 pub mod config;
 pub mod consumer;
 pub mod engine;
 pub mod event;
-pub mod loadgen;
 pub mod money;
 pub mod pair;
 pub mod pipeline;

@@ -1,12 +1,16 @@
 //! `recon-worker run` and `migrate`: wiring and the shutdown protocol.
 //!
 //! Start: metrics server, migrations (retried while the database is unreachable),
-//! consumer (co-partitioning checked before joining the group), pipeline. Shutdown on
-//! SIGTERM/SIGINT: the poll thread stops polling and hands the pipeline a `Stop`; the
-//! pipeline finishes and commits the batch in hand; then the consumer closes, leaving
-//! the group so it rebalances at once. The whole sequence is bounded by
-//! `RECON_SHUTDOWN_TIMEOUT`.
+//! consumer (co-partitioning checked before joining the group), pipeline. Shutdown
+//! when the future [`run`] is given resolves — SIGTERM/SIGINT in the binary
+//! ([`shutdown_signal`]), a test's trigger in process: the poll thread stops polling
+//! and hands the pipeline a `Stop`; the pipeline finishes and commits the batch in
+//! hand; then the consumer closes, leaving the group so it rebalances at once. The
+//! whole sequence is bounded by `RECON_SHUTDOWN_TIMEOUT`. Nothing here touches the
+//! process itself (signals are the caller's), so a test can run the worker in its own
+//! process, stop it, and run another.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,12 +54,15 @@ fn is_unreachable(error: &sqlx::Error) -> bool {
     crate::store::is_transient(error)
 }
 
-/// Runs the worker until a signal, then shuts down gracefully.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the worker until `shutdown` resolves (or the pipeline fails), then shuts down
+/// gracefully: returns Ok once everything consumed is committed and the consumer has
+/// left its group.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     tracing::info!(config = ?config, "starting recon-worker");
     let prometheus = telemetry::init_metrics().context("installing the metrics recorder")?;
     telemetry::metrics::init_series();
     let health = Arc::new(Health::default());
+    // Dropped on return, which stops the server: a worker run in process frees its port.
     let _server = telemetry::serve(config.metrics_addr, prometheus, health.clone())
         .await
         .with_context(|| format!("binding RECON_METRICS_ADDR={}", config.metrics_addr))?;
@@ -65,10 +72,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.payments_topic,
         &config.settlements_topic,
     );
-    let mut signal = Box::pin(shutdown_signal());
+    let mut signal = std::pin::pin!(shutdown);
     tokio::select! {
         result = migrate(&store, &health, Duration::from_secs(u64::MAX / 4)) => result?,
-        _ = &mut signal => { tracing::info!("signal before start; exiting"); return Ok(()); }
+        _ = &mut signal => { tracing::info!("shutdown before start; exiting"); return Ok(()); }
     }
     health.set_database_ok(true);
     tracing::info!(database = %config.database_display, "migrations applied");
@@ -133,7 +140,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves at the first SIGINT or SIGTERM: what the binary hands [`run`].
+pub async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {

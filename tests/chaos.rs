@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rand::Rng;
-use recon_worker::loadgen::{Mix, Record};
+use recon_tools::loadgen::{Mix, Record};
 use sqlx::PgPool;
 
 const WORKERS: usize = 3;
@@ -107,9 +107,9 @@ const BURSTS: [(u64, &[Fault]); 6] = [
 fn feed_idempotent(world: &World, chunks: Vec<Vec<Record>>) -> tokio::task::JoinHandle<()> {
     let topics = [world.payments.clone(), world.settlements.clone()];
     tokio::spawn(async move {
-        let producer = recon_worker::admin::producer(&brokers()).expect("producer");
+        let producer = recon_tools::admin::producer(&brokers()).expect("producer");
         for chunk in chunks {
-            recon_worker::admin::produce_all(&producer, &chunk, [&topics[0], &topics[1]])
+            recon_tools::admin::produce_all(&producer, &chunk, [&topics[0], &topics[1]])
                 .await
                 .expect("an acknowledged write was refused");
             tokio::time::sleep(Duration::from_millis(1_500)).await;

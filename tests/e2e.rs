@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use recon_tools::loadgen::Mix;
 use recon_worker::engine::Outcome;
-use recon_worker::loadgen::Mix;
 use sqlx::{PgPool, Row};
 
 const WITHIN: Duration = Duration::from_secs(90);
@@ -392,7 +392,7 @@ async fn a_quiet_partition_still_raises_missing_settlement(pool: PgPool) {
         "merchant_id": "m", "amount_minor": 100, "currency": "EUR",
         "occurred_at": recon_worker::event::format_timestamp(now)
     });
-    let record = recon_worker::loadgen::Record {
+    let record = recon_tools::loadgen::Record {
         input: recon_worker::event::Input::Payments,
         key: Some(b"quiet".to_vec()),
         value: Some(payment.to_string().into_bytes()),
@@ -422,7 +422,7 @@ async fn a_backlog_on_one_topic_raises_no_false_missing_settlement(pool: PgPool)
     for i in 0..n {
         let at = base + i * (10 * 3600 * SEC / n);
         let id = format!("bk-{i:05}");
-        payments.push(recon_worker::loadgen::Record {
+        payments.push(recon_tools::loadgen::Record {
             input: recon_worker::event::Input::Payments,
             key: Some(id.clone().into_bytes()),
             value: Some(
@@ -435,7 +435,7 @@ async fn a_backlog_on_one_topic_raises_no_false_missing_settlement(pool: PgPool)
                 .into_bytes(),
             ),
         });
-        settlements.push(recon_worker::loadgen::Record {
+        settlements.push(recon_tools::loadgen::Record {
             input: recon_worker::event::Input::Settlements,
             key: Some(id.clone().into_bytes()),
             value: Some(serde_json::json!({
@@ -506,9 +506,9 @@ async fn topics_far_apart_in_kafka_time_are_read_in_step_without_a_stall(pool: P
 }
 
 /// Produces records with a fixed Kafka timestamp.
-async fn produce_at(world: &World, records: &[recon_worker::loadgen::Record], timestamp_ms: i64) {
-    let producer = recon_worker::admin::producer(&brokers()).expect("producer");
-    recon_worker::admin::produce_all_at(
+async fn produce_at(world: &World, records: &[recon_tools::loadgen::Record], timestamp_ms: i64) {
+    let producer = recon_tools::admin::producer(&brokers()).expect("producer");
+    recon_tools::admin::produce_all_at(
         &producer,
         records,
         [&world.payments, &world.settlements],
@@ -703,8 +703,8 @@ fn record(
     input: recon_worker::event::Input,
     key: &str,
     value: serde_json::Value,
-) -> recon_worker::loadgen::Record {
-    recon_worker::loadgen::Record {
+) -> recon_tools::loadgen::Record {
+    recon_tools::loadgen::Record {
         input,
         key: Some(key.as_bytes().to_vec()),
         value: Some(value.to_string().into_bytes()),
@@ -1106,7 +1106,7 @@ async fn a_value_postgresql_refuses_rejects_its_message_and_the_partition_goes_o
 
 /// Produces records in one Kafka transaction: its commit marker takes an offset on
 /// every partition written, after the last message.
-async fn produce_transactionally(world: &World, records: &[recon_worker::loadgen::Record]) {
+async fn produce_transactionally(world: &World, records: &[recon_tools::loadgen::Record]) {
     let producer = transactional_producer(&unique("recon-test-tx")).await;
     produce_in_transaction(
         &producer,
@@ -1293,7 +1293,7 @@ async fn a_recreated_topic_is_read_from_its_start_and_nothing_is_lost(pool: PgPo
         .await
         .expect("delete topic");
     let started = std::time::Instant::now();
-    while recon_worker::admin::create_topics(&brokers(), &[&world.payments], 1)
+    while recon_tools::admin::create_topics(&brokers(), &[&world.payments], 1)
         .await
         .is_err()
     {
@@ -1847,14 +1847,14 @@ async fn a_storm_of_duplicates_of_one_payment_id_is_reconciled_in_bounded_memory
     let world = World::new(pool, 2).await;
     let plan = world.plan(1000, 61, exact_mix());
     let (mix, mut truth) = generate(&plan);
-    let (storm, storm_truth) = recon_worker::loadgen::duplicate_storm(&plan, 20_000);
+    let (storm, storm_truth) = recon_tools::loadgen::duplicate_storm(&plan, 20_000);
     let redelivered = storm.len() - storm_truth.outcomes.len();
     assert!(redelivered >= 10, "the storm redelivers some duplicates");
     truth.outcomes.extend(storm_truth.outcomes);
     // The storm's messages spread through the mix, so its key shares batches (and the
     // window) with ordinary keys: half of both before the restart, half after.
-    let interleave = |mix: &[recon_worker::loadgen::Record],
-                      storm: &[recon_worker::loadgen::Record]| {
+    let interleave = |mix: &[recon_tools::loadgen::Record],
+                      storm: &[recon_tools::loadgen::Record]| {
         let per = storm.len().div_ceil(mix.len().max(1));
         let mut records = Vec::with_capacity(mix.len() + storm.len());
         let mut storm = storm.iter();

@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use recon_worker::loadgen::Mix;
+use recon_tools::loadgen::Mix;
 use sqlx::PgPool;
 
 const WITHIN: Duration = Duration::from_secs(90);
@@ -184,15 +184,10 @@ async fn rebalance_pause_under_a_steady_stream(pool: PgPool) {
     let producing = {
         let topics = [world.payments.clone(), world.settlements.clone()];
         tokio::spawn(async move {
-            let producer = recon_worker::admin::producer(&brokers()).expect("producer");
-            recon_worker::admin::produce_paced(
-                &producer,
-                &records,
-                [&topics[0], &topics[1]],
-                2_000,
-            )
-            .await
-            .expect("produce");
+            let producer = recon_tools::admin::producer(&brokers()).expect("producer");
+            recon_tools::admin::produce_paced(&producer, &records, [&topics[0], &topics[1]], 2_000)
+                .await
+                .expect("produce");
         })
     };
     let mut meter = PauseMeter {

@@ -7,7 +7,7 @@ pub mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -40,8 +40,19 @@ pub fn init_logging(format: LogFormat) {
     let _ = result;
 }
 
-/// Installs the Prometheus recorder with histogram buckets chosen for what they measure.
+/// The process's Prometheus recorder, once installed. The `metrics` facade has one
+/// global recorder per process; a worker started again in the same process (a test
+/// runs several) reports through the same one.
+static RECORDER: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+
+/// Installs the Prometheus recorder with histogram buckets chosen for what they
+/// measure, or returns the one already installed.
 pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    // Held while installing, so two first calls at once cannot both try to install.
+    let mut installed = RECORDER.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(handle) = installed.as_ref() {
+        return Ok(handle.clone());
+    }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(metrics::CHECKPOINT_DURATION.into()),
@@ -64,6 +75,7 @@ pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::B
         )?
         .install_recorder()?;
     metrics::describe();
+    *installed = Some(handle.clone());
     Ok(handle)
 }
 
@@ -135,12 +147,35 @@ struct AppState {
     health: Arc<Health>,
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
+/// The HTTP server and the recorder's upkeep, stopped when this is dropped (dropping a
+/// tokio `JoinHandle` alone would leave both running, and the port bound).
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Server {
+    /// The address bound (the port chosen when the configured one was 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until the returned [`Server`] is dropped.
 pub async fn serve(
     addr: SocketAddr,
     prometheus: PrometheusHandle,
     health: Arc<Health>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+) -> std::io::Result<Server> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
@@ -148,12 +183,12 @@ pub async fn serve(
     // until upkeep folds them into buckets. Every 5 s that buffer reached 2.4 MB while
     // draining at 40k msg/s, and a 1M-message drain peaked 2 MB higher than with
     // upkeep every second (47 against 45 MB; 100k messages: 40-42 MB either way).
-    let upkeep = prometheus.clone();
-    tokio::spawn(async move {
+    let recorder = prometheus.clone();
+    let upkeep = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));
         loop {
             every.tick().await;
-            upkeep.run_upkeep();
+            recorder.run_upkeep();
         }
     });
     let app = Router::new()
@@ -161,11 +196,15 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(AppState { prometheus, health });
-    Ok(tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(%error, "metrics server stopped");
         }
-    }))
+    });
+    Ok(Server {
+        addr: bound,
+        tasks: [server, upkeep],
+    })
 }
 
 async fn render_metrics(

@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: real broker (127.0.0.1:9092 unless
 //! RECON_TEST_BROKERS says otherwise), real PostgreSQL (a fresh database per test from
-//! `#[sqlx::test]`), random topic and group names, and the worker as a real process.
+//! `#[sqlx::test]`), random topic and group names, and the worker as a real process
+//! (or its configuration, for a worker run in the test's own process).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -9,9 +10,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use recon_tools::loadgen::{self, GroundTruth, Mix, Plan, Record};
 use recon_worker::engine::Outcome;
 use recon_worker::event::Input;
-use recon_worker::loadgen::{self, GroundTruth, Mix, Plan, Record};
 use sqlx::{PgPool, Row};
 
 pub const SEC: i64 = 1_000_000;
@@ -68,10 +69,10 @@ impl World {
             log_dir: std::env::temp_dir().join(unique("recon-test")),
         };
         std::fs::create_dir_all(&world.log_dir).expect("log dir");
-        recon_worker::admin::create_topics(&brokers(), &[&world.payments], payments)
+        recon_tools::admin::create_topics(&brokers(), &[&world.payments], payments)
             .await
             .expect("create payments topic");
-        recon_worker::admin::create_topics(&brokers(), &[&world.settlements], settlements)
+        recon_tools::admin::create_topics(&brokers(), &[&world.settlements], settlements)
             .await
             .expect("create settlements topic");
         world
@@ -91,14 +92,39 @@ impl World {
     }
 
     pub async fn produce(&self, records: &[Record]) {
-        let producer = recon_worker::admin::producer(&brokers()).expect("producer");
-        recon_worker::admin::produce_all(&producer, records, [&self.payments, &self.settlements])
+        let producer = recon_tools::admin::producer(&brokers()).expect("producer");
+        recon_tools::admin::produce_all(&producer, records, [&self.payments, &self.settlements])
             .await
             .expect("produce");
     }
 
-    /// Starts `recon-worker run` against this world, with test-friendly settings that
-    /// `extra` may override.
+    /// The configuration a worker gets against this world: test-friendly settings
+    /// that `extra` may override (a later variable wins).
+    pub fn worker_env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("DATABASE_URL", self.database_url.clone()),
+            ("RECON_KAFKA_BROKERS", brokers()),
+            ("RECON_GROUP_ID", self.group.clone()),
+            ("RECON_PAYMENTS_TOPIC", self.payments.clone()),
+            ("RECON_SETTLEMENTS_TOPIC", self.settlements.clone()),
+            ("RECON_IDLE_TIMEOUT", "2s".into()),
+            ("RECON_METRICS_ADDR", "127.0.0.1:0".into()),
+        ];
+        if consumer_protocol() {
+            // The whole suite can run under the next-generation group protocol, whose
+            // sessions are the broker's (10 s in scripts/dev-services.sh).
+            env.push(("RECON_GROUP_PROTOCOL", "consumer".into()));
+        } else {
+            // Short sessions: a killed worker's pairs move to the others within the
+            // tests' patience (the broker allows sessions down to 1 s).
+            env.push(("RECON_KAFKA_PROP_SESSION_TIMEOUT_MS", "6000".into()));
+            env.push(("RECON_KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "1000".into()));
+        }
+        env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+
+    /// Starts `recon-worker run` against this world, with [`World::worker_env`].
     pub fn spawn_worker(&self, name: &str, extra: &[(&str, &str)]) -> Worker {
         let log = self.log_dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
@@ -107,28 +133,8 @@ impl World {
             .arg("run")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &self.database_url)
-            .env("RECON_KAFKA_BROKERS", brokers())
-            .env("RECON_GROUP_ID", &self.group)
-            .env("RECON_PAYMENTS_TOPIC", &self.payments)
-            .env("RECON_SETTLEMENTS_TOPIC", &self.settlements)
-            .env("RECON_IDLE_TIMEOUT", "2s")
-            .env("RECON_METRICS_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "info,librdkafka=warn");
-        if consumer_protocol() {
-            // The whole suite can run under the next-generation group protocol, whose
-            // sessions are the broker's (10 s in scripts/dev-services.sh).
-            command.env("RECON_GROUP_PROTOCOL", "consumer");
-        } else {
-            // Short sessions: a killed worker's pairs move to the others within the
-            // tests' patience (the broker allows sessions down to 1 s).
-            command
-                .env("RECON_KAFKA_PROP_SESSION_TIMEOUT_MS", "6000")
-                .env("RECON_KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "1000");
-        }
-        for (k, v) in extra {
-            command.env(k, v);
-        }
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .envs(self.worker_env(extra));
         let child = command
             .stdout(Stdio::null())
             .stderr(file)

@@ -11,8 +11,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::engine::Outcome;
-use crate::event::{format_timestamp, Input, Micros};
+use recon_worker::engine::Outcome;
+use recon_worker::event::{format_timestamp, Input, Micros};
 
 const MINUTE: Micros = 60_000_000;
 const HOUR: Micros = 60 * MINUTE;

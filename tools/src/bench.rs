@@ -1,26 +1,29 @@
-//! Measurements behind `recon-worker bench …` and `scripts/bench.sh`: the physical
+//! Measurements behind `recon-tools bench …` and `scripts/bench.sh`: the physical
 //! limits around the worker (raw broker consume rate, raw PostgreSQL write rate), the
 //! worker's own ceiling without the broker (pre-decoded events through engine and
 //! checkpoint), and the window's memory per item. They print figures; they assert
 //! nothing.
+//!
+//! They reach into the worker's library (its pipeline, consumer settings, store and
+//! engine) on purpose: each measures one of the worker's own parts in isolation.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use recon_worker::config::{Config, WindowConfig};
+use recon_worker::consumer::{Control, Delivery, ReadMessage};
+use recon_worker::engine::{EngineConfig, PairEngine, StoredEvent};
+use recon_worker::event::{decode, Input};
+use recon_worker::pair::PerInput;
+use recon_worker::pipeline::Pipeline;
+use recon_worker::rejection::{MessageAt, RejectedMessage};
+use recon_worker::store::{PairCheckpoint, Store};
+use recon_worker::telemetry::Health;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, WindowConfig};
-use crate::consumer::{Control, Delivery, ReadMessage};
-use crate::engine::{EngineConfig, PairEngine, StoredEvent};
-use crate::event::{decode, Input};
 use crate::loadgen::{self, Mix, Plan};
-use crate::pair::PerInput;
-use crate::pipeline::Pipeline;
-use crate::rejection::{MessageAt, RejectedMessage};
-use crate::store::{PairCheckpoint, Store};
-use crate::telemetry::Health;
 
 /// Resident set size of this process in bytes (Linux).
 pub fn rss_bytes() -> u64 {
@@ -44,13 +47,13 @@ pub fn peak_rss_bytes() -> u64 {
 /// Loads `items` open payments into one window and reports RSS growth per item.
 pub fn window_memory(items: usize) -> (u64, u64, f64, usize) {
     let config = EngineConfig::new(
-        &crate::config::MatchConfig::default(),
+        &recon_worker::config::MatchConfig::default(),
         WindowConfig {
             max_items: items * 2,
             max_bytes: usize::MAX / 2,
         },
     );
-    let eur = crate::money::Currency::from_code("EUR").expect("EUR is active");
+    let eur = recon_worker::money::Currency::from_code("EUR").expect("EUR is active");
     let mut engine = PairEngine::new(config, PerInput::default());
     let before = rss_bytes();
     // Loaded as the worker does: at most one batch of keys (5,000) at a time.
@@ -65,7 +68,7 @@ pub fn window_memory(items: usize) -> (u64, u64, f64, usize) {
                 input: Input::Payments,
                 event_id: format!("evt-{:012}-p", start + j),
                 payment_id: key.clone(),
-                outcome: crate::engine::Outcome::Pending,
+                outcome: recon_worker::engine::Outcome::Pending,
                 event_time: 1_700_000_000_000_000,
                 amount: 1_000,
                 fee: 0,
@@ -139,7 +142,7 @@ pub fn broker_latency(
     messages: u64,
 ) -> Result<(u64, f64, f64), rdkafka::error::KafkaError> {
     use rdkafka::Message;
-    let mut client = crate::consumer::client_config(config);
+    let mut client = recon_worker::consumer::client_config(config);
     client.set("group.id", format!("bench-latency-{}", std::process::id()));
     let consumer: BaseConsumer = client.create()?;
     consumer.assign(&every_partition(&consumer, config, Offset::End)?)?;
@@ -176,21 +179,21 @@ pub async fn raw_pg_write(
     store: &Store,
     rows: usize,
     batch: usize,
-) -> Result<Duration, crate::store::StoreError> {
+) -> Result<Duration, recon_worker::store::StoreError> {
     store.migrate().await?;
     let epoch = store.acquire_pairs(&[0]).await?[0].epoch;
-    let eur = crate::money::Currency::from_code("EUR").expect("EUR is active");
+    let eur = recon_worker::money::Currency::from_code("EUR").expect("EUR is active");
     let started = Instant::now();
     for start in (0..rows).step_by(batch) {
         let end = (start + batch).min(rows);
         let writes = (start..end)
-            .map(|i| crate::engine::RowWrite {
+            .map(|i| recon_worker::engine::RowWrite {
                 input: Input::Payments,
                 event_id: format!("raw-{i:012}").into(),
                 payment_id: format!("pay-{i:012}").into(),
-                outcome: crate::engine::Outcome::Matched,
+                outcome: recon_worker::engine::Outcome::Matched,
                 counterpart: Some(format!("raw-{i:012}-s").into()),
-                new: Some(crate::engine::NewEvent {
+                new: Some(recon_worker::engine::NewEvent {
                     kafka_offset: i as i64,
                     event_time: 1_700_000_000_000_000,
                     amount: 1_000,
@@ -205,7 +208,7 @@ pub async fn raw_pg_write(
             pair: 0,
             epoch,
             next_offsets: PerInput::new(Some(end as i64), None),
-            changes: crate::engine::PairChanges {
+            changes: recon_worker::engine::PairChanges {
                 rows: writes,
                 ..Default::default()
             },

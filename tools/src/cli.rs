@@ -1,0 +1,215 @@
+//! The `recon-tools` command line: its subcommands and what each prints. The tools
+//! read the worker's own configuration (`DATABASE_URL`, `RECON_*`), so they address
+//! the same brokers, topics and database as a worker started in the same environment.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use recon_worker::config::Config;
+use recon_worker::engine::EngineConfig;
+use recon_worker::store::Store;
+
+use crate::{admin, bench, loadgen};
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create the payments and settlements topics, co-partitioned (same partition count).
+    CreateTopics {
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
+    /// Produce a deterministic stream of payments and settlements with every outcome
+    /// kind and bad messages, and print the expected outcome counts.
+    Loadgen(LoadgenArgs),
+    /// Measurements for scripts/bench.sh (they print figures and assert nothing).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+pub struct LoadgenArgs {
+    /// Number of scenarios (payment ids).
+    #[arg(long, default_value_t = 1000)]
+    scenarios: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// One bad message every N scenarios (0 for none).
+    #[arg(long, default_value_t = 50)]
+    poison_every: usize,
+    /// Prefix for every generated id, to keep runs apart.
+    #[arg(long, default_value = "")]
+    id_prefix: String,
+    /// Target rate in messages per second (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Scenario weights, e.g. `matched=70,late=3,currency=2,amount=3,fee=2,dup_payment=2,dup_settlement=2,missing=3,orphan=3,pending=0,redelivery=5`.
+    #[arg(long)]
+    mix: Option<String>,
+    /// After the mix, this many duplicates of one payment id, each with a fresh event
+    /// id (a duplicate storm; some are also sent again).
+    #[arg(long, default_value_t = 0)]
+    duplicate_storm: usize,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// RSS growth per open payment held in the in-memory window.
+    WindowMemory {
+        #[arg(long, default_value_t = 1_000_000)]
+        items: usize,
+    },
+    /// Raw consume rate of both topics from the beginning (a consumer that only counts).
+    Consume {
+        #[arg(long)]
+        messages: u64,
+    },
+    /// Latency from Kafka timestamp to a consumer with the worker's fetch settings, for
+    /// messages produced while it runs: the broker's share of end-to-end latency.
+    BrokerLatency {
+        /// Stop after this many messages, or when none arrives for 5 seconds.
+        #[arg(long)]
+        messages: u64,
+    },
+    /// Raw PostgreSQL write rate of outcome rows (batched UNNEST insert).
+    PgWrite {
+        #[arg(long, default_value_t = 500_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 5_000)]
+        batch: usize,
+    },
+    /// The worker's ceiling without the broker: pre-decoded events through engine and checkpoint.
+    Pipeline {
+        #[arg(long, default_value_t = 200_000)]
+        scenarios: usize,
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
+}
+
+/// Runs one command to its end.
+pub async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::CreateTopics { partitions } => create_topics(&config, partitions).await,
+        Command::Loadgen(args) => produce_load(&config, args).await,
+        Command::Bench(command) => run_bench(command, config).await,
+    }
+}
+
+async fn create_topics(config: &Config, partitions: i32) -> anyhow::Result<()> {
+    admin::create_topics(
+        &config.brokers,
+        &[&config.payments_topic, &config.settlements_topic],
+        partitions,
+    )
+    .await
+    .context("creating topics")?;
+    println!(
+        "topics {} and {} exist with {partitions} partitions each (existing topics are left as they are)",
+        config.payments_topic, config.settlements_topic
+    );
+    Ok(())
+}
+
+async fn produce_load(config: &Config, args: LoadgenArgs) -> anyhow::Result<()> {
+    let engine = EngineConfig::new(&config.matching, config.window);
+    let plan = loadgen::Plan {
+        seed: args.seed,
+        scenarios: args.scenarios,
+        mix: loadgen::Mix {
+            poison_every: args.poison_every,
+            ..loadgen::parse_mix(args.mix.as_deref().unwrap_or("")).map_err(anyhow::Error::msg)?
+        },
+        base_time: chrono::Utc::now().timestamp_micros(),
+        deadline: engine.deadline,
+        orphan_timeout: engine.orphan_timeout,
+        max_message_bytes: config.max_message_bytes,
+        id_prefix: args.id_prefix,
+    };
+    let (mut records, mut truth) = loadgen::generate(&plan);
+    if args.duplicate_storm > 0 {
+        let (storm, storm_truth) = loadgen::duplicate_storm(&plan, args.duplicate_storm);
+        records.extend(storm);
+        truth.outcomes.extend(storm_truth.outcomes);
+    }
+    let producer = admin::producer(&config.brokers).context("creating the producer")?;
+    let started = Instant::now();
+    admin::produce_paced(
+        &producer,
+        &records,
+        [&config.payments_topic, &config.settlements_topic],
+        args.rate,
+    )
+    .await
+    .context("producing")?;
+    println!(
+        "produced {} messages ({} bad) in {:.1}s; expected outcomes:",
+        records.len(),
+        truth.rejected.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for (outcome, count) in truth.outcome_counts() {
+        println!("  {outcome:<22} {count}");
+    }
+    Ok(())
+}
+
+async fn run_bench(command: BenchCommand, config: Config) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::WindowMemory { items } => {
+            let (before, after, per_item, estimated) = bench::window_memory(items);
+            println!(
+                "window_memory: items={items} rss_before_mb={:.1} rss_after_mb={:.1} rss_bytes_per_item={per_item:.1} accounted_bytes_per_item={estimated}",
+                before as f64 / 1e6,
+                after as f64 / 1e6
+            );
+        }
+        BenchCommand::Consume { messages } => {
+            let (count, elapsed) =
+                tokio::task::spawn_blocking(move || bench::raw_consume(&config, messages))
+                    .await??;
+            println!(
+                "raw_consume: messages={count} seconds={:.2} eps={:.0}",
+                elapsed.as_secs_f64(),
+                count as f64 / elapsed.as_secs_f64().max(1e-9)
+            );
+        }
+        BenchCommand::BrokerLatency { messages } => {
+            let (count, p50, p99) =
+                tokio::task::spawn_blocking(move || bench::broker_latency(&config, messages))
+                    .await??;
+            println!("broker_latency: messages={count} p50_ms={p50:.1} p99_ms={p99:.1}");
+        }
+        BenchCommand::PgWrite { rows, batch } => {
+            let elapsed = bench::raw_pg_write(&store(&config), rows, batch).await?;
+            println!(
+                "pg_write: rows={rows} batch={batch} seconds={:.2} rows_per_s={:.0}",
+                elapsed.as_secs_f64(),
+                rows as f64 / elapsed.as_secs_f64().max(1e-9)
+            );
+        }
+        BenchCommand::Pipeline {
+            scenarios,
+            partitions,
+        } => {
+            let (count, elapsed) =
+                bench::pipeline_only(&config, store(&config), scenarios, partitions).await?;
+            println!(
+                "pipeline: messages={count} seconds={:.2} eps={:.0} peak_rss_mb={:.1}",
+                elapsed.as_secs_f64(),
+                count as f64 / elapsed.as_secs_f64().max(1e-9),
+                bench::peak_rss_bytes() as f64 / 1e6
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The worker's store on the configured database, connected on first use.
+fn store(config: &Config) -> Store {
+    Store::connect_lazy(
+        config.database.clone(),
+        &config.payments_topic,
+        &config.settlements_topic,
+    )
+}
