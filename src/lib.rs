@@ -2,18 +2,31 @@
 //!
 //! ```text
 //! Kafka (payments, settlements; co-partitioned)
-//!    │  consumer thread: poll, decode, rebalance callbacks (range assignor, no auto-commit)
+//!    │  poll thread (consumer): the consumer's only owner; polls, decodes, runs the
+//!    │  rebalance callbacks, serves the pipeline's commands (advisory commits, rewinds)
 //!    ▼
-//! bounded channel (messages and control: assign / revoke / progress, in order)
+//! bounded channel: Data (messages, progress, rewind markers) and Control (assign,
+//!    │  revoke, stop: answered on a oneshot), in order
 //!    ▼
 //! pipeline task: batch → lookup misses → engine.apply → sweep due → checkpoint
-//!                          (store)        (pure)          (store)   (one PG transaction:
-//!                                                                    rows, discrepancies,
-//!                                                                    rejects, offsets, fenced)
+//!                          (store)        (pure)          (store)   (PG transactions of
+//!                                                                    whole pairs: rows,
+//!                                                                    discrepancies, rejects,
+//!                                                                    offsets, fenced)
 //! ```
 //!
 //! PostgreSQL is the durable state and the source of truth for offsets; the engine's
-//! window is a bounded cache over it. See `shared/design.md` for the reasons.
+//! window is a bounded cache over it.
+//!
+//! Layers, each importing only the ones above it:
+//! - vocabulary: [`money`], [`event`] (the input contract), [`pair`] (partition-pair
+//!   types), [`rejection`] (the rejection record), [`clock`];
+//! - [`engine`]: pure matching, depending on the vocabulary and its own config only;
+//! - [`config`]: the environment parsed into validated types;
+//! - [`telemetry`]: logs, metric names, health, HTTP; [`retry`]: the one retry policy;
+//! - edges: [`store`] (PostgreSQL), [`consumer`] (Kafka);
+//! - [`pipeline`]: the loop tying consumer → engine → store; [`worker`]: start, run,
+//!   shutdown.
 //!
 //! This library is the product alone: the tools around it (topic creation, the load
 //! generator, the benchmarks) are the `recon-tools` package in `tools/`.
