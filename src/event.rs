@@ -65,7 +65,7 @@ impl Input {
     }
 
     /// The `event_kind` of the events this topic carries.
-    pub fn event_kind(self) -> &'static str {
+    pub const fn event_kind(self) -> &'static str {
         match self {
             Input::Payments => "payment",
             Input::Settlements => "settlement",

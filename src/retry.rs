@@ -70,6 +70,14 @@ impl Operation {
     }
 }
 
+/// Creates the retry counter of every operation at zero (see
+/// [`crate::telemetry::metrics::init_series`]).
+pub fn init_series() {
+    for operation in Operation::ALL {
+        metrics::counter!(m::RETRIES, "operation" => operation.label()).absolute(0);
+    }
+}
+
 /// The waits of one operation's run of transient failures.
 pub struct Backoff<'a> {
     operation: Operation,

@@ -61,6 +61,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     tracing::info!(config = ?config, "starting recon-worker");
     let prometheus = telemetry::init_metrics().context("installing the metrics recorder")?;
     telemetry::metrics::init_series();
+    crate::retry::init_series();
     let health = Arc::new(Health::default());
     // Dropped on return, which stops the server: a worker run in process frees its port.
     let _server = telemetry::serve(config.metrics_addr, prometheus, health.clone())

@@ -501,3 +501,152 @@ async fn conditions_that_end_by_themselves_are_transient(pool: PgPool) {
         .expect_err("terminated");
     assert!(StoreError::from(error).is_transient());
 }
+
+/// The values of `candidates` that satisfy a predicate PostgreSQL stores (an index
+/// predicate or a CHECK), evaluated by PostgreSQL on a column named `column`.
+async fn satisfying(
+    pool: &PgPool,
+    predicate: &str,
+    column: &str,
+    candidates: &[&str],
+) -> Vec<String> {
+    let mut held: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT {column} FROM UNNEST($1::text[]) AS c({column}) WHERE {predicate}"
+    ))
+    .bind(candidates)
+    .fetch_all(pool)
+    .await
+    .expect("evaluate the predicate");
+    held.sort();
+    held
+}
+
+/// The open outcomes are defined once, in Rust ([`Outcome::OPEN`]); the store's
+/// queries generate their SQL from it. The partial index they read is fixed in a
+/// shipped migration, so this checks that index's predicate against the definition:
+/// a query's condition must imply it, or the planner cannot use the index.
+#[sqlx::test(migrations = false)]
+async fn the_open_items_index_holds_exactly_the_open_outcomes(pool: PgPool) {
+    let _store = store(pool.clone()).await;
+    let predicate: String = sqlx::query_scalar(
+        "SELECT pg_get_expr(i.indpred, i.indrelid) FROM pg_index i
+         JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'recon_events_open_items'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the open-items index and its predicate");
+    let mut candidates: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+    candidates.push("refunded");
+    let mut open: Vec<String> = Outcome::ALL
+        .iter()
+        .filter(|o| o.is_open())
+        .map(|o| o.as_str().to_owned())
+        .collect();
+    open.sort();
+    assert_eq!(
+        satisfying(&pool, &predicate, "outcome", &candidates).await,
+        open,
+        "{predicate}"
+    );
+}
+
+/// The schema's CHECKs accept exactly the event kinds and outcomes the crate reads
+/// back, so no stored row can fail to decode without the schema having been changed.
+#[sqlx::test(migrations = false)]
+async fn the_schema_accepts_exactly_the_kinds_and_outcomes_the_crate_knows(pool: PgPool) {
+    let _store = store(pool.clone()).await;
+    let check = |column: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let definition: String = sqlx::query_scalar(
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint
+                 WHERE conrelid = 'recon_events'::regclass AND contype = 'c'
+                   AND pg_get_constraintdef(oid) LIKE '%' || $1 || '%'",
+            )
+            .bind(column)
+            .fetch_one(&pool)
+            .await
+            .expect("the column's CHECK");
+            let predicate = definition
+                .strip_prefix("CHECK ")
+                .expect("a CHECK definition")
+                .to_owned();
+            predicate
+        }
+    };
+    let mut kinds: Vec<&str> = Input::ALL.iter().map(|i| i.event_kind()).collect();
+    kinds.sort();
+    let mut candidates = kinds.clone();
+    candidates.push("refund");
+    assert_eq!(
+        satisfying(&pool, &check("event_kind").await, "event_kind", &candidates).await,
+        kinds
+    );
+    let mut outcomes: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+    outcomes.sort();
+    let mut candidates = outcomes.clone();
+    candidates.push("refunded");
+    assert_eq!(
+        satisfying(&pool, &check("outcome").await, "outcome", &candidates).await,
+        outcomes
+    );
+}
+
+/// A kind, outcome or currency read back that the crate does not know is an error,
+/// never a default (an unknown kind used to be taken for a settlement).
+#[sqlx::test(migrations = false)]
+async fn an_unknown_kind_outcome_or_currency_read_back_is_a_permanent_error(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    // Only a schema change could store these: a later version's rows, say.
+    sqlx::query(
+        "ALTER TABLE recon_events DROP CONSTRAINT recon_events_event_kind_check,
+                                  DROP CONSTRAINT recon_events_outcome_check",
+    )
+    .execute(&pool)
+    .await
+    .expect("drop the CHECKs");
+    for (key, kind, outcome, currency, unknown) in [
+        ("k1", "refund", "pending", "EUR", "refund"),
+        ("k2", "payment", "refunded", "EUR", "refunded"),
+        ("k3", "payment", "pending", "ABC", "ABC"),
+    ] {
+        sqlx::query(
+            "INSERT INTO recon_events (event_kind, event_id, payment_id, kafka_partition, kafka_offset,
+                                       outcome, event_time, amount_minor, currency)
+             VALUES ($1, $2, $2, 0, 0, $3, now(), 1, $4)",
+        )
+        .bind(kind)
+        .bind(key)
+        .bind(outcome)
+        .bind(currency)
+        .execute(&pool)
+        .await
+        .expect("insert");
+        match store.lookup(&[0], &[key.to_owned()]).await {
+            Err(error @ StoreError::Permanent(_)) => {
+                assert!(error.to_string().contains(unknown), "{error}");
+            }
+            other => panic!("expected a permanent error for {unknown:?}, got {other:?}"),
+        }
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn open_items_are_counted_by_kind_and_outcome(pool: PgPool) {
+    let store = store(pool).await;
+    store.acquire_pairs(&[0, 1]).await.expect("own");
+    let rows = vec![
+        pending_payment("e0", "k0", 2_000_000),
+        pending_payment("e1", "k1", 1_000_000),
+    ];
+    store
+        .checkpoint(&[checkpoint(0, 1, [Some(2), None], rows)])
+        .await
+        .expect("commit");
+    let items = store.open_items(&[0]).await.expect("open items");
+    assert_eq!(
+        items,
+        vec![("payment".to_owned(), "pending".to_owned(), 2, 1_000_000)]
+    );
+    assert!(store.open_items(&[1]).await.expect("open items").is_empty());
+}

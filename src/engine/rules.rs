@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::event::Micros;
+use crate::event::{Input, Micros};
 use crate::money::Currency;
 
 /// Every outcome an accepted event can have, as stored in `recon_outcomes.outcome`.
@@ -35,7 +35,18 @@ impl Outcome {
         Outcome::OrphanSettlement,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    /// The open outcomes: still waiting for a counterpart, `pending` or a deadline
+    /// discrepancy that a late counterpart can resolve. The one definition: the
+    /// window's eviction order, the store's open-item queries (SQL generated from this
+    /// list) and the open-item gauges all derive from it, and a test checks the
+    /// predicate of the open-items index (migration 0002) against it.
+    pub const OPEN: [Outcome; 3] = [
+        Outcome::Pending,
+        Outcome::MissingSettlement,
+        Outcome::OrphanSettlement,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
         match self {
             Outcome::Pending => "pending",
             Outcome::Matched => "matched",
@@ -50,13 +61,28 @@ impl Outcome {
         }
     }
 
-    /// Still waiting for a counterpart: `pending`, or a deadline discrepancy that a
-    /// late counterpart can resolve.
+    /// Still waiting for a counterpart: one of [`Outcome::OPEN`].
     pub fn is_open(self) -> bool {
-        matches!(
-            self,
-            Outcome::Pending | Outcome::MissingSettlement | Outcome::OrphanSettlement
-        )
+        Outcome::OPEN.contains(&self)
+    }
+
+    /// Whether events of this input can have this outcome: a duplicate or deadline
+    /// outcome names the side that carries it, the others apply to both.
+    pub const fn is_carried_by(self, input: Input) -> bool {
+        match self {
+            Outcome::DuplicatePayment | Outcome::MissingSettlement => {
+                matches!(input, Input::Payments)
+            }
+            Outcome::DuplicateSettlement | Outcome::OrphanSettlement => {
+                matches!(input, Input::Settlements)
+            }
+            Outcome::Pending
+            | Outcome::Matched
+            | Outcome::MatchedLate
+            | Outcome::CurrencyMismatch
+            | Outcome::AmountMismatch
+            | Outcome::FeeMismatch => true,
+        }
     }
 
     /// Outcomes recorded in the discrepancy history.

@@ -1,6 +1,9 @@
 //! Metric names (contract §5), in one place so code, dashboard and alerts agree.
 //! Labels are low-cardinality only: topic, partition, outcome, reason.
 
+use crate::engine::Outcome;
+use crate::event::Input;
+
 pub const EVENTS_CONSUMED: &str = "recon_events_consumed_total";
 pub const EVENTS_REJECTED: &str = "recon_events_rejected_total";
 pub const EVENTS_REDELIVERED: &str = "recon_events_redelivered_total";
@@ -27,13 +30,46 @@ pub const WATERMARK: &str = "recon_watermark_timestamp_seconds";
 pub const OPEN_ITEMS: &str = "recon_open_items";
 pub const OLDEST_OPEN_ITEM_AGE: &str = "recon_oldest_open_item_age_seconds";
 
-/// The (event_kind, outcome) label pairs of open items.
-pub const OPEN_KINDS: [(&str, &str); 4] = [
-    ("payment", "pending"),
-    ("settlement", "pending"),
-    ("payment", "missing_settlement"),
-    ("settlement", "orphan_settlement"),
-];
+/// The (event_kind, outcome) label pairs of open items: each open outcome
+/// ([`Outcome::OPEN`], the one definition) with each kind of event that can carry it,
+/// in that order. Computed at compile time so the gauges cannot drift from it.
+pub const OPEN_KINDS: [(&str, &str); open_kind_count()] = open_kinds();
+
+/// How many (input, open outcome) combinations can occur.
+const fn open_kind_count() -> usize {
+    let mut count = 0;
+    let mut o = 0;
+    while o < Outcome::OPEN.len() {
+        let mut i = 0;
+        while i < Input::ALL.len() {
+            if Outcome::OPEN[o].is_carried_by(Input::ALL[i]) {
+                count += 1;
+            }
+            i += 1;
+        }
+        o += 1;
+    }
+    count
+}
+
+const fn open_kinds() -> [(&'static str, &'static str); open_kind_count()] {
+    let mut kinds = [("", ""); open_kind_count()];
+    let mut next = 0;
+    let mut o = 0;
+    while o < Outcome::OPEN.len() {
+        let outcome = Outcome::OPEN[o];
+        let mut i = 0;
+        while i < Input::ALL.len() {
+            if outcome.is_carried_by(Input::ALL[i]) {
+                kinds[next] = (Input::ALL[i].event_kind(), outcome.as_str());
+                next += 1;
+            }
+            i += 1;
+        }
+        o += 1;
+    }
+    kinds
+}
 
 /// Creates every low-cardinality series at zero, so alerts on `increase()` see the
 /// first failure and dashboards show a line from the start.
@@ -44,10 +80,7 @@ pub fn init_series() {
     for kind in ["transient", "permanent"] {
         metrics::counter!(CHECKPOINT_FAILURES, "kind" => kind).absolute(0);
     }
-    for operation in crate::retry::Operation::ALL.map(crate::retry::Operation::label) {
-        metrics::counter!(RETRIES, "operation" => operation).absolute(0);
-    }
-    for topic in crate::event::Input::ALL.map(crate::event::Input::label) {
+    for topic in Input::ALL.map(Input::label) {
         metrics::counter!(EVENTS_CONSUMED, "topic" => topic).absolute(0);
         metrics::counter!(EVENTS_REDELIVERED, "topic" => topic).absolute(0);
         metrics::counter!(TOPIC_PAUSES, "topic" => topic).absolute(0);
@@ -58,7 +91,7 @@ pub fn init_series() {
         metrics::counter!(EVENTS_REJECTED, "topic" => topic, "reason" => crate::rejection::DATA_ERROR_CLASS)
             .absolute(0);
     }
-    for outcome in crate::engine::Outcome::ALL {
+    for outcome in Outcome::ALL {
         metrics::counter!(OUTCOMES, "outcome" => outcome.as_str()).absolute(0);
     }
     for (event_kind, outcome) in OPEN_KINDS {
@@ -155,4 +188,22 @@ pub fn describe() {
         Unit::Seconds,
         "Event-time watermark of each partition pair (Unix seconds)."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_item_series_are_the_open_outcomes_of_each_kind() {
+        assert_eq!(
+            OPEN_KINDS,
+            [
+                ("payment", "pending"),
+                ("settlement", "pending"),
+                ("payment", "missing_settlement"),
+                ("settlement", "orphan_settlement"),
+            ]
+        );
+    }
 }

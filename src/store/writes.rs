@@ -1,0 +1,311 @@
+//! The statements a checkpoint is made of, each writing one kind of change for a
+//! whole batch with array binds: new events, changed outcomes, opened and resolved
+//! discrepancies, rejected messages.
+//!
+//! Apart from the transaction that runs them (`checkpoint`) because two callers need
+//! them: the checkpoint itself, and the search for values PostgreSQL refuses
+//! (`refusals`), which runs the inserts again into probe copies of the tables. The
+//! inserts therefore take the table to write as an argument.
+
+use sqlx::postgres::PgArguments;
+use sqlx::Arguments;
+
+use crate::engine::{DiscrepancyChange, Outcome, RowWrite};
+use crate::event::Input;
+use crate::money::Currency;
+use crate::rejection::RejectedMessage;
+
+use super::checkpoint::PairCheckpoint;
+use super::rows::to_time;
+use super::{Store, StoreError};
+
+impl Store {
+    /// Inserts rejected messages into `table` (`rejected_events`, or its probe copy).
+    pub(super) async fn insert_rejected(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        table: &str,
+        rejected: &[&RejectedMessage],
+    ) -> Result<(), StoreError> {
+        if rejected.is_empty() {
+            return Ok(());
+        }
+        // The probe copy has no unique key to conflict on; `DO NOTHING` without a
+        // target means the same for the real table, whose only other key is its id.
+        let sql = format!(
+            "INSERT INTO {table} (topic, kafka_partition, kafka_offset, reason, reason_class, payload, payload_size, kafka_key)
+             SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::int[], $8::bytea[])
+             ON CONFLICT DO NOTHING"
+        );
+        sqlx::query(&sql)
+            .bind(
+                rejected
+                    .iter()
+                    .map(|r| self.topic(r.input))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rejected.iter().map(|r| r.partition).collect::<Vec<_>>())
+            .bind(rejected.iter().map(|r| r.offset).collect::<Vec<_>>())
+            .bind(
+                rejected
+                    .iter()
+                    .map(|r| r.reason.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rejected.iter().map(|r| r.class).collect::<Vec<_>>())
+            .bind(
+                rejected
+                    .iter()
+                    .map(|r| r.payload.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rejected.iter().map(|r| r.payload_size).collect::<Vec<_>>())
+            .bind(
+                rejected
+                    .iter()
+                    .map(|r| r.key.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Column arrays of the event rows a batch inserts, in the order of the insert's
+/// parameters.
+#[derive(Default)]
+struct EventColumns<'a> {
+    kinds: Vec<Input>,
+    event_ids: Vec<&'a str>,
+    payment_ids: Vec<&'a str>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    outcomes: Vec<Outcome>,
+    counterparts: Vec<Option<&'a str>>,
+    times: Vec<chrono::DateTime<chrono::Utc>>,
+    amounts: Vec<i64>,
+    fees: Vec<Option<i64>>,
+    nets: Vec<Option<i64>>,
+    currencies: Vec<Currency>,
+    merchants: Vec<Option<&'a str>>,
+    settlements: Vec<Option<&'a str>>,
+}
+
+impl<'a> EventColumns<'a> {
+    /// The columns of the rows that are new (the others exist and are updated).
+    fn of(rows: &[(i32, &'a RowWrite)]) -> Self {
+        let mut columns = Self::default();
+        for &(pair, row) in rows {
+            let Some(new) = &row.new else { continue };
+            columns.kinds.push(row.input);
+            columns.event_ids.push(&row.event_id);
+            columns.payment_ids.push(&row.payment_id);
+            columns.partitions.push(pair);
+            columns.offsets.push(new.kafka_offset);
+            columns.outcomes.push(row.outcome);
+            columns.counterparts.push(row.counterpart.as_deref());
+            columns.times.push(to_time(new.event_time));
+            columns.amounts.push(new.amount);
+            columns.fees.push(new.fee);
+            columns.nets.push(new.net);
+            columns.currencies.push(new.currency);
+            let (merchant, settlement) = match row.input {
+                Input::Payments => (Some(new.reference.as_str()), None),
+                Input::Settlements => (None, Some(new.reference.as_str())),
+            };
+            columns.merchants.push(merchant);
+            columns.settlements.push(settlement);
+        }
+        columns
+    }
+
+    /// The encoded parameters, reserved once: grown by doubling, the buffer was copied
+    /// and faulted in again at every step. Pages reserved but not written cost nothing.
+    fn into_arguments(self) -> Result<PgArguments, StoreError> {
+        let mut arguments = PgArguments::default();
+        arguments.reserve(14, self.kinds.len() * ENCODED_EVENT_ROW_BYTES);
+        add(&mut arguments, self.kinds)?;
+        add(&mut arguments, self.event_ids)?;
+        add(&mut arguments, self.payment_ids)?;
+        add(&mut arguments, self.partitions)?;
+        add(&mut arguments, self.offsets)?;
+        add(&mut arguments, self.outcomes)?;
+        add(&mut arguments, self.counterparts)?;
+        add(&mut arguments, self.times)?;
+        add(&mut arguments, self.amounts)?;
+        add(&mut arguments, self.fees)?;
+        add(&mut arguments, self.nets)?;
+        add(&mut arguments, self.currencies)?;
+        add(&mut arguments, self.merchants)?;
+        add(&mut arguments, self.settlements)?;
+        Ok(arguments)
+    }
+}
+
+/// An upper estimate of one event row's encoded parameters: 14 length words, the
+/// fixed-size values and ids of ordinary length.
+const ENCODED_EVENT_ROW_BYTES: usize = 256;
+
+fn add<'q, T>(arguments: &mut PgArguments, value: T) -> Result<(), StoreError>
+where
+    T: sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + 'q,
+{
+    Ok(arguments.add(value).map_err(sqlx::Error::Encode)?)
+}
+
+/// Inserts new events into `table` (`recon_events`, or its probe copy). No `ON
+/// CONFLICT`: the engine inserts only event ids it believes new, so a clash is an
+/// exception that fails the transaction (a guarded insert is about 40% slower per row).
+pub(super) async fn insert_events(
+    tx: &mut sqlx::PgConnection,
+    table: &str,
+    rows: &[(i32, &RowWrite)],
+) -> Result<(), StoreError> {
+    let columns = EventColumns::of(rows);
+    if columns.kinds.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO {table} (event_kind, event_id, payment_id, kafka_partition, kafka_offset, outcome,
+                              counterpart_event_id, event_time, amount_minor, fee_minor, net_minor,
+                              currency, merchant_id, settlement_id)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::text[],
+                              $8::timestamptz[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[],
+                              $13::text[], $14::text[])"
+    );
+    sqlx::query_with(&sql, columns.into_arguments()?)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Sets the new outcome (and counterpart) of rows that already exist.
+pub(super) async fn update_events(
+    tx: &mut sqlx::PgConnection,
+    batch: &[PairCheckpoint],
+) -> Result<(), StoreError> {
+    let updates: Vec<_> = batch
+        .iter()
+        .flat_map(|p| &p.changes.rows)
+        .filter(|row| row.new.is_none())
+        .collect();
+    if updates.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE recon_events AS e
+         SET outcome = u.outcome, counterpart_event_id = u.counterpart, updated_at = now()
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+              AS u(event_kind, event_id, payment_id, outcome, counterpart)
+         WHERE e.event_kind = u.event_kind AND e.event_id = u.event_id AND e.payment_id = u.payment_id",
+    )
+    .bind(updates.iter().map(|r| r.input).collect::<Vec<_>>())
+    .bind(updates.iter().map(|r| &*r.event_id).collect::<Vec<_>>())
+    .bind(updates.iter().map(|r| &*r.payment_id).collect::<Vec<_>>())
+    .bind(updates.iter().map(|r| r.outcome).collect::<Vec<_>>())
+    .bind(updates.iter().map(|r| r.counterpart.as_deref()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Column arrays of the discrepancy rows a batch opens.
+#[derive(Default)]
+struct OpenedColumns<'a> {
+    kinds: Vec<Outcome>,
+    payment_ids: Vec<&'a str>,
+    partitions: Vec<i32>,
+    payment_events: Vec<Option<&'a str>>,
+    settlement_events: Vec<Option<&'a str>>,
+}
+
+/// Column arrays of the discrepancies a batch resolves.
+#[derive(Default)]
+struct ResolvedColumns<'a> {
+    kinds: Vec<Outcome>,
+    subjects: Vec<&'a str>,
+    resolutions: Vec<Outcome>,
+}
+
+/// The discrepancy changes of a batch, split into those it opens and those it resolves.
+fn discrepancy_columns(batch: &[PairCheckpoint]) -> (OpenedColumns<'_>, ResolvedColumns<'_>) {
+    let mut opened = OpenedColumns::default();
+    let mut resolved = ResolvedColumns::default();
+    for pair in batch {
+        for change in &pair.changes.discrepancies {
+            match change {
+                DiscrepancyChange::Opened {
+                    kind,
+                    payment_id,
+                    payment_event_id,
+                    settlement_event_id,
+                } => {
+                    opened.kinds.push(*kind);
+                    opened.payment_ids.push(payment_id);
+                    opened.partitions.push(pair.pair);
+                    opened.payment_events.push(payment_event_id.as_deref());
+                    opened
+                        .settlement_events
+                        .push(settlement_event_id.as_deref());
+                }
+                DiscrepancyChange::Resolved {
+                    kind,
+                    subject_event_id,
+                    resolution,
+                } => {
+                    resolved.kinds.push(*kind);
+                    resolved.subjects.push(subject_event_id);
+                    resolved.resolutions.push(*resolution);
+                }
+            }
+        }
+    }
+    (opened, resolved)
+}
+
+/// Opens and resolves the discrepancies of a batch.
+pub(super) async fn write_discrepancies(
+    tx: &mut sqlx::PgConnection,
+    batch: &[PairCheckpoint],
+) -> Result<(), StoreError> {
+    let (opened, resolved) = discrepancy_columns(batch);
+    if !opened.kinds.is_empty() {
+        sqlx::query(
+            // A checkpoint retried after a COMMIT of unknown outcome may have opened
+            // these already (migration 0006 keys them).
+            "INSERT INTO recon_discrepancies (kind, payment_id, kafka_partition, payment_event_id, settlement_event_id)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::text[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(opened.kinds)
+        .bind(opened.payment_ids)
+        .bind(opened.partitions)
+        .bind(opened.payment_events)
+        .bind(opened.settlement_events)
+        .execute(&mut *tx)
+        .await?;
+    }
+    // One statement per kind present, each shaped for that kind's partial index
+    // (migration 0001): the kind is a literal there, so it is one here.
+    for (kind, subject_column) in [
+        (Outcome::MissingSettlement, "payment_event_id"),
+        (Outcome::OrphanSettlement, "settlement_event_id"),
+    ] {
+        if !resolved.kinds.contains(&kind) {
+            continue;
+        }
+        sqlx::query(&format!(
+            "UPDATE recon_discrepancies AS d SET resolved_at = now(), resolution = u.resolution
+             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(kind, subject, resolution)
+             WHERE u.kind = '{kind}' AND d.kind = '{kind}'
+               AND d.resolved_at IS NULL AND d.{subject_column} = u.subject"
+        ))
+        .bind(&resolved.kinds)
+        .bind(&resolved.subjects)
+        .bind(&resolved.resolutions)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
