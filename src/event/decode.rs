@@ -1,0 +1,232 @@
+//! Decoding one Kafka message into an [`Event`], or the [`Rejection`] saying why not.
+//! Total: every byte sequence yields one or the other, and nothing here panics.
+
+use serde_json::{Map, Value};
+
+use super::{
+    format_timestamp, parse_timestamp, Event, Input, Limits, Micros, Payment, Rejection,
+    Settlement, MAX_EVENT_TIME, MAX_ID_CHARS, MIN_EVENT_TIME,
+};
+use crate::money::{Currency, MinorUnits, MAX_MINOR};
+
+/// Decodes one Kafka message from `input`. `key` is the Kafka key; `timestamp_ms` the
+/// message's Kafka timestamp, when it has one (without it the future bound is not
+/// checked: there is nothing trustworthy to compare with).
+pub fn decode(
+    input: Input,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    timestamp_ms: Option<i64>,
+    limits: Limits,
+) -> Result<Event, Rejection> {
+    let max_bytes = limits.max_bytes;
+    let bytes = match value {
+        None | Some([]) => return Err(Rejection::Empty),
+        Some(bytes) => bytes,
+    };
+    if bytes.len() > max_bytes {
+        return Err(Rejection::TooLarge {
+            size: bytes.len(),
+            max: max_bytes,
+        });
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| Rejection::NotUtf8 {
+        valid_up_to: e.valid_up_to(),
+    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| Rejection::NotJson {
+        detail: e.to_string(),
+    })?;
+    let Value::Object(object) = value else {
+        return Err(Rejection::NotObject);
+    };
+    let fields = Fields(&object);
+    let event_type = fields.string("type")?;
+    if event_type != input.expected_type() {
+        let other = match input {
+            Input::Payments => Input::Settlements,
+            Input::Settlements => Input::Payments,
+        };
+        return Err(if event_type == other.expected_type() {
+            Rejection::WrongTopicType {
+                found: event_type.to_owned(),
+                expected: input.expected_type(),
+            }
+        } else {
+            Rejection::UnknownType {
+                found: truncate_chars(event_type, MAX_ID_CHARS),
+            }
+        });
+    }
+    let event = match input {
+        Input::Payments => Event::Payment(Payment {
+            event_id: fields.id("event_id")?,
+            payment_id: fields.id("payment_id")?,
+            merchant_id: fields.id("merchant_id")?,
+            amount: MinorUnits::new(fields.integer("amount_minor", 1, MAX_MINOR)?),
+            currency: fields.currency()?,
+            occurred_at: fields.timestamp("occurred_at")?,
+        }),
+        Input::Settlements => Event::Settlement(Settlement {
+            event_id: fields.id("event_id")?,
+            settlement_id: fields.id("settlement_id")?,
+            payment_id: fields.id("payment_id")?,
+            gross: MinorUnits::new(fields.integer("gross_minor", 1, MAX_MINOR)?),
+            fee: MinorUnits::new(fields.integer("fee_minor", 0, MAX_MINOR)?),
+            net: fields.integer("net_minor", i64::MIN, i64::MAX)?,
+            currency: fields.currency()?,
+            settled_at: fields.timestamp("settled_at")?,
+        }),
+    };
+    check_event_time(&event, timestamp_ms, limits.max_future_skew)?;
+    if key != Some(event.payment_id().as_bytes()) {
+        return Err(Rejection::KeyMismatch {
+            key: key
+                .map(|k| truncate_chars(&String::from_utf8_lossy(k), MAX_ID_CHARS))
+                .unwrap_or_else(|| "<none>".to_owned()),
+            payment_id: event.payment_id().to_owned(),
+        });
+    }
+    Ok(event)
+}
+
+/// Contract §1: no event time before 1970, none more than the configured skew ahead of
+/// the message's Kafka timestamp, none after the year 9999.
+fn check_event_time(
+    event: &Event,
+    timestamp_ms: Option<i64>,
+    max_future_skew: Micros,
+) -> Result<(), Rejection> {
+    let (field, at) = match event {
+        Event::Payment(p) => ("occurred_at", p.occurred_at),
+        Event::Settlement(s) => ("settled_at", s.settled_at),
+    };
+    let out_of_range = |detail: String| Rejection::EventTimeOutOfRange {
+        field,
+        value: format_timestamp(at),
+        detail,
+    };
+    if at < MIN_EVENT_TIME {
+        return Err(out_of_range("before 1970-01-01T00:00:00Z".to_owned()));
+    }
+    if at > MAX_EVENT_TIME {
+        return Err(out_of_range(
+            "after 9999-12-31T23:59:59.999999Z, the latest time stored".to_owned(),
+        ));
+    }
+    // A producer's clock may run a little ahead of the broker's; saturating, so an
+    // absurd timestamp cannot overflow into acceptance.
+    if let Some(kafka_ms) = timestamp_ms {
+        let latest = kafka_ms
+            .saturating_mul(1000)
+            .saturating_add(max_future_skew);
+        if at > latest {
+            return Err(out_of_range(format!(
+                "more than {} ahead of the message's Kafka timestamp {}",
+                humantime::format_duration(std::time::Duration::from_micros(
+                    u64::try_from(max_future_skew).unwrap_or(0)
+                )),
+                format_timestamp(kafka_ms.saturating_mul(1000))
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn truncate_chars(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
+}
+
+/// Typed access to the fields of a JSON object, each failure a [`Rejection`].
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl<'a> Fields<'a> {
+    fn get(&self, field: &'static str) -> Result<&'a Value, Rejection> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Err(Rejection::MissingField { field }),
+            Some(value) => Ok(value),
+        }
+    }
+
+    fn string(&self, field: &'static str) -> Result<&'a str, Rejection> {
+        self.get(field)?.as_str().ok_or(Rejection::WrongType {
+            field,
+            expected: "a string",
+        })
+    }
+
+    fn id(&self, field: &'static str) -> Result<String, Rejection> {
+        let text = self.string(field)?;
+        let chars = text.chars().count();
+        if chars == 0 || chars > MAX_ID_CHARS {
+            return Err(Rejection::OutOfRange {
+                field,
+                detail: format!("{chars} characters, expected 1..={MAX_ID_CHARS}"),
+            });
+        }
+        if let Some((index, c)) = text.chars().enumerate().find(|(_, c)| is_forbidden(*c)) {
+            return Err(Rejection::ControlCharacter {
+                field,
+                code: format!("U+{:04X}", u32::from(c)),
+                position: index + 1,
+            });
+        }
+        Ok(text.to_owned())
+    }
+
+    fn integer(&self, field: &'static str, min: i64, max: i64) -> Result<i64, Rejection> {
+        let number = match self.get(field)? {
+            Value::Number(number) => number,
+            _ => {
+                return Err(Rejection::WrongType {
+                    field,
+                    expected: "an integer",
+                })
+            }
+        };
+        let out_of_range = |shown: String| Rejection::OutOfRange {
+            field,
+            detail: format!("{shown}, expected {min}..={max}"),
+        };
+        if let Some(value) = number.as_i64() {
+            return if (min..=max).contains(&value) {
+                Ok(value)
+            } else {
+                Err(out_of_range(value.to_string()))
+            };
+        }
+        if number.is_u64() {
+            return Err(out_of_range(number.to_string()));
+        }
+        // A float: an integer too large for i64 written with an exponent or digits
+        // is out of range; anything with a fraction is the wrong type.
+        match number.as_f64() {
+            Some(f) if f.is_finite() && f.fract() == 0.0 && f.abs() >= 9.2e18 => {
+                Err(out_of_range(number.to_string()))
+            }
+            _ => Err(Rejection::WrongType {
+                field,
+                expected: "an integer",
+            }),
+        }
+    }
+
+    fn currency(&self) -> Result<Currency, Rejection> {
+        let code = self.string("currency")?;
+        Currency::from_code(code).ok_or_else(|| Rejection::UnknownCurrency {
+            code: truncate_chars(code, 16),
+        })
+    }
+
+    fn timestamp(&self, field: &'static str) -> Result<Micros, Rejection> {
+        let text = self.string(field)?;
+        parse_timestamp(text).ok_or_else(|| Rejection::BadTimestamp {
+            field,
+            value: truncate_chars(text, 64),
+        })
+    }
+}
+
+/// The characters contract §1 forbids in ids: U+0000–U+001F and U+007F.
+fn is_forbidden(c: char) -> bool {
+    c <= '\u{1f}' || c == '\u{7f}'
+}

@@ -1,0 +1,174 @@
+//! The input contract (contract §1): the events, decoding and validating Kafka
+//! messages into them (`decode`), and the reasons a message is rejected (`reason`).
+//!
+//! Decoding is total: every byte sequence yields either an [`Event`] or a
+//! [`Rejection`]; nothing here panics, so a poison message can never stop a partition.
+//! Times are kept as microseconds since the Unix epoch, PostgreSQL's resolution, so a
+//! value read back from the database compares equal to the one decoded.
+
+use std::fmt;
+
+use crate::money::{Currency, MinorUnits};
+
+mod decode;
+mod reason;
+
+pub use decode::decode;
+pub use reason::Rejection;
+
+/// Microseconds since the Unix epoch (UTC).
+pub type Micros = i64;
+
+/// Longest string field the contract allows, in characters.
+pub const MAX_ID_CHARS: usize = 128;
+
+/// Earliest event time accepted: 1970-01-01T00:00:00Z. Nothing the worker reconciles
+/// predates it, and such a time is a producer's default value, not a real event.
+pub const MIN_EVENT_TIME: Micros = 0;
+
+/// Latest event time accepted: 9999-12-31T23:59:59.999999Z, the last instant RFC 3339's
+/// four-digit years can name in UTC. A timestamp such as `9999-12-31T23:59:59-23:59`
+/// is valid text for an instant in the year 10000; without a Kafka timestamp to bound
+/// it, it was accepted and then stored clamped to this instant (a time other than the
+/// one the engine matched with). Found by the whole-path fuzz test.
+pub const MAX_EVENT_TIME: Micros = 253_402_300_799_999_999;
+
+/// What [`decode`] checks beyond the contract's fixed rules (contract §1, §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `RECON_MAX_MESSAGE_BYTES`: largest accepted value.
+    pub max_bytes: usize,
+    /// `RECON_MAX_FUTURE_SKEW`: how far an event time may be ahead of its message's
+    /// Kafka timestamp.
+    pub max_future_skew: Micros,
+}
+
+/// Which of the two input topics a message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Input {
+    Payments,
+    Settlements,
+}
+
+impl Input {
+    pub const ALL: [Input; 2] = [Input::Payments, Input::Settlements];
+
+    pub fn index(self) -> usize {
+        match self {
+            Input::Payments => 0,
+            Input::Settlements => 1,
+        }
+    }
+
+    /// The co-partitioned topic.
+    pub fn other(self) -> Input {
+        match self {
+            Input::Payments => Input::Settlements,
+            Input::Settlements => Input::Payments,
+        }
+    }
+
+    /// The `event_kind` of the events this topic carries.
+    pub const fn event_kind(self) -> &'static str {
+        match self {
+            Input::Payments => "payment",
+            Input::Settlements => "settlement",
+        }
+    }
+
+    fn expected_type(self) -> &'static str {
+        match self {
+            Input::Payments => "payment_captured",
+            Input::Settlements => "settlement_line",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payment {
+    pub event_id: String,
+    pub payment_id: String,
+    pub merchant_id: String,
+    pub amount: MinorUnits,
+    pub currency: Currency,
+    pub occurred_at: Micros,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub event_id: String,
+    pub settlement_id: String,
+    pub payment_id: String,
+    pub gross: MinorUnits,
+    pub fee: MinorUnits,
+    pub net: i64,
+    pub currency: Currency,
+    pub settled_at: Micros,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Payment(Payment),
+    Settlement(Settlement),
+}
+
+impl Event {
+    pub fn input(&self) -> Input {
+        match self {
+            Event::Payment(_) => Input::Payments,
+            Event::Settlement(_) => Input::Settlements,
+        }
+    }
+
+    pub fn event_id(&self) -> &str {
+        match self {
+            Event::Payment(p) => &p.event_id,
+            Event::Settlement(s) => &s.event_id,
+        }
+    }
+
+    pub fn payment_id(&self) -> &str {
+        match self {
+            Event::Payment(p) => &p.payment_id,
+            Event::Settlement(s) => &s.payment_id,
+        }
+    }
+
+    /// `occurred_at` or `settled_at`: the time the watermark is made of.
+    pub fn event_time(&self) -> Micros {
+        match self {
+            Event::Payment(p) => p.occurred_at,
+            Event::Settlement(s) => s.settled_at,
+        }
+    }
+}
+
+/// RFC 3339 with an explicit offset, to microseconds (sub-microsecond digits are
+/// truncated, as PostgreSQL would).
+pub fn parse_timestamp(text: &str) -> Option<Micros> {
+    let parsed = chrono::DateTime::parse_from_rfc3339(text).ok()?;
+    Some(parsed.timestamp_micros())
+}
+
+/// Formats microseconds as RFC 3339 UTC, for producers and tests.
+pub fn format_timestamp(micros: Micros) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .unwrap_or_else(|| micros.to_string())
+}
+
+impl Input {
+    /// The `topic` label of metrics: the input's role, whatever the topic is named.
+    pub fn label(self) -> &'static str {
+        match self {
+            Input::Payments => "payments",
+            Input::Settlements => "settlements",
+        }
+    }
+}
+
+impl fmt::Display for Input {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
