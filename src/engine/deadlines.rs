@@ -27,12 +27,12 @@ pub struct SweepRequest {
 /// `watermark`: still pending, no counterpart, older than its input's timeout.
 fn overdue(state: &KeyState, input: Input, watermark: Micros, config: &EngineConfig) -> Option<Id> {
     let first = state.first_event(input)?;
+    let deadline = first
+        .event_time
+        .saturating_add(config.unmatched_after(input));
     let due = first.outcome == Outcome::Pending
         && state.first_event(input.other()).is_none()
-        && watermark
-            > first
-                .event_time
-                .saturating_add(config.unmatched_after(input));
+        && watermark > deadline;
     due.then(|| first.event_id.clone())
 }
 
@@ -88,6 +88,7 @@ impl PairEngine {
         }
     }
 
+    /// Fires the deadline of the key's pending event, of either input, if it is due.
     fn fire_key(&mut self, key: &Id, watermark: Micros) {
         for input in Input::ALL {
             let Some(state) = self.keys.get_mut(key) else {

@@ -34,6 +34,7 @@
 //! - `deadlines`: the watermark's inputs, sweep requests and firing deadlines;
 //! - `changes`: recording a batch's changes and handing them to the checkpoint;
 //! - `residency`: which keys must stay in memory (pins) and eviction to the bounds;
+//! - `tests`: unit tests of the engine through its public methods;
 //! - [`rules`], [`window`], [`watermark`], [`config`]: the matching rules, the keys'
 //!   storage, the watermark and the engine's parameters.
 
