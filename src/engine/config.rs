@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::event::Micros;
+use crate::event::{Input, Micros};
 
 /// Matching parameters (contract §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +64,15 @@ impl EngineConfig {
             tolerance: matching.amount_tolerance_minor,
             idle_timeout: micros(matching.idle_timeout),
             window,
+        }
+    }
+
+    /// How long a pending event of `input` waits for its counterpart before its
+    /// deadline fires: D for a payment, O for a settlement line.
+    pub(super) fn unmatched_after(&self, input: Input) -> Micros {
+        match input {
+            Input::Payments => self.deadline,
+            Input::Settlements => self.orphan_timeout,
         }
     }
 }

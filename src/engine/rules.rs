@@ -1,4 +1,5 @@
-//! Outcomes and matching rules 1–5 of contract §2.
+//! Outcomes and matching rules 1–5 of contract §2: the vocabulary of results, and the
+//! one function that decides what a payment and its settlement line are together.
 
 use std::fmt;
 use std::str::FromStr;
@@ -85,6 +86,24 @@ impl Outcome {
         }
     }
 
+    /// What a later event of `input` is when its payment id already has a first one
+    /// of that input under another event id.
+    pub(super) fn duplicate_of(input: Input) -> Outcome {
+        match input {
+            Input::Payments => Outcome::DuplicatePayment,
+            Input::Settlements => Outcome::DuplicateSettlement,
+        }
+    }
+
+    /// What a pending event of `input` becomes when its deadline passes without a
+    /// counterpart; a late counterpart resolves it.
+    pub(super) fn unmatched(input: Input) -> Outcome {
+        match input {
+            Input::Payments => Outcome::MissingSettlement,
+            Input::Settlements => Outcome::OrphanSettlement,
+        }
+    }
+
     /// Outcomes recorded in the discrepancy history.
     pub fn is_discrepancy(self) -> bool {
         !matches!(
@@ -131,6 +150,22 @@ pub struct SettlementTerms {
     pub net: i64,
     pub currency: Currency,
     pub settled_at: Micros,
+}
+
+/// The terms of an event of either input, for the steps that are the same for both.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Terms {
+    Payment(PaymentTerms),
+    Settlement(SettlementTerms),
+}
+
+impl Terms {
+    pub(super) fn input(self) -> Input {
+        match self {
+            Terms::Payment(_) => Input::Payments,
+            Terms::Settlement(_) => Input::Settlements,
+        }
+    }
 }
 
 /// Rules 1–5, first that applies wins. `deadline` is D, `tolerance` is T.

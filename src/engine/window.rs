@@ -15,13 +15,17 @@
 //! in memory and in every lookup. A key is therefore at most a payment and its first
 //! settlement line, whatever the input; a redelivered duplicate is recognised by its
 //! stored event id instead (see [`super::PairEngine::needs_event_id_check`]).
+//!
+//! The payment and the settlement line are laid out differently (the settlement boxed,
+//! since open payments rarely have one), but the engine asks of them alike, by input:
+//! `KeyState::first_event`, `KeyState::set_first`, `KeyState::set_outcome`.
 
 use std::hash::BuildHasher;
 
 use compact_str::CompactString;
 use hashbrown::HashTable;
 
-use super::rules::{Outcome, PaymentTerms, SettlementTerms};
+use super::rules::{Outcome, PaymentTerms, SettlementTerms, Terms};
 use crate::event::{Input, Micros};
 use crate::money::Currency;
 
@@ -50,6 +54,14 @@ pub struct PaymentRef<'a> {
     pub outcome: Outcome,
 }
 
+/// The first event of one input of a key, whichever input: what deadlines need of it.
+pub(super) struct FirstEvent<'a> {
+    pub(super) event_id: &'a Id,
+    pub(super) outcome: Outcome,
+    /// `occurred_at` of a payment, `settled_at` of a settlement line.
+    pub(super) event_time: Micros,
+}
+
 /// Everything known about one `payment_id`, flattened for size.
 #[derive(Debug, Default)]
 pub struct KeyState {
@@ -60,8 +72,8 @@ pub struct KeyState {
     payment_currency: Option<Currency>,
     /// `Some` exactly when the key has a payment.
     payment_outcome: Option<Outcome>,
-    /// The generation of changes not yet durable that last touched this key (see
-    /// `pin_tag`; 0: none). A pinned key must not be evicted.
+    /// The generation of changes not yet durable that last touched this key (see the
+    /// engine's `residency`; 0: none). A pinned key must not be evicted.
     pub pin: u8,
 }
 
@@ -128,13 +140,50 @@ impl KeyState {
         }
     }
 
+    /// The first event of `input`: the payment, or the first settlement line.
+    pub(super) fn first_event(&self, input: Input) -> Option<FirstEvent<'_>> {
+        match input {
+            Input::Payments => self.payment().map(|p| FirstEvent {
+                event_id: p.event_id,
+                outcome: p.outcome,
+                event_time: p.terms.occurred_at,
+            }),
+            Input::Settlements => self.settlement().map(|s| FirstEvent {
+                event_id: &s.event_id,
+                outcome: s.outcome,
+                event_time: s.terms.settled_at,
+            }),
+        }
+    }
+
+    /// Installs the first event of the input `terms` are of.
+    pub(super) fn set_first(&mut self, event_id: Id, terms: Terms, outcome: Outcome) {
+        match terms {
+            Terms::Payment(terms) => self.set_payment(event_id, terms, outcome),
+            Terms::Settlement(terms) => self.set_settlement(SettlementItem {
+                event_id,
+                terms,
+                outcome,
+            }),
+        }
+    }
+
+    /// Sets the outcome of the first event of `input`, if the key has one.
+    pub(super) fn set_outcome(&mut self, input: Input, outcome: Outcome) {
+        match input {
+            Input::Payments => self.set_payment_outcome(outcome),
+            Input::Settlements => {
+                if let Some(settlement) = self.settlement_mut() {
+                    settlement.outcome = outcome;
+                }
+            }
+        }
+    }
+
     /// The event id of the first event of `input` (the payment, or the first
     /// settlement line): every later one of that input is a duplicate or a redelivery.
     pub fn first_event_id(&self, input: Input) -> Option<&Id> {
-        match input {
-            Input::Payments => self.payment().map(|p| p.event_id),
-            Input::Settlements => self.settlement().map(|s| &s.event_id),
-        }
+        self.first_event(input).map(|first| first.event_id)
     }
 
     /// Whether `event_id` is the key's first event of `input`. Duplicates are not
