@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Local services for recon-worker: PostgreSQL on 127.0.0.1:5432 and Apache Kafka 4.1
-# (KRaft, one combined broker+controller node) on 127.0.0.1:9092. Idempotent: `up`
-# installs and starts only what is missing, so it is safe to run before every demo or
-# test run; a second `up` returns at once.
+# (KRaft, one combined broker+controller node) on 127.0.0.1:9092 (PLAINTEXT), with two
+# secure listeners beside it: SASL_SSL (SCRAM-SHA-512 over TLS) on 9094 and SSL on
+# 9095. Idempotent: `up` installs and starts only what is missing, so it is safe to run
+# before every demo or test run; a second `up` returns at once.
 #
 #   scripts/dev-services.sh up|down|status|restart-broker [--hard]
 #
@@ -16,6 +17,17 @@
 # each run); `restart-broker` stops it with SIGTERM (a controlled shutdown) and starts
 # it again on the same storage; `restart-broker --hard` SIGKILLs it first (the chaos
 # test's crash).
+#
+# Secure listeners (the TLS/SASL tests, tests/security_kafka.rs): a cold `up` makes a
+# new CA, two broker certificates signed by it and a password for the SCRAM-SHA-512
+# user `recon`, all in $KAFKA_DIR/security/ (printed by `up` and `status`); the user is
+# written into the storage when it is formatted (`StorageTool format --add-scram`), so
+# it exists before the listener serves. The SASL_SSL listener's certificate names
+# `localhost` and `127.0.0.1`; the SSL listener's names only the address 127.0.0.1, so
+# a client that connects to it as `localhost` meets a real hostname mismatch. The
+# controller and inter-broker listeners stay PLAINTEXT; there is no authorizer (any
+# authenticated user may do anything). A restart keeps the storage, so it keeps the
+# certificates and the password too.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -36,6 +48,10 @@ PG_PORT="${RECON_PG_PORT:-5432}"
 PG_CLUSTER="${RECON_PG_CLUSTER:-main}"
 BROKER_PORT="${RECON_KAFKA_PORT:-9092}"
 CONTROLLER_PORT=$((BROKER_PORT + 1))
+SASL_SSL_PORT="${RECON_KAFKA_SASL_SSL_PORT:-$((BROKER_PORT + 2))}"
+SSL_PORT="${RECON_KAFKA_SSL_PORT:-$((BROKER_PORT + 3))}"
+SECURITY_DIR="$KAFKA_DIR/security"
+SCRAM_USER=recon
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
@@ -94,6 +110,52 @@ kafka_install() {
 KAFKA_JAVA=(java $KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true
     -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" -cp "$KAFKA_LIBS/*")
 
+# Kafka's own command-line tools (ConfigCommand), with a small heap; their log lines
+# go to stderr at WARN, not into the broker's log.
+KAFKA_TOOL=(java -Xmx256m -Djava.awt.headless=true -Dlog4j2.level=WARN -cp "$KAFKA_LIBS/*")
+
+# A new CA, the two broker certificates it signs and the SCRAM user's password
+# (cold start only: the storage the user is formatted into is new as well).
+kafka_security_make() {
+    command -v openssl >/dev/null || apt_install openssl
+    rm -rf "$SECURITY_DIR"
+    mkdir -p "$SECURITY_DIR"
+    chmod 700 "$SECURITY_DIR"
+    local d="$SECURITY_DIR" days=30
+    (
+        cd "$d"
+        umask 077
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days "$days" \
+            -subj "/CN=recon-worker test CA $(date -u +%Y%m%dT%H%M%SZ)" \
+            -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+        # sign NAME SAN: a broker key and certificate signed by the CA, in the PEM
+        # keystore layout Kafka reads (unencrypted PKCS#8 key, then the chain).
+        sign() {
+            openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$3"
+            printf 'subjectAltName=%s\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' "$2" >"$1.ext"
+            openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial \
+                -days "$days" -extfile "$1.ext" -out "$1.crt"
+            cat "$1.key" "$1.crt" ca.pem >"$1.pem"
+            rm -f "$1.csr" "$1.ext"
+        }
+        sign broker "DNS:localhost,IP:127.0.0.1" localhost
+        # No DNS name at all, and a subject that is not a host name either: OpenSSL
+        # falls back to the subject CN when a certificate has no DNS name.
+        sign broker-ip-only "IP:127.0.0.1" "recon-worker test broker, IP address only"
+        openssl rand -hex 24 | tr -d '\n' >"$SCRAM_USER.password"
+        # For Kafka's Java tools (and the readiness check below) over SASL_SSL.
+        cat >client.properties <<PROPS
+security.protocol=SASL_SSL
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="$SCRAM_USER" password="$(cat "$SCRAM_USER.password")";
+ssl.truststore.type=PEM
+ssl.truststore.location=$d/ca.pem
+ssl.endpoint.identification.algorithm=https
+PROPS
+        chmod 644 ca.pem
+    ) >"$KAFKA_DIR/security.log" 2>&1 || { cat "$KAFKA_DIR/security.log" >&2; exit 1; }
+}
+
 kafka_configure() {
     mkdir -p "$KAFKA_DATA"
     # Rewritten on every start, so a changed setting takes effect with `restart-broker`.
@@ -101,11 +163,20 @@ kafka_configure() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$BROKER_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$BROKER_PORT
+listeners=PLAINTEXT://127.0.0.1:$BROKER_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT,SASL_SSL://127.0.0.1:$SASL_SSL_PORT,SSL://127.0.0.1:$SSL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$BROKER_PORT,SASL_SSL://127.0.0.1:$SASL_SSL_PORT,SSL://127.0.0.1:$SSL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL
+# SASL_SSL: SCRAM-SHA-512 over TLS, the certificate for localhost and 127.0.0.1.
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$SECURITY_DIR/broker.pem
+# SSL: TLS only, the certificate for the address 127.0.0.1 only (see the header).
+listener.name.ssl.ssl.keystore.type=PEM
+listener.name.ssl.ssl.keystore.location=$SECURITY_DIR/broker-ip-only.pem
+ssl.client.auth=none
 log.dirs=$KAFKA_DATA
 # One node: every internal topic has one replica.
 offsets.topic.replication.factor=1
@@ -163,10 +234,27 @@ EOF
         log "formatting Kafka storage in $KAFKA_DATA"
         local cluster_id
         cluster_id=$("${KAFKA_JAVA[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)
+        # The SCRAM user goes into the new storage's first metadata records, so it
+        # exists before the SASL_SSL listener accepts anyone.
         "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format --config "$KAFKA_CONF" --cluster-id "$cluster_id" \
+            --add-scram "SCRAM-SHA-512=[name=$SCRAM_USER,password=$(cat "$SECURITY_DIR/$SCRAM_USER.password")]" \
             --ignore-formatted >>"$KAFKA_DIR/format.log" 2>&1 \
             || { tail -20 "$KAFKA_DIR/format.log" >&2; exit 1; }
     fi
+}
+
+# The secure listener works end to end: Kafka's own admin client logs in as the SCRAM
+# user over SASL_SSL, trusting only the generated CA, with host name verification.
+kafka_security_check() {
+    local out
+    if ! out=$("${KAFKA_TOOL[@]}" kafka.admin.ConfigCommand --bootstrap-server "127.0.0.1:$SASL_SSL_PORT" \
+        --command-config "$SECURITY_DIR/client.properties" \
+        --describe --entity-type users --entity-name "$SCRAM_USER" 2>&1) \
+        || ! grep -q 'SCRAM-SHA-512' <<<"$out"; then
+        log "the SASL_SSL listener on 127.0.0.1:$SASL_SSL_PORT refused the SCRAM user: $out"
+        exit 1
+    fi
+    log "SASL_SSL listener checked: user $SCRAM_USER logs in over TLS"
 }
 
 broker_pid() {
@@ -176,10 +264,26 @@ broker_pid() {
 # broker_up [fresh]: `fresh` (a cold start) empties the storage first; a restart keeps it.
 broker_up() {
     if port_open "$BROKER_PORT"; then
-        log "broker already listening on 127.0.0.1:$BROKER_PORT"
-        return
+        if port_open "$SASL_SSL_PORT" && port_open "$SSL_PORT" || [ "${1:-}" != fresh ]; then
+            log "broker already listening on 127.0.0.1:$BROKER_PORT"
+            return
+        fi
+        # Started by an older version of this script, without the secure listeners:
+        # a cold start gives it them (its storage is the tests' throwaway topics).
+        broker_pid >/dev/null || {
+            log "something listens on 127.0.0.1:$BROKER_PORT but not on $SASL_SSL_PORT/$SSL_PORT, and it is not this script's broker"
+            exit 1
+        }
+        log "broker has no secure listeners yet; restarting it"
+        broker_down TERM
     fi
     kafka_install
+    if [ "${1:-}" = fresh ]; then
+        kafka_security_make
+    elif [ ! -f "$SECURITY_DIR/broker.pem" ]; then
+        log "no TLS material in $SECURITY_DIR: run \`$0 down\` then \`$0 up\` (a cold start makes it)"
+        exit 1
+    fi
     kafka_configure "${1:-}"
     log "starting Apache Kafka $KAFKA_VERSION (data: $KAFKA_DATA)"
     local mark
@@ -193,7 +297,12 @@ broker_up() {
     # listeners accept), not that a port is open.
     for _ in $(seq 240); do
         if tail -n +"$((mark + 1))" "$KAFKA_LOG" 2>/dev/null | grep -q 'Kafka Server started'; then
-            port_open "$BROKER_PORT" && { log "Kafka ready"; return 0; }
+            if port_open "$BROKER_PORT" && port_open "$SASL_SSL_PORT" && port_open "$SSL_PORT"; then
+                # A cold start made new certificates and a new user: check them once.
+                [ "${1:-}" = fresh ] && kafka_security_check
+                log "Kafka ready"
+                return 0
+            fi
         fi
         broker_pid >/dev/null || break
         sleep 0.25
@@ -223,6 +332,14 @@ broker_down() {
 status() {
     if pg_ready; then echo "postgresql: up ($PG_HOST:$PG_PORT)"; else echo "postgresql: down"; fi
     if port_open "$BROKER_PORT"; then echo "kafka: up (127.0.0.1:$BROKER_PORT)"; else echo "kafka: down"; fi
+    if port_open "$SASL_SSL_PORT"; then
+        echo "kafka SASL_SSL: up (127.0.0.1:$SASL_SSL_PORT, SCRAM-SHA-512, user $SCRAM_USER)"
+        echo "kafka SSL: $(port_open "$SSL_PORT" && echo up || echo down) (127.0.0.1:$SSL_PORT, certificate for the address 127.0.0.1 only)"
+        echo "kafka CA file: $SECURITY_DIR/ca.pem"
+        echo "kafka password file: $SECURITY_DIR/$SCRAM_USER.password"
+    else
+        echo "kafka SASL_SSL: down"
+    fi
 }
 
 mkdir -p "$STATE_DIR" "$CACHE_DIR"

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use recon_worker::config::{Config, LogFormat};
+use recon_worker::consumer::ConsumerError;
 use recon_worker::{store::Store, telemetry, worker};
 
 /// Reconciles payments against settlements from Kafka into PostgreSQL, exactly once.
@@ -56,6 +57,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
+            let code = exit_code(&error);
             // Errors of librdkafka and sqlx may quote configuration values.
             let error = scrubber.scrub(&format!("{error:#}"));
             if log_format == LogFormat::Json {
@@ -63,8 +65,24 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("recon-worker: {error}");
             }
-            ExitCode::FAILURE
+            code
         }
+    }
+}
+
+/// 2 when only a change of configuration can help (the code of an invalid variable):
+/// a broker refusing the worker's credentials or its TLS. 1 for the rest, which may
+/// pass (an outage) or need a look (a failed migration).
+fn exit_code(error: &anyhow::Error) -> ExitCode {
+    let refused = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<ConsumerError>()
+            .is_some_and(ConsumerError::is_configuration)
+    });
+    if refused {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -1,14 +1,16 @@
 //! The Kafka client: librdkafka's configuration, the start-up check that the two
-//! topics are co-partitioned, and the cached watermarks read without a round trip.
+//! topics are co-partitioned (which is also the first contact with the brokers), and
+//! the cached watermarks read without a round trip.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::metadata::Metadata;
 use rdkafka::types::RDKafkaRespErr;
 
 use super::rebalance::RebalanceContext;
-use super::ConsumerError;
+use super::{security, ConsumerError};
 use crate::config::{Config, GroupProtocol};
 
 pub type KafkaConsumer = BaseConsumer<RebalanceContext>;
@@ -75,7 +77,7 @@ pub fn check_co_partitioned(
     config: &Config,
 ) -> Result<usize, ConsumerError> {
     let count = |topic: &str| -> Result<usize, ConsumerError> {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let metadata = metadata(consumer, topic, config)?;
         let partitions = metadata
             .topics()
             .iter()
@@ -100,6 +102,56 @@ pub fn check_co_partitioned(
         });
     }
     Ok(payments_partitions)
+}
+
+/// How long the start-up check waits for a broker to answer.
+const METADATA_PATIENCE: Duration = Duration::from_secs(10);
+
+/// `topic`'s metadata, waiting up to [`METADATA_PATIENCE`] for a broker, but ending at
+/// the first refusal of the worker's credentials or TLS: librdkafka retries those as
+/// it retries an outage, so one long request would report them 10 s later as a
+/// timeout, without the cause. Requests are short at first and grow (0.5 s, 1 s, 2 s,
+/// 4 s), so a slow answer still arrives; between them the client's queued events are
+/// served, and the context records the errors among them.
+fn metadata(
+    consumer: &KafkaConsumer,
+    topic: &str,
+    config: &Config,
+) -> Result<Metadata, ConsumerError> {
+    let started = Instant::now();
+    let mut step = Duration::from_millis(500);
+    loop {
+        let remaining = METADATA_PATIENCE.saturating_sub(started.elapsed());
+        if let Ok(metadata) = consumer.fetch_metadata(Some(topic), step.min(remaining)) {
+            return Ok(metadata);
+        }
+        serve_events(consumer);
+        let errors = &consumer.context().connection;
+        if let Some(refusal) = errors.refusal() {
+            return Err(security::refused(refusal, config));
+        }
+        if started.elapsed() >= METADATA_PATIENCE {
+            return Err(ConsumerError::Unreachable {
+                brokers: config.brokers.clone(),
+                waited: METADATA_PATIENCE,
+                last_error: errors.last(),
+            });
+        }
+        step = (step * 2).min(Duration::from_secs(4));
+    }
+}
+
+/// Serves the client's queued events (error events reach the context's `error`
+/// callback, log lines its `log`), until none came for 20 ms or a refusal is recorded.
+/// Before the subscription a poll returns no messages.
+fn serve_events(consumer: &KafkaConsumer) {
+    // Bounded: a client failing in a tight loop must not keep the check here.
+    for _ in 0..1000 {
+        let served = consumer.poll(Duration::from_millis(20));
+        if served.is_none() || consumer.context().connection.refusal().is_some() {
+            return;
+        }
+    }
 }
 
 /// The low and high watermarks librdkafka cached from its last fetch response for this

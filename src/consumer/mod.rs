@@ -10,6 +10,8 @@
 //! - `rebalance`: librdkafka's rebalance callbacks, which wait for the pipeline to take
 //!   (or let go of) partition pairs; `incremental` for the next-generation protocol.
 //! - `in_step`: progress reports and keeping each pair's two topics in step.
+//! - `security`: a broker refusing the worker's credentials or TLS at start, told from
+//!   an outage and named (authentication, untrusted certificate, hostname mismatch).
 
 mod client;
 pub mod delivery;
@@ -17,6 +19,7 @@ mod in_step;
 mod incremental;
 mod poller;
 mod rebalance;
+mod security;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc as std_mpsc;
@@ -34,16 +37,41 @@ pub use delivery::{
 };
 use poller::{Poller, Reader};
 use rebalance::RebalanceContext;
+pub use security::TlsCause;
 
 use crate::config::Config;
 use crate::pair::PerInput;
 use crate::telemetry::Health;
 
-/// A Kafka failure at start, saying whether retrying can help.
+/// A Kafka failure at start, saying whether retrying can help
+/// ([`ConsumerError::is_configuration`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     #[error("Kafka client error: {0}")]
     Kafka(#[from] KafkaError),
+    /// librdkafka refused its configuration: a `RECON_KAFKA_PROP_*` value it does not
+    /// accept, or properties that do not go together (SASL without a user name, say).
+    #[error("librdkafka refused the Kafka configuration (RECON_KAFKA_PROP_*): {0}")]
+    Configuration(KafkaError),
+    /// No broker answered in time: down, unreachable, or a listener that speaks another
+    /// protocol (PLAINTEXT against TLS, say), which librdkafka cannot tell apart.
+    #[error("no Kafka broker of {brokers} answered within {waited:?}{}", last_error_text(.last_error))]
+    Unreachable {
+        brokers: String,
+        waited: std::time::Duration,
+        /// librdkafka's last connection error.
+        last_error: Option<String>,
+    },
+    /// The broker refused the worker's SASL credentials.
+    #[error(
+        "Kafka authentication failed: {reason} (check RECON_KAFKA_PROP_SASL_MECHANISM, \
+         RECON_KAFKA_PROP_SASL_USERNAME and RECON_KAFKA_PROP_SASL_PASSWORD)"
+    )]
+    Authentication { reason: String },
+    /// TLS with a broker failed: its certificate was not trusted, or not issued to the
+    /// name connected to.
+    #[error("TLS with the Kafka broker failed: {cause}; librdkafka: {reason}")]
+    Tls { cause: TlsCause, reason: String },
     #[error("topic {topic:?} does not exist on {brokers}")]
     MissingTopic { topic: String, brokers: String },
     #[error(
@@ -56,6 +84,25 @@ pub enum ConsumerError {
         settlements: String,
         settlements_partitions: usize,
     },
+}
+
+impl ConsumerError {
+    /// Whether only a change of configuration (or of the broker's) can help: the same
+    /// start would be refused the same way, so the binary exits 2 as for an invalid
+    /// variable, not 1 as for an outage.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            Self::Configuration(_) | Self::Authentication { .. } | Self::Tls { .. }
+        )
+    }
+}
+
+fn last_error_text(last_error: &Option<String>) -> String {
+    last_error
+        .as_ref()
+        .map(|error| format!("; last connection error: {error}"))
+        .unwrap_or_default()
 }
 
 /// The running poll thread.
@@ -94,8 +141,11 @@ pub fn start(
         topics.clone(),
         failed.clone(),
         health.clone(),
+        config.scrubber.clone(),
     );
-    let consumer: KafkaConsumer = client_config(config).create_with_context(context)?;
+    let consumer: KafkaConsumer = client_config(config)
+        .create_with_context(context)
+        .map_err(ConsumerError::Configuration)?;
     let partitions = check_co_partitioned(&consumer, config)?;
     tracing::info!(
         payments = %config.payments_topic,

@@ -21,6 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::delivery::{Control, Delivery};
 use super::poller::{commit_advisory, input_of};
+use super::security::ConnectionErrors;
+use crate::config::Scrubber;
 use crate::event::Input;
 use crate::pair::{PairPosition, PerInput};
 use crate::telemetry::Health;
@@ -39,6 +41,10 @@ pub struct RebalanceContext {
     /// Where each newly assigned partition starts, for the poll thread (the callback
     /// runs inside its `poll`, which cannot lend it the poller itself).
     pub(super) assigned: Mutex<Vec<Assigned>>,
+    /// Connection errors, for the start-up check (a refusal ends the start).
+    pub(super) connection: ConnectionErrors,
+    /// librdkafka's lines may quote configuration values; secrets are blanked out.
+    pub(super) scrubber: Scrubber,
 }
 
 /// A partition just assigned, and the offset it is read from (`None`: the beginning).
@@ -51,6 +57,7 @@ pub(super) struct Assigned {
 
 impl ClientContext for RebalanceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let log_message = self.scrubber.scrub(log_message);
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -71,7 +78,9 @@ impl ClientContext for RebalanceContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        let reason = self.scrubber.scrub(reason);
         tracing::warn!(%error, reason, "Kafka client error");
+        self.connection.record(error.rdkafka_error_code(), &reason);
         metrics::counter!(crate::telemetry::metrics::KAFKA_ERRORS).increment(1);
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.health.set_brokers_down(true);
@@ -139,6 +148,7 @@ impl RebalanceContext {
         topics: PerInput<String>,
         failed: Arc<AtomicBool>,
         health: Arc<Health>,
+        scrubber: Scrubber,
     ) -> Self {
         Self {
             deliveries,
@@ -147,6 +157,8 @@ impl RebalanceContext {
             health,
             granted: Mutex::new(HashMap::new()),
             assigned: Mutex::new(Vec::new()),
+            connection: ConnectionErrors::default(),
+            scrubber,
         }
     }
 

@@ -1,11 +1,12 @@
 //! Helpers for the end-to-end tests: real broker (127.0.0.1:9092 unless
-//! RECON_TEST_BROKERS says otherwise), real PostgreSQL (a fresh database per test from
-//! `#[sqlx::test]`), random topic and group names, and the worker as a real process
-//! (or its configuration, for a worker run in the test's own process).
+//! RECON_TEST_BROKERS says otherwise; its secure listeners in [`secure_kafka`]), real
+//! PostgreSQL (a fresh database per test from `#[sqlx::test]`), random topic and group
+//! names, and the worker as a real process (or its configuration, for a worker run in
+//! the test's own process).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,73 @@ pub fn consumer_protocol() -> bool {
 
 pub fn brokers() -> String {
     std::env::var("RECON_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// The broker's secure listeners, as `scripts/dev-services.sh up` starts them, and the
+/// CA and SCRAM password it generated for them.
+pub struct SecureKafka {
+    /// SASL_SSL, SCRAM-SHA-512 (`RECON_TEST_SASL_SSL_BROKERS`, default 127.0.0.1:9094);
+    /// its certificate names `localhost` and `127.0.0.1`.
+    pub sasl_ssl_brokers: String,
+    /// SSL without SASL (`RECON_TEST_SSL_BROKERS`, default 127.0.0.1:9095); its
+    /// certificate names the address 127.0.0.1 only, not `localhost`.
+    pub ssl_brokers: String,
+    /// The CA that signed both certificates.
+    pub ca_file: PathBuf,
+    pub username: String,
+    pub password: String,
+}
+
+/// The secure listeners. Their files are in `RECON_TEST_KAFKA_SECURITY_DIR`, by default
+/// where the script writes them: `$RECON_SERVICES_DIR/kafka/security` (the services
+/// directory defaulting as in the script). Missing files fail the test, as a missing
+/// broker does: a suite that skipped them would pass without testing TLS at all.
+pub fn secure_kafka() -> SecureKafka {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let dir = var("RECON_TEST_KAFKA_SECURITY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let services = var("RECON_SERVICES_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    var("XDG_STATE_HOME")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| {
+                            PathBuf::from(var("HOME").unwrap_or_default()).join(".local/state")
+                        })
+                        .join("recon-worker")
+                });
+            services.join("kafka/security")
+        });
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).unwrap_or_else(|error| {
+            panic!(
+                "{}: {error}; the broker's secure listeners and their files come from \
+                 `scripts/dev-services.sh up` (RECON_TEST_KAFKA_SECURITY_DIR names another \
+                 services set's)",
+                path.display()
+            )
+        })
+    };
+    let ca_file = dir.join("ca.pem");
+    read(&ca_file);
+    let username = "recon".to_owned();
+    let password = read(&dir.join(format!("{username}.password")))
+        .trim()
+        .to_owned();
+    assert!(
+        !password.is_empty(),
+        "empty password file in {}",
+        dir.display()
+    );
+    SecureKafka {
+        sasl_ssl_brokers: var("RECON_TEST_SASL_SSL_BROKERS")
+            .unwrap_or_else(|| "127.0.0.1:9094".into()),
+        ssl_brokers: var("RECON_TEST_SSL_BROKERS").unwrap_or_else(|| "127.0.0.1:9095".into()),
+        ca_file,
+        username,
+        password,
+    }
 }
 
 pub fn unique(prefix: &str) -> String {
@@ -126,6 +194,10 @@ impl World {
 
     /// Starts `recon-worker run` against this world, with [`World::worker_env`].
     pub fn spawn_worker(&self, name: &str, extra: &[(&str, &str)]) -> Worker {
+        self.spawn_worker_to(name, extra, Stdio::null())
+    }
+
+    fn spawn_worker_to(&self, name: &str, extra: &[(&str, &str)], stdout: Stdio) -> Worker {
         let log = self.log_dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_recon-worker"));
@@ -136,11 +208,27 @@ impl World {
             .env("RUST_LOG", "info,librdkafka=warn")
             .envs(self.worker_env(extra));
         let child = command
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(file)
             .spawn()
             .expect("spawn recon-worker");
         Worker { child, log }
+    }
+
+    /// Runs `recon-worker run` against this world until it exits by itself (failing the
+    /// test after `within`). Both streams go to files, so no flood of log lines can
+    /// block the worker on a full pipe.
+    pub fn run_to_exit(&self, name: &str, extra: &[(&str, &str)], within: Duration) -> Exited {
+        let stdout_path = self.log_dir.join(format!("{name}.stdout"));
+        let stdout = std::fs::File::create(&stdout_path).expect("stdout file");
+        let mut worker = self.spawn_worker_to(name, extra, stdout.into());
+        let status = worker.wait(within);
+        Exited {
+            status,
+            at: chrono::Utc::now(),
+            stdout: std::fs::read_to_string(&stdout_path).unwrap_or_default(),
+            stderr: worker.log_text(),
+        }
     }
 
     pub async fn outcomes(&self) -> BTreeMap<(String, String), (String, Outcome, Option<String>)> {
@@ -243,6 +331,14 @@ impl World {
 pub struct Worker {
     pub child: Child,
     pub log: PathBuf,
+}
+
+/// A worker that exited: how, when (seen by the test), and what it printed.
+pub struct Exited {
+    pub status: ExitStatus,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 impl Worker {
