@@ -28,6 +28,13 @@
 # controller and inter-broker listeners stay PLAINTEXT; there is no authorizer (any
 # authenticated user may do anything). A restart keeps the storage, so it keeps the
 # certificates and the password too.
+#
+# PostgreSQL also accepts TLS with a server certificate for localhost and 127.0.0.1
+# signed by a CA made for it, both generated (openssl) whenever `up` starts the cluster
+# or finds it without them, into $STATE_DIR/pg-tls: `ca.crt` is what a client verifies
+# the server with (`sslmode=verify-full&sslrootcert=.../ca.crt`), `untrusted-ca.crt`
+# an unrelated CA the server's certificate does not chain to (what a client holding the
+# wrong CA bundle sees). Connections without TLS are still accepted.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -68,10 +75,83 @@ apt_install() {
 
 pg_ready() { pg_isready -q -h "$PG_HOST" -p "$PG_PORT" 2>/dev/null; }
 
+PG_TLS_DIR="$STATE_DIR/pg-tls"
+
+# The version of the cluster this script manages, if it exists.
+pg_cluster_version() {
+    command -v pg_lsclusters >/dev/null || return 0
+    pg_lsclusters -h | awk -v c="$PG_CLUSTER" '$2 == c { print $1; exit }'
+}
+
+# Whether a TLS connection verified against our CA succeeds (libpq: verify-full checks
+# the chain and that 127.0.0.1 is among the certificate's names).
+pg_tls_works() {
+    [ -f "$PG_TLS_DIR/ca.crt" ] || return 1
+    psql -X -q -t -c 'SELECT 1' \
+        "host=$PG_HOST port=$PG_PORT user=postgres dbname=postgres sslmode=verify-full sslrootcert=$PG_TLS_DIR/ca.crt" \
+        >/dev/null 2>&1
+}
+
+# A CA, a server certificate it signs (SAN localhost, 127.0.0.1) and an unrelated CA,
+# made anew; the server's pair is installed into the cluster's configuration directory
+# (readable by the postgres user only) and named by conf.d/recon-tls.conf. The CAs'
+# keys are not kept: nothing else is ever signed with them.
+pg_tls_setup() {
+    local version=$1
+    local conf="/etc/postgresql/$version/$PG_CLUSTER"
+    command -v openssl >/dev/null || apt_install openssl
+    # Beside the state it feeds, not in /tmp: it holds the CAs' keys until the end.
+    local work="$STATE_DIR/pg-tls.work"
+    rm -rf "$work"
+    mkdir -m 0700 "$work"
+    local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+    # openssl chats on stderr; shown only when it fails.
+    ossl() { openssl "$@" 2>"$work/openssl.err" || { cat "$work/openssl.err" >&2; return 1; }; }
+    ossl req -x509 "${ec[@]}" -days 30 -subj "/CN=recon-worker dev CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -keyout "$work/ca.key" -out "$work/ca.crt"
+    ossl req "${ec[@]}" -subj "/CN=localhost" \
+        -keyout "$work/server.key" -out "$work/server.csr"
+    printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=critical,CA:FALSE" \
+        "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >"$work/server.ext"
+    ossl x509 -req -in "$work/server.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" \
+        -CAcreateserial -days 30 -extfile "$work/server.ext" -out "$work/server.crt"
+    ossl req -x509 "${ec[@]}" -days 30 -subj "/CN=recon-worker untrusted CA" \
+        -addext "basicConstraints=critical,CA:TRUE" \
+        -keyout "$work/untrusted-ca.key" -out "$work/untrusted-ca.crt"
+    as_root install -d -o postgres -g postgres -m 0700 "$conf/recon-tls"
+    as_root install -o postgres -g postgres -m 0644 "$work/server.crt" "$conf/recon-tls/server.crt"
+    as_root install -o postgres -g postgres -m 0600 "$work/server.key" "$conf/recon-tls/server.key"
+    as_root install -d -o postgres -g postgres -m 0755 "$conf/conf.d"
+    printf '%s\n' "# Written by scripts/dev-services.sh: TLS with a certificate its CA ($PG_TLS_DIR/ca.crt) signs." \
+        "ssl = on" "ssl_cert_file = '$conf/recon-tls/server.crt'" "ssl_key_file = '$conf/recon-tls/server.key'" \
+        | as_root tee "$conf/conf.d/recon-tls.conf" >/dev/null
+    mkdir -p "$PG_TLS_DIR"
+    install -m 0644 "$work/ca.crt" "$PG_TLS_DIR/ca.crt"
+    install -m 0644 "$work/untrusted-ca.crt" "$PG_TLS_DIR/untrusted-ca.crt"
+    rm -rf "$work"
+    log "PostgreSQL TLS: CA $PG_TLS_DIR/ca.crt, server certificate for localhost and 127.0.0.1"
+}
+
 postgres_up() {
     if command -v pg_isready >/dev/null && pg_ready; then
         log "PostgreSQL already running on $PG_HOST:$PG_PORT"
-        return
+        if pg_tls_works; then
+            return
+        fi
+        # Started before this script set TLS up (or by something else): the settings
+        # take effect on a reload, which keeps every open connection.
+        local version
+        version=$(pg_cluster_version)
+        if [ -z "$version" ]; then
+            log "PostgreSQL on port $PG_PORT is not cluster $PG_CLUSTER: TLS not set up (tests needing it will fail)"
+            return
+        fi
+        pg_tls_setup "$version"
+        as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$PG_CLUSTER" reload
+        for _ in $(seq 20); do pg_tls_works && return; sleep 0.25; done
+        log "PostgreSQL did not accept TLS verified against $PG_TLS_DIR/ca.crt after a reload"
+        exit 1
     fi
     command -v pg_ctlcluster >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
         || apt_install postgresql
@@ -81,15 +161,19 @@ postgres_up() {
     if ! pg_lsclusters -h | awk '{print $2}' | grep -qx "$PG_CLUSTER"; then
         as_root pg_createcluster -p "$PG_PORT" "$version" "$PG_CLUSTER" >/dev/null
     fi
+    # The cluster's own version: an existing cluster may be older than the newest installed.
+    version=$(pg_cluster_version)
     local conf="/etc/postgresql/$version/$PG_CLUSTER"
     # Local development only: trust connections from this machine, as the CI image does.
     if ! grep -q '^host all all 127.0.0.1/32 trust' "$conf/pg_hba.conf"; then
         as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\nlocal all all trust' "$conf/pg_hba.conf"
     fi
+    pg_tls_setup "$version"
     log "starting PostgreSQL $version"
     as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$PG_CLUSTER" start || true
     for _ in $(seq 120); do pg_ready && break; sleep 0.5; done
     pg_ready || { log "PostgreSQL did not become ready"; exit 1; }
+    pg_tls_works || { log "PostgreSQL does not accept TLS verified against $PG_TLS_DIR/ca.crt"; exit 1; }
 }
 
 kafka_install() {

@@ -10,7 +10,8 @@
 #   5. docker-compose.yml (docker-compose config -q; no Docker engine needed)
 #
 # Needs the local services running: `scripts/dev-services.sh up` (PostgreSQL on
-# 127.0.0.1:5432 with trust auth, Apache Kafka on 127.0.0.1:9092). The live check
+# 127.0.0.1:5432 with trust auth, Apache Kafka on 127.0.0.1:9092, or the ports
+# RECON_PG_PORT and RECON_KAFKA_PORT name). The live check
 # uses a fresh database recon_validate_<pid> (dropped at exit) and fresh topics
 # validate-{p,s}-<pid>, so it can run beside tests that use the same broker.
 #
@@ -36,8 +37,10 @@ tools=${tools:-$(dirname -- "$bin")/recon-tools}
 
 started=$SECONDS
 PG_HOST=127.0.0.1
-PG_PORT=5432
-BROKER=127.0.0.1:9092
+# The services of scripts/dev-services.sh, on its ports (a second set beside the first
+# sets RECON_PG_PORT and RECON_KAFKA_PORT for both scripts).
+PG_PORT=${RECON_PG_PORT:-5432}
+BROKER=127.0.0.1:${RECON_KAFKA_PORT:-9092}
 VENV=${RECON_VALIDATE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/recon-worker/validate-venv}
 DB=recon_validate_$$
 work=$(mktemp -d)

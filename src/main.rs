@@ -26,8 +26,10 @@ struct Cli {
 enum Command {
     /// Apply database migrations and exit.
     Migrate,
-    /// Apply migrations, then consume and reconcile until SIGINT/SIGTERM. On a signal:
-    /// finish the batch in hand, commit, leave the consumer group, exit 0.
+    /// Apply migrations (a role without DDL rights, or RECON_MIGRATE=never: check that
+    /// none is pending, and refuse to start otherwise), then consume and reconcile until
+    /// SIGINT/SIGTERM. On a signal: finish the batch in hand, commit, leave the consumer
+    /// group, exit 0.
     Run,
 }
 
@@ -59,7 +61,7 @@ fn main() -> ExitCode {
         Err(error) => {
             let code = exit_code(&error);
             // Errors of librdkafka and sqlx may quote configuration values.
-            let error = scrubber.scrub(&format!("{error:#}"));
+            let error = scrubber.scrub(&describe(&error));
             if log_format == LogFormat::Json {
                 tracing::error!(error, "recon-worker failed");
             } else {
@@ -84,6 +86,24 @@ fn exit_code(error: &anyhow::Error) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// An error and its causes, as `{:#}` shows them, but without a cause the text
+/// before it already quotes: sqlx's and the store's messages include their source, so
+/// a refused certificate was otherwise printed four times over.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
 }
 
 async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {

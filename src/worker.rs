@@ -1,6 +1,7 @@
 //! `recon-worker run` and `migrate`: wiring and the shutdown protocol.
 //!
-//! Start: metrics server, migrations (retried while the database is unreachable),
+//! Start: metrics server, the schema (migrated by a role with DDL rights, only checked
+//! by one without: [`prepare_schema`]; retried while the database is unreachable),
 //! consumer (co-partitioning checked before joining the group), pipeline. Shutdown
 //! when the future [`run`] is given resolves — SIGTERM/SIGINT in the binary
 //! ([`shutdown_signal`]), a test's trigger in process: the poll thread stops polling
@@ -18,10 +19,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::config::{Config, MigrateMode};
 use crate::pipeline::Pipeline;
 use crate::retry::{Backoff, Operation};
-use crate::store::{Store, StoreError};
+use crate::store::{MigrationStatus, Store, StoreError};
 use crate::telemetry::{self, Health};
 
 /// Applies migrations, retrying for up to `patience` while the database is unreachable.
@@ -42,16 +43,160 @@ pub async fn migrate(store: &Store, health: &Health, patience: Duration) -> anyh
             {
                 backoff.wait(&e).await;
             }
+            Err(error) if lacks_privilege(&error) => {
+                return Err(error).context(
+                    "applying database migrations (they need DDL rights: \
+                     run `recon-worker migrate` as the owner role)",
+                );
+            }
             Err(error) => return Err(error).context("applying database migrations"),
         }
     }
 }
 
+/// A migration refused for want of a privilege (SQLSTATE 42501): run as the runtime role.
+fn lacks_privilege(error: &StoreError) -> bool {
+    let (StoreError::Migrate(sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(db)))
+    | StoreError::Migrate(sqlx::migrate::MigrateError::ExecuteMigration(
+        sqlx::Error::Database(db),
+        _,
+    ))) = error
+    else {
+        return false;
+    };
+    db.code().is_some_and(|code| code == "42501")
+}
+
 /// Down, starting, read-only during a failover, locked by another worker's
 /// migration: the store's transient errors. Anything else (a role without rights, a
-/// broken migration) fails at once.
+/// broken migration, a certificate refused) fails at once.
 fn is_unreachable(error: &sqlx::Error) -> bool {
     crate::store::is_transient(error)
+}
+
+/// Runs `attempt` until it succeeds, fails with a permanent error, or has failed
+/// transiently for `patience`.
+async fn retry_for<T, Fut>(
+    patience: Duration,
+    health: &Health,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<T, StoreError>
+where
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let started = std::time::Instant::now();
+    let mut backoff = Backoff::new(Operation::Migrate, health);
+    loop {
+        match attempt().await {
+            Ok(value) => {
+                backoff.recovered();
+                return Ok(value);
+            }
+            Err(error) if error.is_transient() && started.elapsed() < patience => {
+                backoff.wait(&error).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// What [`prepare_schema`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    /// The pending migrations were applied (a role with DDL rights).
+    Migrated,
+    /// Nothing was applied: the schema was checked to be current.
+    Checked,
+}
+
+/// The schema before `run` starts (contract §4): a role that may create objects in its
+/// schema (the owner role) applies the pending migrations, unless `RECON_MIGRATE=never`;
+/// any other role (the runtime role: rows only, no DDL) checks that none is pending and
+/// refuses to start otherwise, naming them. `database` is the redacted URL, for
+/// errors.
+pub async fn prepare_schema(
+    store: &Store,
+    mode: MigrateMode,
+    database: &str,
+    health: &Health,
+    patience: Duration,
+) -> anyhow::Result<Schema> {
+    let may_migrate = retry_for(patience, health, || store.may_migrate())
+        .await
+        .with_context(|| {
+            format!("connecting to PostgreSQL ({database}) to apply or check the migrations")
+        })?;
+    if may_migrate && mode == MigrateMode::Auto {
+        migrate(store, health, patience).await?;
+        return Ok(Schema::Migrated);
+    }
+    let status = retry_for(patience, health, || store.migration_status())
+        .await
+        .context("checking for pending migrations")?;
+    if status.is_current() {
+        return Ok(Schema::Checked);
+    }
+    let (role, schema) = store
+        .role_and_schema()
+        .await
+        .context("reading the role's name")?;
+    let mut message = format!("refusing to start: {}", describe(&status));
+    if !status.pending.is_empty() || !status.failed.is_empty() {
+        let why = match (mode, schema) {
+            (MigrateMode::Never, _) => "RECON_MIGRATE=never".to_owned(),
+            (MigrateMode::Auto, Some(schema)) => {
+                format!("role {role} has no CREATE privilege on schema {schema}")
+            }
+            (MigrateMode::Auto, None) => {
+                format!("role {role} has no schema to create in: none of its search_path exists")
+            }
+        };
+        message.push_str(&format!(
+            "; this worker does not migrate ({why}): run `recon-worker migrate` as the owner role first"
+        ));
+    }
+    bail!(message);
+}
+
+/// The differences of a schema from the one this binary expects, for the refusal.
+fn describe(status: &MigrationStatus) -> String {
+    let names = |names: &[crate::store::MigrationName]| {
+        names
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let versions = |versions: &[i64]| {
+        versions
+            .iter()
+            .map(|v| format!("{v:04}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut parts = Vec::new();
+    if !status.pending.is_empty() {
+        parts.push(format!("pending migrations {}", names(&status.pending)));
+    }
+    if !status.failed.is_empty() {
+        parts.push(format!(
+            "migrations recorded as failed {}",
+            versions(&status.failed)
+        ));
+    }
+    if !status.modified.is_empty() {
+        parts.push(format!(
+            "migrations applied from files other than this binary's {}",
+            names(&status.modified)
+        ));
+    }
+    if !status.unknown.is_empty() {
+        parts.push(format!(
+            "migrations applied that this binary does not know {} (a newer recon-worker migrated this database)",
+            versions(&status.unknown)
+        ));
+    }
+    parts.join("; ")
 }
 
 /// Runs the worker until `shutdown` resolves (or the pipeline fails), then shuts down
@@ -74,12 +219,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         &config.settlements_topic,
     );
     let mut signal = std::pin::pin!(shutdown);
-    tokio::select! {
-        result = migrate(&store, &health, Duration::from_secs(u64::MAX / 4)) => result?,
+    let schema = prepare_schema(
+        &store,
+        config.migrate,
+        &config.database_display,
+        &health,
+        Duration::from_secs(u64::MAX / 4),
+    );
+    let schema = tokio::select! {
+        result = schema => result?,
         _ = &mut signal => { tracing::info!("shutdown before start; exiting"); return Ok(()); }
-    }
+    };
     health.set_database_ok(true);
-    tracing::info!(database = %config.database_display, "migrations applied");
+    match schema {
+        Schema::Migrated => {
+            tracing::info!(database = %config.database_display, "migrations applied");
+        }
+        Schema::Checked => tracing::info!(
+            database = %config.database_display,
+            "no migration pending (not migrating: the role has no DDL rights or RECON_MIGRATE=never)"
+        ),
+    }
 
     // A fifth of a batch between the poll thread and the pipeline: enough to hand
     // messages over while the pipeline turns; librdkafka's bounded prefetch is the

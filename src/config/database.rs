@@ -1,4 +1,5 @@
-//! `DATABASE_URL`: its parse into connection options, and its password hidden wherever
+//! `DATABASE_URL` (or the file `DATABASE_URL_FILE` names): its parse into connection
+//! options, the CA file it names checked at start, and its password hidden wherever
 //! the URL is shown (logs, configuration errors) or might be echoed (the secrets a
 //! [`Scrubber`](super::Scrubber) blanks out of other libraries' errors).
 
@@ -18,15 +19,22 @@ pub(super) struct Database {
     pub(super) secrets: Vec<String>,
 }
 
-/// Reads `DATABASE_URL`; an error shows it with its password hidden.
+/// Reads `DATABASE_URL` or `DATABASE_URL_FILE`; an error shows the URL with its
+/// password hidden.
 pub(super) fn read(env: &Env<'_>) -> Result<Database, ConfigError> {
-    let url = env.required("DATABASE_URL")?;
+    let secret = env.required_secret("DATABASE_URL")?;
+    let url = secret.value;
+    let variable = match &secret.file {
+        Some((file_variable, path)) => format!("DATABASE_URL (read from {file_variable}={path})"),
+        None => "DATABASE_URL".to_owned(),
+    };
     let display = redact_url(&url);
     let options = PgConnectOptions::from_str(&url).map_err(|_| ConfigError::Invalid {
-        variable: "DATABASE_URL".into(),
+        variable: variable.clone(),
         value: display.clone(),
         expected: "a PostgreSQL URL such as postgres://user@host:5432/db".into(),
     })?;
+    check_root_certificate(&url, &variable)?;
     let secrets = url_secret_ranges(&url)
         .unwrap_or_default()
         .into_iter()
@@ -43,6 +51,50 @@ pub(super) fn read(env: &Env<'_>) -> Result<Database, ConfigError> {
         display,
         secrets,
     })
+}
+
+/// Checks that the CA file the URL names (`sslrootcert`, or sqlx's aliases
+/// `ssl-root-cert` and `ssl-ca`; the last one given counts, as in sqlx) can be read.
+/// sqlx reads it at every connection and reports a missing file as an I/O error, which
+/// is what an unreachable server looks like too: the worker would retry a typo in a
+/// mount path for ever instead of saying so at start.
+fn check_root_certificate(url: &str, variable: &str) -> Result<(), ConfigError> {
+    let Some(path) = root_certificate_path(url) else {
+        return Ok(());
+    };
+    std::fs::File::open(&path)
+        .map(drop)
+        .map_err(|error| ConfigError::File {
+            variable: format!("{variable} (sslrootcert)"),
+            path,
+            reason: error.to_string(),
+        })
+}
+
+/// The CA file a URL names, read from its query as a URL parser reads it (the query
+/// starts at the first `?` and ends at a `#`; `+` is a space, `%XX` a byte).
+fn root_certificate_path(url: &str) -> Option<String> {
+    let (_, query) = url.split_once('?')?;
+    let query = query.split('#').next().unwrap_or_default();
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(name, _)| {
+            matches!(
+                decode_component_raw(name).as_str(),
+                "sslrootcert" | "ssl-root-cert" | "ssl-ca"
+            )
+        })
+        .map(|(_, value)| decode_component_raw(value))
+        .next_back()
+}
+
+/// A query component as a URL parser reads it, case kept.
+fn decode_component_raw(text: &str) -> String {
+    let plus_as_space = text.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus_as_space)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Replaces every password a PostgreSQL connection string may carry with `***`,
@@ -110,10 +162,7 @@ fn is_url_scheme(scheme: &str) -> bool {
 /// A query component as a URL parser reads it: `+` is a space, `%XX` a byte;
 /// lower-cased, for comparing names.
 fn decode_component(text: &str) -> String {
-    let plus_as_space = text.replace('+', " ");
-    percent_encoding::percent_decode_str(&plus_as_space)
-        .decode_utf8_lossy()
-        .to_lowercase()
+    decode_component_raw(text).to_lowercase()
 }
 
 /// `text` with each byte range (sorted or not, overlapping or not) replaced by `***`.

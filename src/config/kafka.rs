@@ -1,11 +1,20 @@
 //! `RECON_KAFKA_PROP_*`: librdkafka properties given through the environment — how a
 //! variable's name maps to a property, which properties the worker refuses to let an
-//! override undo, and which hold secrets that are never shown.
+//! override undo, which hold secrets that are never shown, and which are read from
+//! the file a `RECON_KAFKA_PROP_<NAME>_FILE` names.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::env::invalid;
+use super::env::{invalid, secret, FILE_SUFFIX};
 use super::ConfigError;
+
+/// librdkafka's own properties whose names end in `.file` (they take a path): their
+/// variables end in `_FILE` and are properties, not values read from a file.
+const LIBRDKAFKA_FILE_PROPERTIES: [&str; 3] = [
+    "sasl.oauthbearer.assertion.file",
+    "sasl.oauthbearer.assertion.jwt.template.file",
+    "sasl.oauthbearer.assertion.private.key.file",
+];
 
 /// librdkafka properties whose values are secrets and never logged: passwords, client
 /// secrets, tokens, private keys (`ssl.key.pem`, `ssl_key`; a `key` in the name may
@@ -113,18 +122,51 @@ pub fn kafka_property_name(suffix: &str) -> Option<String> {
     Some(name)
 }
 
-/// The librdkafka properties among `vars`, by property name. A malformed name or a
-/// reserved property stops the configuration; a value that may be a secret is never
-/// part of the error.
-pub(super) fn properties(
-    vars: &BTreeMap<String, String>,
-) -> Result<BTreeMap<String, String>, ConfigError> {
+/// The librdkafka properties of a configuration.
+pub(super) struct KafkaProperties {
+    /// By property name.
+    pub(super) values: BTreeMap<String, String>,
+    /// The properties whose value was read from a file.
+    pub(super) from_files: BTreeSet<String>,
+}
+
+/// For `RECON_KAFKA_PROP_<NAME>_FILE`: the `<NAME>` whose value the file holds.
+/// `None` for any other suffix, and for librdkafka's own `*.file` properties.
+fn file_variable_target(suffix: &str) -> Option<&str> {
+    let property = kafka_property_name(suffix)?;
+    if !property.ends_with(".file") || LIBRDKAFKA_FILE_PROPERTIES.contains(&property.as_str()) {
+        return None;
+    }
+    // The name maps to `<something>.file`, so it ends in a lone `_FILE`.
+    suffix
+        .strip_suffix(FILE_SUFFIX)
+        .filter(|target| !target.is_empty())
+}
+
+/// The librdkafka properties among `vars`. A malformed name or a reserved property
+/// stops the configuration; a value that may be a secret is never part of the error,
+/// and neither is anything read from a file.
+pub(super) fn properties(vars: &BTreeMap<String, String>) -> Result<KafkaProperties, ConfigError> {
     let mut kafka_properties = BTreeMap::new();
+    let mut from_files = BTreeSet::new();
     for (name, value) in vars {
         if let Some(suffix) = name.strip_prefix(KAFKA_PROP_PREFIX) {
+            let (suffix, value, from_file) = match file_variable_target(suffix) {
+                Some(target) => {
+                    let variable = format!("{KAFKA_PROP_PREFIX}{target}");
+                    // Both set is an error. Only the direct one set (this one empty):
+                    // that one is read under its own name.
+                    match secret(vars, &variable, name)? {
+                        Some(read) if read.file.is_some() => (target, read.value, true),
+                        _ => continue,
+                    }
+                }
+                None => (suffix, value.clone(), false),
+            };
+            let value = &value;
             // The name is malformed, so whether it holds a secret is a guess from
             // its words: shown only when it does not look like one.
-            let shown = if is_secret_property(suffix) {
+            let shown = if from_file || is_secret_property(suffix) {
                 "***"
             } else {
                 value
@@ -138,19 +180,24 @@ pub(super) fn properties(
                     reason,
                 });
             }
+            if from_file {
+                from_files.insert(property.clone());
+            }
             kafka_properties.insert(property, value.clone());
         }
     }
-    Ok(kafka_properties)
+    Ok(KafkaProperties {
+        values: kafka_properties,
+        from_files,
+    })
 }
 
-/// The values of the secret properties among `properties`, for the
-/// [`Scrubber`](super::Scrubber).
-pub(super) fn secret_values(
-    properties: &BTreeMap<String, String>,
-) -> impl Iterator<Item = String> + '_ {
+/// The values of the secret properties among `properties` (by name, or read from a
+/// file), for the [`Scrubber`](super::Scrubber).
+pub(super) fn secret_values(properties: &KafkaProperties) -> impl Iterator<Item = String> + '_ {
     properties
+        .values
         .iter()
-        .filter(|(name, _)| is_secret_property(name))
+        .filter(|(name, _)| is_secret_property(name) || properties.from_files.contains(*name))
         .map(|(_, value)| value.clone())
 }

@@ -1,11 +1,14 @@
 //! Configuration from the environment (contract §4), parsed once at start into
 //! validated types. Every error names the variable, the value and what was expected;
-//! the database password is never part of an error or a log line.
+//! the database password is never part of an error or a log line. Every
+//! secret-bearing variable `X` (`DATABASE_URL`, `RECON_KAFKA_PROP_<NAME>`) may instead
+//! be given as `X_FILE`, the path of a file holding it (a Kubernetes secret mount).
 //!
 //! This module owns the [`Config`] type and the order it is read in; its parts own one
 //! concern each: `env` (reading a variable: defaults, parsing, bounds, the error
-//! naming it), `kafka` (`RECON_KAFKA_PROP_*`: property names, refused and secret
-//! properties), `database` (`DATABASE_URL` and hiding its password).
+//! naming it, secrets read from files), `kafka` (`RECON_KAFKA_PROP_*`: property names,
+//! refused and secret properties), `database` (`DATABASE_URL`, the CA file it names,
+//! and hiding its password).
 
 mod database;
 mod env;
@@ -13,7 +16,7 @@ mod kafka;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -42,6 +45,32 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    /// A secret given both directly and as the file its `_FILE` variable names.
+    #[error("{variable} and {file_variable} are both set: set only one")]
+    Conflict {
+        variable: String,
+        file_variable: String,
+    },
+    /// A file a variable names cannot be read. Its content is never part of the error.
+    #[error("{variable}={path:?}: cannot read the file: {reason}")]
+    File {
+        variable: String,
+        path: String,
+        reason: String,
+    },
+}
+
+/// Whether `recon-worker run` applies migrations (`RECON_MIGRATE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrateMode {
+    /// Migrate when the role may create objects in its schema (the owner role); a
+    /// role without DDL rights only checks that no migration is pending (contract §4).
+    Auto,
+    /// Never migrate, only check: for a deployment whose migrations run elsewhere (a
+    /// Kubernetes Job as the owner role), so a worker never runs DDL even if its role
+    /// happens to be allowed to (PostgreSQL 14 and older let every role create in
+    /// `public`).
+    Never,
 }
 
 /// The consumer group protocol (`RECON_GROUP_PROTOCOL`).
@@ -88,8 +117,12 @@ pub struct Config {
     pub commit_parallelism: usize,
     /// Bound on graceful shutdown after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
-    /// librdkafka properties from `RECON_KAFKA_PROP_<NAME>`.
+    /// librdkafka properties from `RECON_KAFKA_PROP_<NAME>` (or `..._FILE`).
     pub kafka_properties: BTreeMap<String, String>,
+    /// The properties among them read from files: never shown, whatever their name.
+    pub kafka_properties_from_files: BTreeSet<String>,
+    /// `RECON_MIGRATE`: whether `run` may apply migrations.
+    pub migrate: MigrateMode,
     /// `RECON_INSTANCE_ID`: the consumer's `group.instance.id` (static membership), so
     /// a restarted pod gets its pairs back without rebalancing the other workers.
     pub instance_id: Option<String>,
@@ -103,7 +136,10 @@ impl fmt::Debug for Config {
         let redacted_props: BTreeMap<&str, &str> = self
             .kafka_properties
             .iter()
-            .map(|(k, v)| (k.as_str(), if is_secret_property(k) { "***" } else { v }))
+            .map(|(k, v)| {
+                let hidden = is_secret_property(k) || self.kafka_properties_from_files.contains(k);
+                (k.as_str(), if hidden { "***" } else { v.as_str() })
+            })
             .collect();
         f.debug_struct("Config")
             .field("database", &self.database_display)
@@ -124,6 +160,7 @@ impl fmt::Debug for Config {
             .field("kafka_properties", &redacted_props)
             .field("instance_id", &self.instance_id)
             .field("group_protocol", &self.group_protocol)
+            .field("migrate", &self.migrate)
             .finish()
     }
 }
@@ -190,10 +227,9 @@ impl Config {
             "a socket address such as 0.0.0.0:9898",
         )?;
         let log_format = log_format(&env)?;
-        let kafka_properties = kafka::properties(&vars)?;
-        let scrubber = Scrubber::new(
-            (database.secrets.into_iter()).chain(kafka::secret_values(&kafka_properties)),
-        );
+        let kafka = kafka::properties(&vars)?;
+        let scrubber =
+            Scrubber::new((database.secrets.into_iter()).chain(kafka::secret_values(&kafka)));
         Ok(Self {
             database: database.options,
             database_display: database.display,
@@ -235,7 +271,9 @@ impl Config {
                 "a whole number from 1 to 64",
             )?,
             shutdown_timeout: env.duration("RECON_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
-            kafka_properties,
+            kafka_properties: kafka.values,
+            kafka_properties_from_files: kafka.from_files,
+            migrate: migrate_mode(&env)?,
             instance_id: env.instance_id("RECON_INSTANCE_ID")?,
             group_protocol: group_protocol(&env)?,
             scrubber,
@@ -310,6 +348,19 @@ fn log_format(env: &Env<'_>) -> Result<LogFormat, ConfigError> {
         "text" => Ok(LogFormat::Text),
         "json" => Ok(LogFormat::Json),
         other => Err(invalid("RECON_LOG_FORMAT", other, "`text` or `json`")),
+    }
+}
+
+/// `RECON_MIGRATE`.
+fn migrate_mode(env: &Env<'_>) -> Result<MigrateMode, ConfigError> {
+    match env.get("RECON_MIGRATE").unwrap_or("auto") {
+        "auto" => Ok(MigrateMode::Auto),
+        "never" => Ok(MigrateMode::Never),
+        other => Err(invalid(
+            "RECON_MIGRATE",
+            other,
+            "`auto` (migrate when the role has DDL rights) or `never` (only check that none is pending)",
+        )),
     }
 }
 

@@ -351,3 +351,227 @@ fn bad_database_url_does_not_echo_the_password() {
     );
     assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
 }
+
+/// A file in a fresh temporary directory holding `content`; the directory goes when
+/// the returned guard is dropped.
+struct SecretFile {
+    dir: std::path::PathBuf,
+    path: String,
+}
+
+impl SecretFile {
+    fn new(content: &[u8]) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("recon-config-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("secret");
+        std::fs::write(&path, content).expect("write secret");
+        Self {
+            path: path.to_string_lossy().into_owned(),
+            dir,
+        }
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn the_database_url_may_be_read_from_a_file_without_its_line_break() {
+    for ending in ["", "\n", "\r\n", "\n\n"] {
+        let file =
+            SecretFile::new(format!("postgres://app:s3cret-File@db:5432/recon{ending}").as_bytes());
+        let config = Config::from_vars(vars(&[("DATABASE_URL_FILE", &file.path)])).expect("valid");
+        assert_eq!(config.database.get_host(), "db");
+        assert_eq!(config.database.get_database(), Some("recon"));
+        assert_eq!(config.database_display, "postgres://app:***@db:5432/recon");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret-File"), "{shown}");
+        assert_eq!(config.scrubber.scrub("auth s3cret-File"), "auth ***");
+    }
+}
+
+#[test]
+fn a_secret_and_its_file_both_set_is_an_error_naming_both() {
+    let file = SecretFile::new(b"postgres://app:s3cret-File@db/recon\n");
+    let err = Config::from_vars(vars(&[URL, ("DATABASE_URL_FILE", &file.path)]))
+        .expect_err("both set")
+        .to_string();
+    assert_eq!(
+        err,
+        "DATABASE_URL and DATABASE_URL_FILE are both set: set only one"
+    );
+    let err = Config::from_vars(vars(&[
+        URL,
+        ("RECON_KAFKA_PROP_SASL_PASSWORD", "kafka-Secret"),
+        ("RECON_KAFKA_PROP_SASL_PASSWORD_FILE", &file.path),
+    ]))
+    .expect_err("both set")
+    .to_string();
+    assert_eq!(
+        err,
+        "RECON_KAFKA_PROP_SASL_PASSWORD and RECON_KAFKA_PROP_SASL_PASSWORD_FILE are both set: set only one"
+    );
+    // An empty variable beside its file counts as not set (a template's blank).
+    let config = Config::from_vars(vars(&[
+        ("DATABASE_URL", ""),
+        ("DATABASE_URL_FILE", &file.path),
+    ]))
+    .expect("the file's URL");
+    assert_eq!(config.database.get_database(), Some("recon"));
+}
+
+#[test]
+fn an_unreadable_secret_file_is_an_error_naming_variable_and_path_not_content() {
+    let missing = "/nonexistent/recon/database-url";
+    let err = Config::from_vars(vars(&[("DATABASE_URL_FILE", missing)]))
+        .expect_err("missing file")
+        .to_string();
+    assert!(
+        err.starts_with(&format!(
+            "DATABASE_URL_FILE={missing:?}: cannot read the file: "
+        )),
+        "{err}"
+    );
+    // Not UTF-8 (a binary key, a wrong mount): the error says so, without the bytes.
+    let binary = SecretFile::new(b"pw-Kilo\xff\xfe");
+    for variable in ["DATABASE_URL_FILE", "RECON_KAFKA_PROP_SASL_PASSWORD_FILE"] {
+        let mut pairs = vec![(variable, binary.path.as_str())];
+        if variable != "DATABASE_URL_FILE" {
+            pairs.push(URL);
+        }
+        let err = Config::from_vars(vars(&pairs))
+            .expect_err(variable)
+            .to_string();
+        assert!(
+            err.contains(variable) && err.contains(&binary.path) && !err.contains("pw-Kilo"),
+            "{err}"
+        );
+    }
+    // A directory, and an empty file.
+    let dir = SecretFile::new(b"");
+    let parent = std::path::Path::new(&dir.path)
+        .parent()
+        .expect("parent")
+        .to_string_lossy()
+        .into_owned();
+    let err = Config::from_vars(vars(&[("DATABASE_URL_FILE", &parent)]))
+        .expect_err("a directory")
+        .to_string();
+    assert!(
+        err.contains("DATABASE_URL_FILE") && err.contains(&parent),
+        "{err}"
+    );
+    let err = Config::from_vars(vars(&[("DATABASE_URL_FILE", &dir.path)]))
+        .expect_err("empty")
+        .to_string();
+    assert!(
+        err.contains("DATABASE_URL_FILE") && err.contains(&dir.path) && err.contains("empty"),
+        "{err}"
+    );
+}
+
+#[test]
+fn kafka_properties_may_be_read_from_files_and_are_never_shown() {
+    let password = SecretFile::new(b"kafka-Pass\n");
+    let username = SecretFile::new(b"recon-User\n");
+    let config = Config::from_vars(vars(&[
+        URL,
+        ("RECON_KAFKA_PROP_SASL_PASSWORD_FILE", &password.path),
+        ("RECON_KAFKA_PROP_SASL_USERNAME_FILE", &username.path),
+        // librdkafka's own `*.file` properties take a path: not read by the worker.
+        (
+            "RECON_KAFKA_PROP_SASL_OAUTHBEARER_ASSERTION_FILE",
+            "/var/run/assertion.jwt",
+        ),
+        ("RECON_KAFKA_PROP_SESSION_TIMEOUT_MS", "6000"),
+    ]))
+    .expect("valid");
+    assert_eq!(config.kafka_properties["sasl.password"], "kafka-Pass");
+    assert_eq!(config.kafka_properties["sasl.username"], "recon-User");
+    assert_eq!(
+        config.kafka_properties["sasl.oauthbearer.assertion.file"],
+        "/var/run/assertion.jwt"
+    );
+    assert!(!config.kafka_properties.contains_key("sasl.password.file"));
+    let shown = format!("{config:?}");
+    assert!(
+        !shown.contains("kafka-Pass") && !shown.contains("recon-User") && shown.contains("6000"),
+        "{shown}"
+    );
+    assert_eq!(
+        config.scrubber.scrub("kafka-Pass recon-User 6000"),
+        "*** *** 6000"
+    );
+    // A refused property is refused from a file too, named by its variable.
+    let group = SecretFile::new(b"other-group\n");
+    let err = Config::from_vars(vars(&[
+        URL,
+        ("RECON_KAFKA_PROP_GROUP_ID_FILE", &group.path),
+    ]))
+    .expect_err("refused")
+    .to_string();
+    assert!(
+        err.contains("RECON_KAFKA_PROP_GROUP_ID_FILE") && !err.contains("other-group"),
+        "{err}"
+    );
+    let missing = "/nonexistent/recon/sasl-password";
+    let err = Config::from_vars(vars(&[
+        URL,
+        ("RECON_KAFKA_PROP_SASL_PASSWORD_FILE", missing),
+    ]))
+    .expect_err("missing file")
+    .to_string();
+    assert!(
+        err.starts_with(&format!(
+            "RECON_KAFKA_PROP_SASL_PASSWORD_FILE={missing:?}: cannot read the file"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_ca_file_the_database_url_names_must_be_readable() {
+    let ca = SecretFile::new(b"-----BEGIN CERTIFICATE-----\n");
+    let url = format!(
+        "postgres://app:s3cret@db/recon?sslmode=verify-full&sslrootcert={}",
+        ca.path
+    );
+    Config::from_vars(vars(&[("DATABASE_URL", &url)])).expect("readable CA file");
+    for (param, path) in [
+        ("sslrootcert", "/nonexistent/ca.crt"),
+        ("ssl-root-cert", "/nonexistent/other.crt"),
+        ("sslrootcert", "/nonexistent/with%20space.crt"),
+    ] {
+        let url = format!("postgres://app:s3cret@db/recon?sslmode=verify-full&{param}={path}");
+        let err = Config::from_vars(vars(&[("DATABASE_URL", &url)]))
+            .expect_err(path)
+            .to_string();
+        let decoded = path.replace("%20", " ");
+        assert!(
+            err.starts_with(&format!(
+                "DATABASE_URL (sslrootcert)={decoded:?}: cannot read the file: "
+            )) && !err.contains("s3cret"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn migrating_at_run_is_automatic_unless_turned_off() {
+    let config = Config::from_vars(vars(&[URL])).expect("valid");
+    assert_eq!(config.migrate, MigrateMode::Auto);
+    let config = Config::from_vars(vars(&[URL, ("RECON_MIGRATE", "never")])).expect("valid");
+    assert_eq!(config.migrate, MigrateMode::Never);
+    let err = Config::from_vars(vars(&[URL, ("RECON_MIGRATE", "always")]))
+        .expect_err("invalid")
+        .to_string();
+    assert!(
+        err.contains("RECON_MIGRATE") && err.contains("always") && err.contains("expected"),
+        "{err}"
+    );
+}

@@ -18,8 +18,9 @@ pub enum StoreError {
     /// exhausted, serialisation conflict, statement or lock timeout: retry with backoff.
     #[error("transient database error: {0}")]
     Transient(#[source] sqlx::Error),
-    /// Schema missing, authentication, constraint violations, a stored value the
-    /// crate does not know (an event kind, an outcome): retrying will not help.
+    /// Schema missing, authentication, a certificate refused, constraint violations, a
+    /// stored value the crate does not know (an event kind, an outcome): retrying will
+    /// not help.
     #[error("database error: {0}")]
     Permanent(#[source] sqlx::Error),
     /// Another worker owns these partition pairs now (their epoch moved on).
@@ -88,11 +89,13 @@ pub struct RefusedMessage {
 }
 
 /// Whether the same operation may succeed if tried again later. A value that does not
-/// decode (`ColumnDecode`: an unknown event kind or outcome read back) is permanent.
+/// decode (`ColumnDecode`: an unknown event kind or outcome read back) is permanent,
+/// and so is a TLS failure other than a connection broken mid-handshake
+/// ([`is_transient_tls`]).
 pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {
+        sqlx::Error::Tls(error) => is_transient_tls(error.as_ref()),
         sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
@@ -102,6 +105,33 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
             .is_some_and(|code| is_transient_sqlstate(&code, db.message())),
         _ => false,
     }
+}
+
+/// Whether a TLS failure (sqlx reports one only while a connection is set up: the
+/// handshake, or the certificates it loads) may pass by itself. Told apart by what
+/// lies under it: an I/O error (reset, timed out) or an end of stream in the middle of
+/// the handshake (OpenSSL 3 reports a server that went away as "unexpected eof while
+/// reading") is the connection breaking, as it does while a server restarts, and the
+/// next attempt may succeed. Anything else is the TLS layer's verdict on the
+/// certificates and settings of either side — a CA the client does not trust
+/// ("certificate verify failed"), a name the certificate does not carry, a server
+/// without TLS under `sslmode=require` or `verify-*`, a CA file that is not PEM, no
+/// protocol version in common — which every attempt meets again: the worker must stop
+/// and say so instead of retrying for ever.
+pub fn is_transient_tls(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<std::io::Error>()
+            || error
+                .to_string()
+                .to_ascii_lowercase()
+                .contains("unexpected eof")
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// The SQLSTATEs after which the same statement can succeed later: none says anything
@@ -175,6 +205,33 @@ mod tests {
         ] {
             assert!(!is_transient_sqlstate(code, "some other failure"), "{code}");
         }
+    }
+
+    #[test]
+    fn a_tls_verdict_is_permanent_and_a_broken_handshake_transient() {
+        // What sqlx wraps: native-tls's error, whose source is OpenSSL's error stack
+        // for a verdict and the socket's I/O error for a broken connection.
+        #[derive(Debug, thiserror::Error)]
+        #[error("{0}")]
+        struct Wrapped(String, #[source] Option<std::io::Error>);
+        let verdict = sqlx::Error::Tls(Box::new(Wrapped(
+            "error:0A000086:SSL routines:tls_post_process_server_certificate:certificate verify failed (unable to get local issuer certificate)".into(),
+            None,
+        )));
+        assert!(!is_transient(&verdict));
+        assert!(!StoreError::from(verdict).is_transient());
+        let no_tls = sqlx::Error::Tls("server does not support TLS".into());
+        assert!(!is_transient(&no_tls));
+        let reset = sqlx::Error::Tls(Box::new(Wrapped(
+            "the handshake failed".into(),
+            Some(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        )));
+        assert!(is_transient(&reset));
+        let eof = sqlx::Error::Tls(Box::new(Wrapped(
+            "error:0A000126:SSL routines::unexpected eof while reading".into(),
+            None,
+        )));
+        assert!(is_transient(&eof));
     }
 
     #[test]

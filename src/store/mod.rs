@@ -1,10 +1,11 @@
 //! PostgreSQL: the durable state of the worker. Partition-pair ownership (epochs and
 //! stored offsets), window lookups, deadline sweeps and the checkpoint transaction.
 //!
-//! This file owns the [`Store`] handle itself: connecting, migrating, and handing out
-//! pooled connections. Each concern of what the store does with them has its own file,
-//! so a new kind of stored state (refunds, payouts) has an obvious place to go:
+//! This file owns the [`Store`] handle itself: connecting and handing out pooled
+//! connections. Each concern of what the store does with them has its own file, so a
+//! new kind of stored state (refunds, payouts) has an obvious place to go:
 //!
+//! - `migrations`: applying migrations, whether the role may, and which are pending;
 //! - `error`: [`StoreError`] and which failures are worth retrying;
 //! - `pool`: connections replaced after a failover, buffers given back on return;
 //! - `ownership`: taking pairs over (epoch bumps), where a pair stands, and the
@@ -33,6 +34,7 @@ use crate::event::Input;
 mod checkpoint;
 mod error;
 mod lookups;
+mod migrations;
 mod ownership;
 mod pool;
 mod refusals;
@@ -41,12 +43,13 @@ mod sweeps;
 mod writes;
 
 pub use checkpoint::PairCheckpoint;
-pub use error::{is_transient, is_transient_sqlstate, RefusedMessage, StoreError};
+pub use error::{
+    is_transient, is_transient_sqlstate, is_transient_tls, RefusedMessage, StoreError,
+};
+pub use migrations::{MigrationName, MigrationStatus, MIGRATOR};
 pub use sweeps::DueKeys;
 
 use pool::{connection_is_current, ShrinkOnReturn};
-
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The worker's handle on PostgreSQL, for one pair of topics. Cheap to clone: the
 /// clones share one pool.
@@ -102,11 +105,6 @@ impl Store {
     /// RSS rising from 47 to 82 MB over 1M messages).
     async fn connection(&self) -> Result<ShrinkOnReturn, StoreError> {
         Ok(ShrinkOnReturn(self.pool.acquire().await?))
-    }
-
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
