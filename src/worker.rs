@@ -20,6 +20,7 @@ use anyhow::{bail, Context};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, MigrateMode};
+use crate::consumer::{ConsumerHandle, Delivery, PollThread};
 use crate::pipeline::Pipeline;
 use crate::retry::{Backoff, Operation};
 use crate::store::{MigrationStatus, Store, StoreError};
@@ -199,6 +200,41 @@ fn describe(status: &MigrationStatus) -> String {
     parts.join("; ")
 }
 
+fn log_schema(schema: Schema, config: &Config) {
+    match schema {
+        Schema::Migrated => {
+            tracing::info!(database = %config.database_display, "migrations applied");
+        }
+        Schema::Checked => tracing::info!(
+            database = %config.database_display,
+            "no migration pending (not migrating: the role has no DDL rights or RECON_MIGRATE=never)"
+        ),
+    }
+}
+
+/// Starts the poll thread (co-partitioning checked, group joined); returns it, the
+/// pipeline's handle on it and the channel it delivers on.
+async fn start_consumer(
+    config: &Config,
+    health: &Arc<Health>,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<(PollThread, ConsumerHandle, mpsc::Receiver<Delivery>)> {
+    // A fifth of a batch between the poll thread and the pipeline: enough to hand
+    // messages over while the pipeline turns; librdkafka's bounded prefetch is the
+    // read-ahead, as raw bytes, which take less memory than decoded events. With a
+    // whole batch here a 5M-message drain peaked at 50-51 MB, with a fifth at 47 MB,
+    // in the same time.
+    let (deliveries, receiver) = mpsc::channel((config.batch_max_messages / 5).max(256));
+    let (config, stop, health) = (config.clone(), Arc::clone(stop), Arc::clone(health));
+    let (poll_thread, consumer) = tokio::task::spawn_blocking(move || {
+        crate::consumer::start(&config, deliveries, stop, health)
+    })
+    .await
+    .context("consumer start task")?
+    .context("starting the Kafka consumer")?;
+    Ok((poll_thread, consumer, receiver))
+}
+
 /// Runs the worker until `shutdown` resolves (or the pipeline fails), then shuts down
 /// gracefully: returns Ok once everything consumed is committed and the consumer has
 /// left its group.
@@ -231,32 +267,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         _ = &mut signal => { tracing::info!("shutdown before start; exiting"); return Ok(()); }
     };
     health.set_database_ok(true);
-    match schema {
-        Schema::Migrated => {
-            tracing::info!(database = %config.database_display, "migrations applied");
-        }
-        Schema::Checked => tracing::info!(
-            database = %config.database_display,
-            "no migration pending (not migrating: the role has no DDL rights or RECON_MIGRATE=never)"
-        ),
-    }
+    log_schema(schema, &config);
 
-    // A fifth of a batch between the poll thread and the pipeline: enough to hand
-    // messages over while the pipeline turns; librdkafka's bounded prefetch is the
-    // read-ahead, as raw bytes, which take less memory than decoded events. With a
-    // whole batch here a 5M-message drain peaked at 50-51 MB, with a fifth at 47 MB,
-    // in the same time.
-    let (deliveries, receiver) = mpsc::channel((config.batch_max_messages / 5).max(256));
     let stop = Arc::new(AtomicBool::new(false));
-    let consumer_config = config.clone();
-    let consumer_stop = stop.clone();
-    let consumer_health = health.clone();
-    let (poll_thread, consumer) = tokio::task::spawn_blocking(move || {
-        crate::consumer::start(&consumer_config, deliveries, consumer_stop, consumer_health)
-    })
-    .await
-    .context("consumer start task")?
-    .context("starting the Kafka consumer")?;
+    let (poll_thread, consumer, receiver) = start_consumer(&config, &health, &stop).await?;
     let failed = poll_thread.failed.clone();
 
     let pipeline = Pipeline::new(&config, store, Some(consumer), health);
