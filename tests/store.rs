@@ -550,6 +550,34 @@ async fn the_open_items_index_holds_exactly_the_open_outcomes(pool: PgPool) {
     );
 }
 
+/// The duplicate outcomes are defined once, in Rust ([`Outcome::DUPLICATES`]); the
+/// window lookup generates its condition from it. The partial index it reads is fixed
+/// in a shipped migration (0007), so this checks that index's predicate against the
+/// definition: it holds every outcome but the duplicates.
+#[sqlx::test(migrations = false)]
+async fn the_payment_id_index_holds_every_outcome_but_the_duplicates(pool: PgPool) {
+    let _store = store(pool.clone()).await;
+    let predicate: String = sqlx::query_scalar(
+        "SELECT pg_get_expr(i.indpred, i.indrelid) FROM pg_index i
+         JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'recon_events_payment_id_live'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the payment_id index and its predicate");
+    let candidates: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+    let mut kept: Vec<String> = Outcome::ALL
+        .iter()
+        .filter(|o| !o.is_duplicate())
+        .map(|o| o.as_str().to_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(
+        satisfying(&pool, &predicate, "outcome", &candidates).await,
+        kept,
+        "{predicate}"
+    );
+}
+
 /// The schema's CHECKs accept exactly the event kinds and outcomes the crate reads
 /// back, so no stored row can fail to decode without the schema having been changed.
 #[sqlx::test(migrations = false)]

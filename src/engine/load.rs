@@ -60,10 +60,7 @@ impl PairEngine {
             }
         }
         for row in rows {
-            if matches!(
-                row.outcome,
-                Outcome::DuplicatePayment | Outcome::DuplicateSettlement
-            ) {
+            if row.outcome.is_duplicate() {
                 continue;
             }
             let Some(state) = fresh.get_mut(row.payment_id.as_str()) else {

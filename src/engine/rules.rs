@@ -47,6 +47,12 @@ impl Outcome {
         Outcome::OrphanSettlement,
     ];
 
+    /// The duplicate outcomes: never changed, and no part of matching, so not window
+    /// state. The one definition: the engine skips them when loading a key, the
+    /// store's window lookup excludes them (SQL generated from this list) and a test
+    /// checks the predicate of the index it reads (migration 0007) against it.
+    pub const DUPLICATES: [Outcome; 2] = [Outcome::DuplicatePayment, Outcome::DuplicateSettlement];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Outcome::Pending => "pending",
@@ -65,6 +71,11 @@ impl Outcome {
     /// Still waiting for a counterpart: one of [`Outcome::OPEN`].
     pub fn is_open(self) -> bool {
         Outcome::OPEN.contains(&self)
+    }
+
+    /// One of [`Outcome::DUPLICATES`].
+    pub fn is_duplicate(self) -> bool {
+        Outcome::DUPLICATES.contains(&self)
     }
 
     /// Whether events of this input can have this outcome: a duplicate or deadline

@@ -7,15 +7,37 @@
 //! database encoding cannot represent) must find nothing rather than fail the read,
 //! because the message carrying it is rejected when its checkpoint inserts it.
 
+use std::sync::LazyLock;
+
 use futures_util::TryStreamExt;
 
-use crate::engine::StoredEvent;
+use crate::engine::{Outcome, StoredEvent};
 use crate::event::Input;
 use crate::pair::PerInput;
 
 use super::error::is_data_error;
 use super::rows::{LookupRow, StoredEventId};
+use super::sweeps::outcome_not_in;
 use super::{Store, StoreError};
+
+/// The stored events of (pair, payment_id) keys but their duplicates. The condition on
+/// the outcome is generated from [`Outcome::DUPLICATES`] as literal SQL, written as the
+/// predicate of the partial index `recon_events_payment_id_live` (migration 0007) is,
+/// so the planner can prove it implies that predicate and use the index (a bound
+/// array would not let it; see `sweeps`).
+static LOOKUP: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT e.kafka_partition, e.event_kind, e.event_id, e.payment_id, e.outcome, e.event_time,
+                e.amount_minor, e.fee_minor, e.net_minor, e.currency
+         FROM UNNEST($1::int[], $2::text[]) AS k(kafka_partition, payment_id)
+         -- OFFSET 0 keeps this a per-key index probe whatever the statistics say.
+         CROSS JOIN LATERAL (SELECT * FROM recon_events e
+                             WHERE e.payment_id = k.payment_id AND e.kafka_partition = k.kafka_partition
+                               AND e.{}
+                             OFFSET 0) e",
+        outcome_not_in(&Outcome::DUPLICATES)
+    )
+});
 
 impl Store {
     /// Every stored event of the given (pair, payment_id) keys but their duplicates,
@@ -44,19 +66,10 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut connection = self.connection().await?;
-        let mut rows = sqlx::query_as::<_, LookupRow>(
-            "SELECT e.kafka_partition, e.event_kind, e.event_id, e.payment_id, e.outcome, e.event_time,
-                    e.amount_minor, e.fee_minor, e.net_minor, e.currency
-             FROM UNNEST($1::int[], $2::text[]) AS k(kafka_partition, payment_id)
-             -- OFFSET 0 keeps this a per-key index probe whatever the statistics say.
-             CROSS JOIN LATERAL (SELECT * FROM recon_events e
-                                 WHERE e.payment_id = k.payment_id AND e.kafka_partition = k.kafka_partition
-                                   AND e.outcome NOT IN ('duplicate_payment', 'duplicate_settlement')
-                                 OFFSET 0) e",
-        )
-        .bind(pairs)
-        .bind(payment_ids)
-        .fetch(&mut *connection);
+        let mut rows = sqlx::query_as::<_, LookupRow>(&LOOKUP)
+            .bind(pairs)
+            .bind(payment_ids)
+            .fetch(&mut *connection);
         // Decoded row by row: a batch's lookup can return a row per key (a stream of
         // settlements whose payments were stored earlier), and holding every raw row
         // beside its decoded copy cost a few MB at the peak.
@@ -146,4 +159,17 @@ where
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lookup_leaves_out_exactly_the_duplicate_outcomes() {
+        let duplicates = Outcome::ALL.into_iter().filter(|o| o.is_duplicate());
+        let names: Vec<String> = duplicates.map(|o| format!("'{o}'")).collect();
+        let condition = format!("e.outcome NOT IN ({})", names.join(", "));
+        assert!(LOOKUP.contains(&condition), "{}", *LOOKUP);
+    }
 }

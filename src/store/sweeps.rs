@@ -32,9 +32,18 @@ pub struct DueKeys {
 /// `outcome IN ('a', 'b')`: a condition on `recon_events.outcome` as literal SQL, so
 /// the planner can match it against partial index predicates. Outcome names are fixed
 /// lower-case identifiers (a unit test checks), so quoting them needs no escaping.
-fn outcome_in(outcomes: &[Outcome]) -> String {
+pub(super) fn outcome_in(outcomes: &[Outcome]) -> String {
+    format!("outcome IN ({})", quoted(outcomes))
+}
+
+/// `outcome NOT IN ('a', 'b')`, likewise.
+pub(super) fn outcome_not_in(outcomes: &[Outcome]) -> String {
+    format!("outcome NOT IN ({})", quoted(outcomes))
+}
+
+fn quoted(outcomes: &[Outcome]) -> String {
     let names: Vec<String> = outcomes.iter().map(|o| format!("'{o}'")).collect();
-    format!("outcome IN ({})", names.join(", "))
+    names.join(", ")
 }
 
 /// Open items of a set of pairs by kind and outcome. Reads `recon_events_open_items`.
