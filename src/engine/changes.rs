@@ -97,8 +97,12 @@ impl BatchRecord {
     }
 
     /// The state of an event's row after a change: its outcome and counterpart, and
-    /// its columns when it is `new` (seen for the first time, so its row is inserted).
-    /// A row this batch wrote already is updated in place: each row is written once.
+    /// its columns when it is `new` (seen for the first time under its key, so its row
+    /// is inserted). A change to a row this batch wrote already updates it in place, so
+    /// each row is written once. A `new` event whose id this batch wrote already came
+    /// under another payment id (its key knew nothing of it): it gets a row of its own,
+    /// whose insert clashes with the first, and the pipeline replays the pair with every
+    /// event id checked against storage, which tells the redelivery apart.
     pub(super) fn write_row(
         &mut self,
         input: Input,
@@ -108,26 +112,29 @@ impl BatchRecord {
         counterpart: Option<Id>,
         new: Option<NewEvent>,
     ) {
+        let index = self.changes.rows.len();
         match self.rows_by_event.entry((input, event_id.clone())) {
-            Entry::Occupied(written) => {
-                // A new event is never written twice: the second time is a redelivery.
-                debug_assert!(new.is_none(), "row of a new event written twice");
+            Entry::Occupied(written) if new.is_none() => {
                 let row = &mut self.changes.rows[*written.get()];
                 row.outcome = outcome;
                 row.counterpart = counterpart;
+                return;
+            }
+            Entry::Occupied(mut written) => {
+                written.insert(index);
             }
             Entry::Vacant(unwritten) => {
-                unwritten.insert(self.changes.rows.len());
-                self.changes.rows.push(RowWrite {
-                    input,
-                    event_id: event_id.clone(),
-                    payment_id: key.clone(),
-                    outcome,
-                    counterpart,
-                    new,
-                });
+                unwritten.insert(index);
             }
         }
+        self.changes.rows.push(RowWrite {
+            input,
+            event_id: event_id.clone(),
+            payment_id: key.clone(),
+            outcome,
+            counterpart,
+            new,
+        });
     }
 
     /// A discrepancy of `kind` opens on the event `event_id` of `input` and, when it is
