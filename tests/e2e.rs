@@ -134,7 +134,7 @@ async fn a_known_mix_reaches_exactly_the_expected_outcomes_and_rejections(pool: 
         );
     }
 
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 }
 
 #[sqlx::test(migrations = false)]
@@ -301,17 +301,6 @@ async fn assert_counter_settles_at(addr: &str, metric: &str, want: f64) {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(scrape(addr, metric).await, want, "{metric}");
-}
-
-/// SIGTERM, and the worker exits 0 in time.
-fn stop_cleanly(worker: &mut Worker) {
-    worker.signal("TERM");
-    let status = worker.wait(Duration::from_secs(35));
-    assert!(
-        status.success(),
-        "SIGTERM exits 0: {status:?}\n{}",
-        worker.log_text()
-    );
 }
 
 /// Messages accounted for by the offsets stored in PostgreSQL, over both topics.
@@ -652,7 +641,7 @@ async fn an_event_id_reused_under_another_payment_id_mid_stream_is_a_redelivery(
         stored as usize, produced,
         "stored offsets cover every message"
     );
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 }
 
 #[sqlx::test(migrations = false)]
@@ -696,7 +685,7 @@ async fn one_event_id_under_many_payment_ids_at_once_is_kept_exactly_once(pool: 
     let addr = worker.metrics_addr(Duration::from_secs(10));
     assert_counter_settles_at(&addr, "recon_events_redelivered_total", 7.0).await;
     assert_counter_settles_at(&addr, "recon_events_consumed_total", 8.0).await;
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 }
 
 fn record(
@@ -1091,7 +1080,7 @@ async fn a_value_postgresql_refuses_rejects_its_message_and_the_partition_goes_o
         .is_some_and(|n| n >= 1.0),
         "rejections are counted under their reason"
     );
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
     let name = latin1
         .database_url
         .rsplit_once('/')
@@ -1161,7 +1150,7 @@ async fn consume_all_then_stop(world: &World, transactional: bool) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop_cleanly(&mut first);
+    first.stop_cleanly();
     assert_eq!(
         world
             .count("SELECT count(*) FROM recon_outcomes WHERE event_id = 'quiet-p' AND outcome = 'pending'")
@@ -1219,7 +1208,7 @@ async fn an_event_id_clash_while_the_topics_are_read_in_step_does_not_stall_the_
     world.produce(&first).await;
     let mut worker = world.spawn_worker("first", &[]);
     world.await_truth(&truth, WITHIN).await;
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 
     // A backlog whose settlements carry Kafka timestamps a minute ahead of the
     // payments': read in step, the settlements' partition is paused while the
@@ -1280,7 +1269,7 @@ async fn a_recreated_topic_is_read_from_its_start_and_nothing_is_lost(pool: PgPo
     world.produce(&first).await;
     let mut worker = world.spawn_worker("first", &[]);
     world.await_truth(&truth, WITHIN).await;
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 
     // The payments topic is deleted and created again under its name: its offsets
     // start from 0, far below the offset stored for it.
@@ -1421,7 +1410,7 @@ async fn ids_with_control_characters_are_rejected_and_the_stream_goes_on(pool: P
         .iter()
         .any(|(_, key)| key.as_deref() == Some(b"a\0b".as_slice())));
     assert_eq!(stored_offsets_total(&world).await as usize, records.len());
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 }
 
 #[sqlx::test(migrations = false)]
@@ -1495,7 +1484,7 @@ async fn an_event_dated_2205_is_rejected_and_fires_no_deadline(pool: PgPool) {
         "{reasons:?}"
     );
     assert_running(&mut worker);
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 }
 
 #[test]
@@ -1622,7 +1611,7 @@ async fn passwords_with_url_delimiters_and_kafka_secrets_never_appear_in_logs(po
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
     let log = worker.log_text();
     assert!(
         log.contains("postgres:***@"),
@@ -1758,7 +1747,7 @@ async fn a_database_turned_read_only_and_back_is_waited_out(pool: PgPool) {
         stored_offsets_total(&world).await as usize,
         first.len() + second.len()
     );
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 }
 
 #[sqlx::test(migrations = false)]
@@ -1787,7 +1776,7 @@ async fn terminated_database_sessions_are_reconnected_mid_stream(pool: PgPool) {
     assert!(terminated > 0, "no session was terminated");
     assert_running(&mut worker);
     world.await_truth(&truth, WITHIN).await;
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 }
 
 /// The worker's statements wait on a lock the test holds, with `option` (a
@@ -1822,7 +1811,7 @@ async fn a_held_lock_is_waited_out(pool: PgPool, option: &str, error_text: &str)
     assert_running(&mut worker);
     lock.rollback().await.expect("release");
     world.await_truth(&truth, WITHIN).await;
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 }
 
 #[sqlx::test(migrations = false)]
@@ -1871,7 +1860,7 @@ async fn a_storm_of_duplicates_of_one_payment_id_is_reconciled_in_bounded_memory
     let small_batches = [("RECON_BATCH_MAX_MESSAGES", "500")];
     let mut worker = world.spawn_worker("storm-1", &small_batches);
     await_committed(&world, &worker, first.len()).await;
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 
     world.produce(&second).await;
     let mut worker = world.spawn_worker("storm-2", &small_batches);
@@ -1910,5 +1899,5 @@ async fn a_storm_of_duplicates_of_one_payment_id_is_reconciled_in_bounded_memory
     }
     assert!(again > 0, "some duplicates come again after the restart");
     assert_counter_settles_at(&addr, "recon_events_redelivered_total", again as f64).await;
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 }

@@ -108,16 +108,6 @@ async fn await_log(worker: &Worker, text: &str, within: Duration) {
     }
 }
 
-fn stop_cleanly(worker: &mut Worker) {
-    worker.signal("TERM");
-    let status = worker.wait(Duration::from_secs(35));
-    assert!(
-        status.success(),
-        "SIGTERM exits 0: {status:?}\n{}",
-        worker.log_text()
-    );
-}
-
 #[sqlx::test(migrations = false)]
 async fn verify_full_with_the_servers_ca_reconciles_over_tls(pool: PgPool) {
     let ca = tls_file("ca.crt");
@@ -146,7 +136,7 @@ async fn verify_full_with_the_servers_ca_reconciles_over_tls(pool: PgPool) {
     .expect("pg_stat_ssl");
     assert!(connections > 0, "the worker holds connections");
     assert_eq!(all_tls, Some(true), "every worker connection uses TLS");
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
 }
 
 #[sqlx::test(migrations = false)]
@@ -401,7 +391,7 @@ async fn the_runtime_role_reconciles_with_rows_only_after_the_owner_migrated(poo
     ));
     let mut worker = spawn_with_env(&world, "runtime", env);
     world.await_truth(&truth, WITHIN).await;
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
     let log = worker.log_text();
     assert!(log.contains("no migration pending"), "{log}");
     assert!(
@@ -528,6 +518,6 @@ async fn the_runtime_role_refuses_to_start_while_a_migration_is_pending(pool: Pg
     let mut worker = world.spawn_worker("after-migrate", &[("DATABASE_URL", &runtime_url)]);
     await_log(&worker, "no migration pending", WITHIN).await;
     await_log(&worker, "took ownership", WITHIN).await;
-    stop_cleanly(&mut worker);
+    worker.stop_cleanly();
     roles.drop_all(&world).await;
 }

@@ -351,6 +351,17 @@ impl Worker {
         assert!(status.success(), "kill -{signal} failed");
     }
 
+    /// SIGTERM, and the worker exits 0 in time.
+    pub fn stop_cleanly(&mut self) {
+        self.signal("TERM");
+        let status = self.wait(Duration::from_secs(35));
+        assert!(
+            status.success(),
+            "SIGTERM exits 0: {status:?}\n{}",
+            self.log_text()
+        );
+    }
+
     /// Waits for the process to exit, at most `within`.
     pub fn wait(&mut self, within: Duration) -> ExitStatus {
         let started = Instant::now();
