@@ -24,29 +24,6 @@ const WITHIN: Duration = Duration::from_secs(90);
 /// refusal must end the start well before it.
 const UNREACHABLE_PATIENCE: Duration = Duration::from_secs(10);
 
-/// The contract's variables for SASL_SSL with SCRAM-SHA-512, verification on.
-fn sasl_ssl_env(kafka: &SecureKafka, password: &str, ca_file: &str) -> Vec<(String, String)> {
-    [
-        ("RECON_KAFKA_BROKERS", kafka.sasl_ssl_brokers.as_str()),
-        ("RECON_KAFKA_PROP_SECURITY_PROTOCOL", "SASL_SSL"),
-        ("RECON_KAFKA_PROP_SASL_MECHANISM", "SCRAM-SHA-512"),
-        ("RECON_KAFKA_PROP_SASL_USERNAME", kafka.username.as_str()),
-        ("RECON_KAFKA_PROP_SASL_PASSWORD", password),
-        ("RECON_KAFKA_PROP_SSL_CA_LOCATION", ca_file),
-        (
-            "RECON_KAFKA_PROP_ENABLE_SSL_CERTIFICATE_VERIFICATION",
-            "true",
-        ),
-        (
-            "RECON_KAFKA_PROP_SSL_ENDPOINT_IDENTIFICATION_ALGORITHM",
-            "https",
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
-}
-
 /// The contract's variables for TLS without SASL, verification on.
 fn ssl_env(brokers: &str, ca_file: &str) -> Vec<(String, String)> {
     [
@@ -65,6 +42,22 @@ fn ssl_env(brokers: &str, ca_file: &str) -> Vec<(String, String)> {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect()
+}
+
+/// The contract's variables for SASL_SSL with SCRAM-SHA-512: TLS as [`ssl_env`], plus
+/// the login.
+fn sasl_ssl_env(kafka: &SecureKafka, password: &str, ca_file: &str) -> Vec<(String, String)> {
+    let mut env = ssl_env(&kafka.sasl_ssl_brokers, ca_file);
+    env.retain(|(name, _)| name != "RECON_KAFKA_PROP_SECURITY_PROTOCOL");
+    for (name, value) in [
+        ("RECON_KAFKA_PROP_SECURITY_PROTOCOL", "SASL_SSL"),
+        ("RECON_KAFKA_PROP_SASL_MECHANISM", "SCRAM-SHA-512"),
+        ("RECON_KAFKA_PROP_SASL_USERNAME", kafka.username.as_str()),
+        ("RECON_KAFKA_PROP_SASL_PASSWORD", password),
+    ] {
+        env.push((name.to_owned(), value.to_owned()));
+    }
+    env
 }
 
 fn refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
