@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::event::{Input, Micros};
+use crate::event::{EventKind, Input, Micros};
 use crate::money::Currency;
 
 /// Every outcome an accepted event can have, as stored in `recon_outcomes.outcome`.
@@ -20,10 +20,16 @@ pub enum Outcome {
     DuplicateSettlement,
     MissingSettlement,
     OrphanSettlement,
+    /// A second `refund_requested` for a (`payment_id`, `refund_id`) (contract §6).
+    DuplicateRefund,
+    /// A chargeback line with no reversal of its dispute (yet).
+    ChargebackOpen,
+    /// A chargeback line and its reversal, both.
+    ChargebackReversed,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Pending,
         Outcome::Matched,
         Outcome::MatchedLate,
@@ -34,6 +40,9 @@ impl Outcome {
         Outcome::DuplicateSettlement,
         Outcome::MissingSettlement,
         Outcome::OrphanSettlement,
+        Outcome::DuplicateRefund,
+        Outcome::ChargebackOpen,
+        Outcome::ChargebackReversed,
     ];
 
     /// The open outcomes: still waiting for a counterpart, `pending` or a deadline
@@ -51,7 +60,11 @@ impl Outcome {
     /// state. The one definition: the engine skips them when loading a key, the
     /// store's window lookup excludes them (SQL generated from this list) and a test
     /// checks the predicate of the index it reads (migration 0007) against it.
-    pub const DUPLICATES: [Outcome; 2] = [Outcome::DuplicatePayment, Outcome::DuplicateSettlement];
+    pub const DUPLICATES: [Outcome; 3] = [
+        Outcome::DuplicatePayment,
+        Outcome::DuplicateSettlement,
+        Outcome::DuplicateRefund,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -65,6 +78,9 @@ impl Outcome {
             Outcome::DuplicateSettlement => "duplicate_settlement",
             Outcome::MissingSettlement => "missing_settlement",
             Outcome::OrphanSettlement => "orphan_settlement",
+            Outcome::DuplicateRefund => "duplicate_refund",
+            Outcome::ChargebackOpen => "chargeback_open",
+            Outcome::ChargebackReversed => "chargeback_reversed",
         }
     }
 
@@ -78,16 +94,18 @@ impl Outcome {
         Outcome::DUPLICATES.contains(&self)
     }
 
-    /// Whether events of this input can have this outcome: a duplicate or deadline
-    /// outcome names the side that carries it, the others apply to both.
-    pub const fn is_carried_by(self, input: Input) -> bool {
+    /// Whether events of this kind can have this outcome: a duplicate or deadline
+    /// outcome names the side that carries it, a chargeback outcome belongs to lines,
+    /// the others apply to every kind.
+    pub const fn is_carried_by(self, kind: EventKind) -> bool {
         match self {
-            Outcome::DuplicatePayment | Outcome::MissingSettlement => {
-                matches!(input, Input::Payments)
-            }
-            Outcome::DuplicateSettlement | Outcome::OrphanSettlement => {
-                matches!(input, Input::Settlements)
-            }
+            Outcome::DuplicatePayment => matches!(kind, EventKind::Payment),
+            Outcome::DuplicateRefund => matches!(kind, EventKind::Refund),
+            Outcome::MissingSettlement => !matches!(kind, EventKind::Settlement),
+            Outcome::DuplicateSettlement
+            | Outcome::OrphanSettlement
+            | Outcome::ChargebackOpen
+            | Outcome::ChargebackReversed => matches!(kind, EventKind::Settlement),
             Outcome::Pending
             | Outcome::Matched
             | Outcome::MatchedLate
@@ -97,30 +115,57 @@ impl Outcome {
         }
     }
 
-    /// What a later event of `input` is when its payment id already has a first one
-    /// of that input under another event id.
-    pub(super) fn duplicate_of(input: Input) -> Outcome {
-        match input {
-            Input::Payments => Outcome::DuplicatePayment,
-            Input::Settlements => Outcome::DuplicateSettlement,
-        }
-    }
-
-    /// What a pending event of `input` becomes when its deadline passes without a
-    /// counterpart; a late counterpart resolves it.
-    pub(super) fn unmatched(input: Input) -> Outcome {
-        match input {
-            Input::Payments => Outcome::MissingSettlement,
-            Input::Settlements => Outcome::OrphanSettlement,
-        }
-    }
-
-    /// Outcomes recorded in the discrepancy history.
+    /// Outcomes that open a discrepancy of their own name. A chargeback opens one of
+    /// kind `chargeback` instead ([`DiscrepancyKind::Chargeback`]).
     pub fn is_discrepancy(self) -> bool {
-        !matches!(
-            self,
-            Outcome::Pending | Outcome::Matched | Outcome::MatchedLate
-        )
+        DiscrepancyKind::of_outcome(self).is_some()
+    }
+}
+
+/// `recon_discrepancies.kind`: the outcomes that are discrepancies, and the two kinds
+/// of contract §6 that are about a payment's money rather than one event's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DiscrepancyKind {
+    Outcome(Outcome),
+    /// A chargeback line: open until its dispute's reversal (resolution `reversed`).
+    Chargeback,
+    /// The payment's net position went below zero (resolution `recovered`).
+    OverRefunded,
+}
+
+impl DiscrepancyKind {
+    /// The discrepancy an outcome opens, if it is one.
+    pub fn of_outcome(outcome: Outcome) -> Option<DiscrepancyKind> {
+        match outcome {
+            Outcome::Pending
+            | Outcome::Matched
+            | Outcome::MatchedLate
+            | Outcome::ChargebackOpen
+            | Outcome::ChargebackReversed => None,
+            other => Some(DiscrepancyKind::Outcome(other)),
+        }
+    }
+
+    /// Every kind, for metrics series and tests.
+    pub fn all() -> impl Iterator<Item = DiscrepancyKind> {
+        Outcome::ALL
+            .into_iter()
+            .filter_map(DiscrepancyKind::of_outcome)
+            .chain([DiscrepancyKind::Chargeback, DiscrepancyKind::OverRefunded])
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DiscrepancyKind::Outcome(outcome) => outcome.as_str(),
+            DiscrepancyKind::Chargeback => "chargeback",
+            DiscrepancyKind::OverRefunded => "over_refunded",
+        }
+    }
+}
+
+impl fmt::Display for DiscrepancyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -4,8 +4,8 @@
 use serde_json::{Map, Value};
 
 use super::{
-    format_timestamp, parse_timestamp, Event, Input, Limits, Micros, Payment, Rejection,
-    Settlement, MAX_EVENT_TIME, MAX_ID_CHARS, MIN_EVENT_TIME,
+    format_timestamp, parse_timestamp, Event, Input, Limits, Line, Micros, Payment, Refund,
+    Rejection, Settlement, MAX_EVENT_TIME, MAX_ID_CHARS, MIN_EVENT_TIME,
 };
 use crate::money::{Currency, MinorUnits, MAX_MINOR};
 
@@ -41,41 +41,21 @@ pub fn decode(
     };
     let fields = Fields(&object);
     let event_type = fields.string("type")?;
-    if event_type != input.expected_type() {
-        let other = match input {
-            Input::Payments => Input::Settlements,
-            Input::Settlements => Input::Payments,
-        };
-        return Err(if event_type == other.expected_type() {
-            Rejection::WrongTopicType {
-                found: event_type.to_owned(),
-                expected: input.expected_type(),
-            }
-        } else {
-            Rejection::UnknownType {
-                found: truncate_chars(event_type, MAX_ID_CHARS),
-            }
-        });
-    }
-    let event = match input {
-        Input::Payments => Event::Payment(Payment {
-            event_id: fields.id("event_id")?,
-            payment_id: fields.id("payment_id")?,
-            merchant_id: fields.id("merchant_id")?,
-            amount: MinorUnits::new(fields.integer("amount_minor", 1, MAX_MINOR)?),
-            currency: fields.currency()?,
-            occurred_at: fields.timestamp("occurred_at")?,
-        }),
-        Input::Settlements => Event::Settlement(Settlement {
-            event_id: fields.id("event_id")?,
-            settlement_id: fields.id("settlement_id")?,
-            payment_id: fields.id("payment_id")?,
-            gross: MinorUnits::new(fields.integer("gross_minor", 1, MAX_MINOR)?),
-            fee: MinorUnits::new(fields.integer("fee_minor", 0, MAX_MINOR)?),
-            net: fields.integer("net_minor", i64::MIN, i64::MAX)?,
-            currency: fields.currency()?,
-            settled_at: fields.timestamp("settled_at")?,
-        }),
+    let event = match (input, event_type) {
+        (Input::Payments, "payment_captured") => Event::Payment(payment(&fields)?),
+        (Input::Payments, "refund_requested") => Event::Refund(refund(&fields)?),
+        (Input::Settlements, "settlement_line") => Event::Settlement(settlement(&fields)?),
+        (_, found) if input.other().types().contains(&found) => {
+            return Err(Rejection::WrongTopicType {
+                found: found.to_owned(),
+                expected: input.types().join("\" or \""),
+            })
+        }
+        (_, found) => {
+            return Err(Rejection::UnknownType {
+                found: truncate_chars(found, MAX_ID_CHARS),
+            })
+        }
     };
     check_event_time(&event, timestamp_ms, limits.max_future_skew)?;
     if key != Some(event.payment_id().as_bytes()) {
@@ -96,10 +76,7 @@ fn check_event_time(
     timestamp_ms: Option<i64>,
     max_future_skew: Micros,
 ) -> Result<(), Rejection> {
-    let (field, at) = match event {
-        Event::Payment(p) => ("occurred_at", p.occurred_at),
-        Event::Settlement(s) => ("settled_at", s.settled_at),
-    };
+    let (field, at) = (event.event_time_field(), event.event_time());
     let out_of_range = |detail: String| Rejection::EventTimeOutOfRange {
         field,
         value: format_timestamp(at),
@@ -130,6 +107,99 @@ fn check_event_time(
         }
     }
     Ok(())
+}
+
+fn payment(fields: &Fields<'_>) -> Result<Payment, Rejection> {
+    Ok(Payment {
+        event_id: fields.id("event_id")?,
+        payment_id: fields.id("payment_id")?,
+        merchant_id: fields.id("merchant_id")?,
+        amount: MinorUnits::new(fields.integer("amount_minor", 1, MAX_MINOR)?),
+        currency: fields.currency()?,
+        occurred_at: fields.timestamp("occurred_at")?,
+    })
+}
+
+/// `refund_requested` (contract §6).
+fn refund(fields: &Fields<'_>) -> Result<Refund, Rejection> {
+    Ok(Refund {
+        event_id: fields.id("event_id")?,
+        refund_id: fields.id("refund_id")?,
+        payment_id: fields.id("payment_id")?,
+        amount: MinorUnits::new(fields.integer("amount_minor", 1, MAX_MINOR)?),
+        currency: fields.currency()?,
+        requested_at: fields.timestamp("requested_at")?,
+    })
+}
+
+/// `settlement_line`, version 1 or 2 (contract §1, §6). A line without `line_type` is
+/// a capture and is read exactly as version 1 read it: positive gross, fee ≥ 0. The
+/// other types carry signed amounts in the merchant's direction, a fee that may be
+/// given back (negative), and the id their type requires.
+fn settlement(fields: &Fields<'_>) -> Result<Settlement, Rejection> {
+    let event_id = fields.id("event_id")?;
+    let settlement_id = fields.id("settlement_id")?;
+    let payment_id = fields.id("payment_id")?;
+    let line = line(fields)?;
+    let (gross, fee) = match line {
+        Line::Capture => (
+            fields.integer("gross_minor", 1, MAX_MINOR)?,
+            fields.integer("fee_minor", 0, MAX_MINOR)?,
+        ),
+        _ => {
+            let gross = fields.integer("gross_minor", -MAX_MINOR, MAX_MINOR)?;
+            if gross == 0 || (gross > 0) != line.gross_is_positive() {
+                return Err(Rejection::SignContradictsType {
+                    line_type: line.line_type(),
+                    gross,
+                });
+            }
+            (gross, fields.integer("fee_minor", -MAX_MINOR, MAX_MINOR)?)
+        }
+    };
+    Ok(Settlement {
+        event_id,
+        settlement_id,
+        payment_id,
+        gross: MinorUnits::new(gross),
+        fee: MinorUnits::new(fee),
+        net: fields.integer("net_minor", i64::MIN, i64::MAX)?,
+        currency: fields.currency()?,
+        settled_at: fields.timestamp("settled_at")?,
+        payout_id: fields.optional_id("payout_id")?,
+        line,
+    })
+}
+
+/// `line_type` and the id it requires. Ids a type does not use are still checked
+/// when present (every rule of §1 applies to them), then ignored.
+fn line(fields: &Fields<'_>) -> Result<Line, Rejection> {
+    let refund_id = fields.optional_id("refund_id")?;
+    let dispute_id = fields.optional_id("dispute_id")?;
+    let line_type = match fields.0.get("line_type") {
+        None | Some(Value::Null) => return Ok(Line::Capture),
+        Some(_) => fields.string("line_type")?,
+    };
+    let required = |id: Option<String>, field: &'static str| {
+        id.ok_or(Rejection::MissingField { field })
+    };
+    Ok(match line_type {
+        "capture" => Line::Capture,
+        "refund" => Line::Refund {
+            refund_id: required(refund_id, "refund_id")?,
+        },
+        "chargeback" => Line::Chargeback {
+            dispute_id: required(dispute_id, "dispute_id")?,
+        },
+        "chargeback_reversal" => Line::ChargebackReversal {
+            dispute_id: required(dispute_id, "dispute_id")?,
+        },
+        other => {
+            return Err(Rejection::UnknownLineType {
+                found: truncate_chars(other, MAX_ID_CHARS),
+            })
+        }
+    })
 }
 
 fn truncate_chars(text: &str, max: usize) -> String {
@@ -171,6 +241,14 @@ impl<'a> Fields<'a> {
             });
         }
         Ok(text.to_owned())
+    }
+
+    /// An id that may be absent (or null); when present, every rule of an id applies.
+    fn optional_id(&self, field: &'static str) -> Result<Option<String>, Rejection> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => self.id(field).map(Some),
+        }
     }
 
     fn integer(&self, field: &'static str, min: i64, max: i64) -> Result<i64, Rejection> {

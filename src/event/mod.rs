@@ -1,4 +1,4 @@
-//! The input contract (contract §1): the events, decoding and validating Kafka
+//! The input contract (contract §1, and §6 for version 2): the events, decoding and validating Kafka
 //! messages into them (`decode`), and the reasons a message is rejected (`reason`).
 //!
 //! Decoding is total: every byte sequence yields either an [`Event`] or a
@@ -68,19 +68,53 @@ impl Input {
         }
     }
 
-    /// The `event_kind` of the events this topic carries.
-    pub const fn event_kind(self) -> &'static str {
+    /// The event types this topic carries.
+    fn types(self) -> &'static [&'static str] {
         match self {
-            Input::Payments => "payment",
-            Input::Settlements => "settlement",
+            Input::Payments => &["payment_captured", "refund_requested"],
+            Input::Settlements => &["settlement_line"],
+        }
+    }
+}
+
+/// What an accepted event is stored as: `recon_outcomes.event_kind`. The payments
+/// topic carries two kinds (a payment, or a refund we requested), the settlements
+/// topic one (a settlement line of any [`LineType`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    Payment,
+    Refund,
+    Settlement,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 3] = [EventKind::Payment, EventKind::Refund, EventKind::Settlement];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Payment => "payment",
+            EventKind::Refund => "refund",
+            EventKind::Settlement => "settlement",
         }
     }
 
-    fn expected_type(self) -> &'static str {
+    /// The topic that carries events of this kind.
+    pub const fn input(self) -> Input {
         match self {
-            Input::Payments => "payment_captured",
-            Input::Settlements => "settlement_line",
+            EventKind::Payment | EventKind::Refund => Input::Payments,
+            EventKind::Settlement => Input::Settlements,
         }
+    }
+
+    /// The kind named `text`, if any.
+    pub fn parse(text: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|kind| kind.as_str() == text)
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -94,6 +128,72 @@ pub struct Payment {
     pub occurred_at: Micros,
 }
 
+/// `refund_requested` (contract §6): a refund we issued, keyed by the refunded
+/// payment's `payment_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refund {
+    pub event_id: String,
+    pub refund_id: String,
+    pub payment_id: String,
+    pub amount: MinorUnits,
+    pub currency: Currency,
+    pub requested_at: Micros,
+}
+
+/// `line_type` of a settlement line (contract §6), with the id its type requires.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Line {
+    /// `capture`, also what a line without `line_type` is (version 1).
+    #[default]
+    Capture,
+    Refund {
+        refund_id: String,
+    },
+    Chargeback {
+        dispute_id: String,
+    },
+    ChargebackReversal {
+        dispute_id: String,
+    },
+}
+
+impl Line {
+    /// The `line_type` text.
+    pub const fn line_type(&self) -> &'static str {
+        match self {
+            Line::Capture => "capture",
+            Line::Refund { .. } => "refund",
+            Line::Chargeback { .. } => "chargeback",
+            Line::ChargebackReversal { .. } => "chargeback_reversal",
+        }
+    }
+
+    /// Whether `gross_minor` of this type is positive (money to the merchant):
+    /// captures and reversals; refunds and chargebacks are negative.
+    pub const fn gross_is_positive(&self) -> bool {
+        matches!(self, Line::Capture | Line::ChargebackReversal { .. })
+    }
+
+    pub fn refund_id(&self) -> Option<&str> {
+        match self {
+            Line::Refund { refund_id } => Some(refund_id),
+            _ => None,
+        }
+    }
+
+    pub fn dispute_id(&self) -> Option<&str> {
+        match self {
+            Line::Chargeback { dispute_id } | Line::ChargebackReversal { dispute_id } => {
+                Some(dispute_id)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `settlement_line`. Amounts are signed in the merchant's direction (contract §6):
+/// `gross` is positive for captures and reversals, negative for refunds and
+/// chargebacks; `fee` may be negative.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement {
     pub event_id: String,
@@ -104,25 +204,35 @@ pub struct Settlement {
     pub net: i64,
     pub currency: Currency,
     pub settled_at: Micros,
+    pub line: Line,
+    /// The payout this line is paid out in (contract §7), when the PSP says.
+    pub payout_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Payment(Payment),
+    Refund(Refund),
     Settlement(Settlement),
 }
 
 impl Event {
     pub fn input(&self) -> Input {
+        self.kind().input()
+    }
+
+    pub fn kind(&self) -> EventKind {
         match self {
-            Event::Payment(_) => Input::Payments,
-            Event::Settlement(_) => Input::Settlements,
+            Event::Payment(_) => EventKind::Payment,
+            Event::Refund(_) => EventKind::Refund,
+            Event::Settlement(_) => EventKind::Settlement,
         }
     }
 
     pub fn event_id(&self) -> &str {
         match self {
             Event::Payment(p) => &p.event_id,
+            Event::Refund(r) => &r.event_id,
             Event::Settlement(s) => &s.event_id,
         }
     }
@@ -130,15 +240,26 @@ impl Event {
     pub fn payment_id(&self) -> &str {
         match self {
             Event::Payment(p) => &p.payment_id,
+            Event::Refund(r) => &r.payment_id,
             Event::Settlement(s) => &s.payment_id,
         }
     }
 
-    /// `occurred_at` or `settled_at`: the time the watermark is made of.
+    /// `occurred_at`, `requested_at` or `settled_at`: the time the watermark is made of.
     pub fn event_time(&self) -> Micros {
         match self {
             Event::Payment(p) => p.occurred_at,
+            Event::Refund(r) => r.requested_at,
             Event::Settlement(s) => s.settled_at,
+        }
+    }
+
+    /// The name of [`Event::event_time`]'s field.
+    pub fn event_time_field(&self) -> &'static str {
+        match self {
+            Event::Payment(_) => "occurred_at",
+            Event::Refund(_) => "requested_at",
+            Event::Settlement(_) => "settled_at",
         }
     }
 }

@@ -30,11 +30,13 @@ pub enum Rejection {
     BadTimestamp { field: &'static str, value: String },
     #[error("unknown event type {found:?}")]
     UnknownType { found: String },
-    #[error("event type {found:?} does not belong on this topic (expected {expected:?})")]
-    WrongTopicType {
-        found: String,
-        expected: &'static str,
-    },
+    #[error("event type {found:?} does not belong on this topic (expected \"{expected}\")")]
+    WrongTopicType { found: String, expected: String },
+    #[error("unknown line_type {found:?}")]
+    UnknownLineType { found: String },
+    /// Contract §6: amounts are signed in the merchant's direction.
+    #[error("gross_minor {gross} contradicts line_type {line_type:?} (positive for capture and chargeback_reversal, negative for refund and chargeback)")]
+    SignContradictsType { line_type: &'static str, gross: i64 },
     #[error("Kafka key {key:?} differs from payment_id {payment_id:?}")]
     KeyMismatch { key: String, payment_id: String },
     /// PostgreSQL cannot store U+0000 in text at all, and the other control characters
@@ -73,13 +75,15 @@ impl Rejection {
             Rejection::BadTimestamp { .. } => "bad_timestamp",
             Rejection::UnknownType { .. } => "unknown_type",
             Rejection::WrongTopicType { .. } => "wrong_topic_type",
+            Rejection::UnknownLineType { .. } => "unknown_line_type",
+            Rejection::SignContradictsType { .. } => "sign_contradicts_type",
             Rejection::KeyMismatch { .. } => "key_mismatch",
             Rejection::ControlCharacter { .. } => "control_character",
             Rejection::EventTimeOutOfRange { .. } => "event_time_out_of_range",
         }
     }
 
-    pub const CLASSES: [&'static str; 15] = [
+    pub const CLASSES: [&'static str; 17] = [
         "empty",
         "too_large",
         "not_utf8",
@@ -92,6 +96,8 @@ impl Rejection {
         "bad_timestamp",
         "unknown_type",
         "wrong_topic_type",
+        "unknown_line_type",
+        "sign_contradicts_type",
         "key_mismatch",
         "control_character",
         "event_time_out_of_range",
