@@ -2,7 +2,9 @@
 //! test that no input — arbitrary bytes or mutated valid events — makes decoding panic.
 
 use proptest::prelude::*;
-use recon_worker::event::{decode, parse_timestamp, Event, Input, Limits, Rejection};
+use recon_worker::event::{
+    decode, parse_timestamp, Event, EventKind, Input, Limits, Line, Rejection,
+};
 use serde_json::{json, Value};
 
 const MAX: usize = 64 * 1024;
@@ -307,12 +309,20 @@ fn stored_strings(event: &Event) -> Vec<&str> {
             &p.merchant_id,
             p.currency.code(),
         ],
-        Event::Settlement(s) => vec![
-            &s.event_id,
-            &s.settlement_id,
-            &s.payment_id,
-            s.currency.code(),
-        ],
+        Event::Refund(r) => vec![&r.event_id, &r.refund_id, &r.payment_id, r.currency.code()],
+        Event::Settlement(s) => {
+            let mut strings = vec![
+                s.event_id.as_str(),
+                &s.settlement_id,
+                &s.payment_id,
+                s.currency.code(),
+                s.line.line_type(),
+            ];
+            strings.extend(s.line.refund_id());
+            strings.extend(s.line.dispute_id());
+            strings.extend(s.payout_id.as_deref());
+            strings
+        }
     }
 }
 
@@ -595,6 +605,972 @@ proptest! {
         match decode(input, Some(b"pay-1"), Some(&bytes), None, LIMITS) {
             Ok(event) => prop_assert_eq!(event.payment_id(), "pay-1"),
             Err(rejection) => prop_assert!(!rejection.to_string().is_empty()),
+        }
+    }
+}
+// ---------------------------------------------------------------------------------
+// Version 2 of the input contract (§6): `refund_requested` on the payments topic and
+// the optional `settlement_line` fields. Every rule of §1 applies to the new fields.
+
+/// The largest magnitude of an amount (2^53 − 1).
+const MAX_MINOR: i64 = 9_007_199_254_740_991;
+
+fn refund() -> Value {
+    json!({
+        "event_id": "evt-3", "type": "refund_requested", "refund_id": "ref-1",
+        "payment_id": "pay-1", "amount_minor": 500, "currency": "EUR",
+        "requested_at": "2026-11-25T10:00:00+01:00"
+    })
+}
+
+/// A version-2 settlement line of `line_type` with signed `gross`, `fee` and a
+/// consistent net, carrying the id its type requires.
+fn line(line_type: &str, gross: i64, fee: i64) -> Value {
+    let mut value = with(settlement(), "line_type", json!(line_type));
+    value = with(value, "gross_minor", json!(gross));
+    value = with(value, "fee_minor", json!(fee));
+    value = with(value, "net_minor", json!(gross - fee));
+    match line_type {
+        "refund" => with(value, "refund_id", json!("ref-1")),
+        "chargeback" | "chargeback_reversal" => with(value, "dispute_id", json!("dp-1")),
+        _ => value,
+    }
+}
+
+/// A valid line of each type: (line_type, gross, fee).
+const LINES: [(&str, i64, i64); 4] = [
+    ("capture", 1250, 25),
+    ("refund", -500, -5),
+    ("chargeback", -1250, 1500),
+    ("chargeback_reversal", 1250, -1500),
+];
+
+fn settlement_of(result: Result<Event, Rejection>) -> recon_worker::event::Settlement {
+    match result.expect("valid settlement line") {
+        Event::Settlement(s) => s,
+        other => panic!("not a settlement: {other:?}"),
+    }
+}
+
+/// Asserts a rejection's class, that its reason mentions `mentioned`, and that the
+/// reason can be stored (no control character reaches the text column).
+fn assert_rejected(result: Result<Event, Rejection>, expected_class: &str, mentioned: &str) {
+    let err = result.expect_err(expected_class);
+    assert_eq!(err.class(), expected_class, "{err}");
+    assert!(
+        Rejection::CLASSES.contains(&err.class()),
+        "class {} is listed",
+        err.class()
+    );
+    let reason = err.to_string();
+    assert!(
+        reason.contains(mentioned),
+        "reason {reason:?} should mention {mentioned}"
+    );
+    assert!(!reason.chars().any(is_forbidden), "{reason:?}");
+}
+
+#[test]
+fn a_refund_request_decodes_with_every_field() {
+    let event = run(Input::Payments, "pay-1", &refund()).expect("valid refund request");
+    assert_eq!(event.kind(), EventKind::Refund);
+    assert_eq!(event.input(), Input::Payments);
+    assert_eq!((event.event_id(), event.payment_id()), ("evt-3", "pay-1"));
+    assert_eq!(event.event_time_field(), "requested_at");
+    let Event::Refund(r) = event else {
+        panic!("not a refund");
+    };
+    assert_eq!(
+        (
+            r.event_id.as_str(),
+            r.refund_id.as_str(),
+            r.payment_id.as_str(),
+            r.amount.get()
+        ),
+        ("evt-3", "ref-1", "pay-1", 500)
+    );
+    assert_eq!(r.currency.code(), "EUR");
+    // The offset is applied: 10:00+01:00 is 09:00Z.
+    assert_eq!(
+        Some(r.requested_at),
+        parse_timestamp("2026-11-25T09:00:00Z")
+    );
+    // The bounds of the amount are those of a payment.
+    for amount in [1, MAX_MINOR] {
+        let value = with(refund(), "amount_minor", json!(amount));
+        let Event::Refund(r) = run(Input::Payments, "pay-1", &value).expect("in range") else {
+            panic!("not a refund");
+        };
+        assert_eq!(r.amount.get(), amount);
+    }
+    // Unknown fields are ignored, as on every message.
+    let extra = with(refund(), "reason", json!("customer request"));
+    assert!(run(Input::Payments, "pay-1", &extra).is_ok());
+}
+
+#[test]
+fn refund_request_field_rejections_name_the_field() {
+    let mut cases: Vec<(Value, &str, &str)> = Vec::new();
+    for field in [
+        "event_id",
+        "refund_id",
+        "payment_id",
+        "amount_minor",
+        "currency",
+        "requested_at",
+    ] {
+        cases.push((with(refund(), field, Value::Null), "missing_field", field));
+    }
+    let mut explicit_null = refund();
+    explicit_null["refund_id"] = Value::Null;
+    cases.push((explicit_null, "missing_field", "refund_id"));
+    // A refund request names the time it was requested; a payment's field is no
+    // substitute.
+    let occurred = with(
+        with(refund(), "requested_at", Value::Null),
+        "occurred_at",
+        json!("2026-11-25T09:00:00Z"),
+    );
+    cases.push((occurred, "missing_field", "requested_at"));
+    cases.extend([
+        (
+            with(refund(), "refund_id", json!(42)),
+            "wrong_type",
+            "refund_id",
+        ),
+        (
+            with(refund(), "refund_id", json!(["ref-1"])),
+            "wrong_type",
+            "refund_id",
+        ),
+        (
+            with(refund(), "amount_minor", json!("500")),
+            "wrong_type",
+            "amount_minor",
+        ),
+        (
+            with(refund(), "amount_minor", json!(5.5)),
+            "wrong_type",
+            "amount_minor",
+        ),
+        (
+            with(refund(), "currency", json!(978)),
+            "wrong_type",
+            "currency",
+        ),
+        (
+            with(refund(), "requested_at", json!(1_764_061_200)),
+            "wrong_type",
+            "requested_at",
+        ),
+        (
+            with(refund(), "amount_minor", json!(0)),
+            "out_of_range",
+            "amount_minor",
+        ),
+        (
+            with(refund(), "amount_minor", json!(-500)),
+            "out_of_range",
+            "amount_minor",
+        ),
+        (
+            with(refund(), "amount_minor", json!(MAX_MINOR + 1)),
+            "out_of_range",
+            "amount_minor",
+        ),
+        (
+            with(refund(), "amount_minor", json!(u64::MAX)),
+            "out_of_range",
+            "amount_minor",
+        ),
+        (
+            with(refund(), "refund_id", json!("")),
+            "out_of_range",
+            "refund_id",
+        ),
+        (
+            with(refund(), "refund_id", json!("r".repeat(129))),
+            "out_of_range",
+            "refund_id",
+        ),
+        (
+            with(refund(), "currency", json!("XYZ")),
+            "unknown_currency",
+            "currency",
+        ),
+        (
+            with(refund(), "currency", json!("eur")),
+            "unknown_currency",
+            "currency",
+        ),
+        (
+            with(refund(), "currency", json!("HRK")),
+            "unknown_currency",
+            "currency",
+        ),
+        (
+            with(refund(), "requested_at", json!("2026-11-25T10:00:00")),
+            "bad_timestamp",
+            "requested_at",
+        ),
+        (
+            with(refund(), "requested_at", json!("tomorrow")),
+            "bad_timestamp",
+            "requested_at",
+        ),
+        (
+            with(refund(), "requested_at", json!("2026-02-30T10:00:00Z")),
+            "bad_timestamp",
+            "requested_at",
+        ),
+    ]);
+    for (value, expected_class, mentioned) in cases {
+        assert_rejected(
+            run(Input::Payments, "pay-1", &value),
+            expected_class,
+            mentioned,
+        );
+    }
+    // The longest id is accepted.
+    let longest = with(refund(), "refund_id", json!("r".repeat(128)));
+    assert!(run(Input::Payments, "pay-1", &longest).is_ok());
+}
+
+#[test]
+fn refund_request_ids_with_control_characters_are_rejected_naming_the_field() {
+    for field in ["event_id", "refund_id", "payment_id"] {
+        for (c, code) in [('\0', "U+0000"), ('\n', "U+000A"), ('\u{7f}', "U+007F")] {
+            let id = format!("r{c}1");
+            let key = if field == "payment_id" { &id } else { "pay-1" };
+            let value = with(refund(), field, json!(id));
+            let err = run(Input::Payments, key, &value).expect_err("control character");
+            assert_eq!(err.class(), "control_character", "{field} {code}: {err}");
+            let reason = err.to_string();
+            assert!(
+                reason.contains(field) && reason.contains(code) && reason.contains("character 2"),
+                "{reason}"
+            );
+            assert!(!reason.chars().any(is_forbidden), "{reason:?}");
+        }
+    }
+}
+
+#[test]
+fn a_refund_request_is_keyed_by_the_refunded_payment() {
+    assert_eq!(
+        class(run(Input::Payments, "ref-1", &refund())),
+        "key_mismatch"
+    );
+    let no_key = decode(
+        Input::Payments,
+        None,
+        Some(refund().to_string().as_bytes()),
+        None,
+        LIMITS,
+    );
+    assert_eq!(class(no_key), "key_mismatch");
+}
+
+#[test]
+fn refund_request_times_follow_the_rules_of_event_times() {
+    let kafka_ms = 1_800_000_000_000i64;
+    let kafka_micros = kafka_ms * 1000;
+    let at = |micros: i64| json!(recon_worker::event::format_timestamp(micros));
+    let edge = with(refund(), "requested_at", at(kafka_micros + DAY_MICROS));
+    assert!(
+        run_at(Input::Payments, "pay-1", &edge, Some(kafka_ms)).is_ok(),
+        "exactly the skew ahead is accepted"
+    );
+    let over = with(refund(), "requested_at", at(kafka_micros + DAY_MICROS + 1));
+    let err = run_at(Input::Payments, "pay-1", &over, Some(kafka_ms)).expect_err("1µs over");
+    assert_eq!(err.class(), "event_time_out_of_range");
+    let reason = err.to_string();
+    assert!(
+        reason.contains("requested_at") && reason.contains("ahead") && reason.contains("1day"),
+        "{reason}"
+    );
+    let far = with(refund(), "requested_at", json!("2205-01-01T00:00:00Z"));
+    assert_eq!(
+        class(run_at(Input::Payments, "pay-1", &far, Some(kafka_ms))),
+        "event_time_out_of_range"
+    );
+    assert!(run_at(Input::Payments, "pay-1", &far, None).is_ok());
+    let old = with(
+        refund(),
+        "requested_at",
+        at(kafka_micros - 400 * DAY_MICROS),
+    );
+    assert!(run_at(Input::Payments, "pay-1", &old, Some(kafka_ms)).is_ok());
+    // Before 1970 and after 9999, with or without a Kafka timestamp.
+    for at in ["1969-12-31T23:59:59Z", "9999-12-31T23:59:59-23:59"] {
+        let value = with(refund(), "requested_at", json!(at));
+        assert_rejected(
+            run_at(Input::Payments, "pay-1", &value, Some(i64::MAX)),
+            "event_time_out_of_range",
+            "requested_at",
+        );
+        assert_eq!(
+            class(run(Input::Payments, "pay-1", &value)),
+            "event_time_out_of_range"
+        );
+    }
+}
+
+#[test]
+fn event_types_on_the_wrong_topic_are_rejected() {
+    let err = run(Input::Settlements, "pay-1", &refund()).expect_err("wrong topic");
+    assert_eq!(err.class(), "wrong_topic_type");
+    let reason = err.to_string();
+    assert!(
+        reason.contains("refund_requested") && reason.contains("settlement_line"),
+        "{reason}"
+    );
+    // The payments topic now carries two types; a settlement line there names both.
+    let err = run(Input::Payments, "pay-1", &line("refund", -500, 0)).expect_err("wrong topic");
+    assert_eq!(err.class(), "wrong_topic_type");
+    let reason = err.to_string();
+    assert!(
+        reason.contains("payment_captured") && reason.contains("refund_requested"),
+        "{reason}"
+    );
+    // Near misses of the new type are unknown types.
+    for found in ["refund_request", "Refund_Requested", "refund_issued"] {
+        let value = with(refund(), "type", json!(found));
+        assert_rejected(run(Input::Payments, "pay-1", &value), "unknown_type", found);
+    }
+}
+
+#[test]
+fn every_line_type_decodes_with_its_signed_amounts_and_id() {
+    for (line_type, gross, fee) in LINES {
+        let s = settlement_of(run(
+            Input::Settlements,
+            "pay-1",
+            &line(line_type, gross, fee),
+        ));
+        assert_eq!(s.line.line_type(), line_type);
+        assert_eq!(
+            (s.gross.get(), s.fee.get(), s.net),
+            (gross, fee, gross - fee),
+            "{line_type}"
+        );
+        assert_eq!(s.line.gross_is_positive(), gross > 0, "{line_type}");
+        let expected = match line_type {
+            "capture" => Line::Capture,
+            "refund" => Line::Refund {
+                refund_id: "ref-1".into(),
+            },
+            "chargeback" => Line::Chargeback {
+                dispute_id: "dp-1".into(),
+            },
+            _ => Line::ChargebackReversal {
+                dispute_id: "dp-1".into(),
+            },
+        };
+        assert_eq!(s.line, expected);
+        assert_eq!(s.payout_id, None);
+        assert_eq!(
+            (
+                s.event_id.as_str(),
+                s.settlement_id.as_str(),
+                s.payment_id.as_str()
+            ),
+            ("evt-2", "po-1", "pay-1")
+        );
+        assert_eq!(s.currency.code(), "EUR");
+        assert_eq!(Some(s.settled_at), parse_timestamp("2026-11-24T09:00:00Z"));
+    }
+    // A version-1 line (no line_type) is a capture, as is an explicit null.
+    let v1 = settlement_of(run(Input::Settlements, "pay-1", &settlement()));
+    assert_eq!(v1.line, Line::Capture);
+    let mut null_type = settlement();
+    null_type["line_type"] = Value::Null;
+    assert_eq!(
+        settlement_of(run(Input::Settlements, "pay-1", &null_type)).line,
+        Line::Capture
+    );
+    // The gross's bound is the same in both directions.
+    for (line_type, gross) in [
+        ("refund", -MAX_MINOR),
+        ("chargeback", -MAX_MINOR),
+        ("chargeback_reversal", MAX_MINOR),
+        ("capture", MAX_MINOR),
+        ("refund", -1),
+        ("chargeback_reversal", 1),
+    ] {
+        let s = settlement_of(run(Input::Settlements, "pay-1", &line(line_type, gross, 0)));
+        assert_eq!(s.gross.get(), gross, "{line_type}");
+    }
+}
+
+#[test]
+fn rule_3_is_checked_by_the_rules_not_the_decoder_on_every_line() {
+    for (line_type, gross, fee) in LINES {
+        let wrong_net = with(
+            line(line_type, gross, fee),
+            "net_minor",
+            json!(gross - fee + 7),
+        );
+        let s = settlement_of(run(Input::Settlements, "pay-1", &wrong_net));
+        assert_eq!(s.net, gross - fee + 7, "{line_type}");
+    }
+    // Net is any integer: the extremes of i64 are read, not rejected.
+    for net in [i64::MIN, i64::MAX] {
+        let value = with(line("chargeback", -1250, 0), "net_minor", json!(net));
+        assert_eq!(
+            settlement_of(run(Input::Settlements, "pay-1", &value)).net,
+            net
+        );
+    }
+}
+
+#[test]
+fn an_unknown_line_type_is_rejected() {
+    for found in [
+        "Refund",
+        "REFUND",
+        "refunds",
+        "capture ",
+        "",
+        "fee",
+        "chargeback-reversal",
+        "dispute",
+    ] {
+        let value = with(line("refund", -500, 0), "line_type", json!(found));
+        let err = run(Input::Settlements, "pay-1", &value).expect_err(found);
+        assert_eq!(err.class(), "unknown_line_type", "{found:?}: {err}");
+        assert!(err.to_string().contains(&format!("{found:?}")), "{err}");
+    }
+    // A line_type that is not a string is the wrong type, naming the field.
+    for found in [
+        json!(1),
+        json!(true),
+        json!(["refund"]),
+        json!({"type": "refund"}),
+    ] {
+        let value = with(line("refund", -500, 0), "line_type", found);
+        assert_rejected(
+            run(Input::Settlements, "pay-1", &value),
+            "wrong_type",
+            "line_type",
+        );
+    }
+    // The reason is stored: a control character in the type does not reach it raw.
+    let value = with(line("refund", -500, 0), "line_type", json!("ref\u{0}und"));
+    assert_rejected(
+        run(Input::Settlements, "pay-1", &value),
+        "unknown_line_type",
+        "line_type",
+    );
+    // A very long type is reported truncated.
+    let value = with(
+        line("refund", -500, 0),
+        "line_type",
+        json!("x".repeat(10_000)),
+    );
+    let err = run(Input::Settlements, "pay-1", &value).expect_err("long type");
+    assert_eq!(err.class(), "unknown_line_type");
+    assert!(err.to_string().len() < 1_000, "{}", err.to_string().len());
+}
+
+#[test]
+fn a_gross_whose_sign_contradicts_the_line_type_is_rejected() {
+    for (line_type, gross) in [
+        ("refund", 1),
+        ("refund", 500),
+        ("refund", MAX_MINOR),
+        ("refund", 0),
+        ("chargeback", 1),
+        ("chargeback", 1250),
+        ("chargeback", 0),
+        ("chargeback_reversal", -1),
+        ("chargeback_reversal", -1250),
+        ("chargeback_reversal", -MAX_MINOR),
+        ("chargeback_reversal", 0),
+    ] {
+        let value = line(line_type, gross, 0);
+        let err = run(Input::Settlements, "pay-1", &value).expect_err(line_type);
+        assert_eq!(
+            err.class(),
+            "sign_contradicts_type",
+            "{line_type} {gross}: {err}"
+        );
+        assert_eq!(
+            err,
+            Rejection::SignContradictsType { line_type, gross },
+            "{line_type} {gross}"
+        );
+        let reason = err.to_string();
+        assert!(
+            reason.contains(line_type) && reason.contains(&gross.to_string()),
+            "{reason}"
+        );
+    }
+    // A capture keeps version 1's rule, whether its type is written or not: a gross
+    // below 1 is out of range (the class version-1 producers have always seen).
+    for gross in [0, -1, -1250] {
+        for value in [
+            line("capture", gross, 0),
+            with(settlement(), "gross_minor", json!(gross)),
+        ] {
+            assert_rejected(
+                run(Input::Settlements, "pay-1", &value),
+                "out_of_range",
+                "gross_minor",
+            );
+        }
+    }
+}
+
+#[test]
+fn a_gross_beyond_2_pow_53_is_out_of_range_in_either_direction() {
+    for (line_type, gross) in [
+        ("capture", json!(MAX_MINOR + 1)),
+        ("refund", json!(-MAX_MINOR - 1)),
+        ("chargeback", json!(-MAX_MINOR - 1)),
+        ("chargeback_reversal", json!(MAX_MINOR + 1)),
+        ("refund", json!(i64::MIN)),
+        ("chargeback", json!(i64::MIN)),
+        ("chargeback_reversal", json!(i64::MAX)),
+        ("chargeback_reversal", json!(u64::MAX)),
+        ("refund", json!(-1e19)),
+        // The wrong sign and out of range: out of range is what is wrong first.
+        ("refund", json!(MAX_MINOR + 1)),
+        ("chargeback_reversal", json!(-MAX_MINOR - 1)),
+    ] {
+        let value = with(line(line_type, -1, 0), "gross_minor", gross);
+        let value = with(value, "net_minor", json!(0));
+        assert_rejected(
+            run(Input::Settlements, "pay-1", &value),
+            "out_of_range",
+            "gross_minor",
+        );
+    }
+    // Mistyped amounts are the wrong type on every line.
+    for gross in [json!("-500"), json!(-5.5), json!(null)] {
+        let value = with(line("refund", -500, 0), "gross_minor", gross.clone());
+        let expected = if gross.is_null() {
+            "missing_field"
+        } else {
+            "wrong_type"
+        };
+        assert_rejected(
+            run(Input::Settlements, "pay-1", &value),
+            expected,
+            "gross_minor",
+        );
+    }
+}
+
+#[test]
+fn a_negative_fee_is_a_fee_given_back_except_on_a_capture() {
+    for line_type in ["refund", "chargeback", "chargeback_reversal"] {
+        let gross = if line_type == "chargeback_reversal" {
+            1250
+        } else {
+            -1250
+        };
+        for fee in [-1, -MAX_MINOR, 0, MAX_MINOR] {
+            let s = settlement_of(run(
+                Input::Settlements,
+                "pay-1",
+                &line(line_type, gross, fee),
+            ));
+            assert_eq!(s.fee.get(), fee, "{line_type}");
+        }
+        for fee in [json!(-MAX_MINOR - 1), json!(MAX_MINOR + 1), json!(i64::MIN)] {
+            let value = with(line(line_type, gross, 0), "fee_minor", fee);
+            assert_rejected(
+                run(Input::Settlements, "pay-1", &value),
+                "out_of_range",
+                "fee_minor",
+            );
+        }
+        let value = with(line(line_type, gross, 0), "fee_minor", json!("5"));
+        assert_rejected(
+            run(Input::Settlements, "pay-1", &value),
+            "wrong_type",
+            "fee_minor",
+        );
+    }
+    // Version 1 is unchanged: a capture's fee is 0..=2^53−1, written type or not.
+    for value in [
+        line("capture", 1250, -1),
+        with(settlement(), "fee_minor", json!(-1)),
+        line("capture", 1250, MAX_MINOR + 1),
+    ] {
+        assert_rejected(
+            run(Input::Settlements, "pay-1", &value),
+            "out_of_range",
+            "fee_minor",
+        );
+    }
+    assert!(run(Input::Settlements, "pay-1", &line("capture", 1250, 0)).is_ok());
+}
+
+#[test]
+fn a_line_without_the_id_its_type_requires_is_rejected() {
+    let cases = [
+        ("refund", "refund_id", "dispute_id"),
+        ("chargeback", "dispute_id", "refund_id"),
+        ("chargeback_reversal", "dispute_id", "refund_id"),
+    ];
+    for (line_type, required, other) in cases {
+        let (gross, fee) = LINES
+            .iter()
+            .find(|(t, _, _)| *t == line_type)
+            .map(|(_, g, f)| (*g, *f))
+            .expect("a line of the type");
+        // Absent, or null.
+        let absent = with(line(line_type, gross, fee), required, Value::Null);
+        assert_rejected(
+            run(Input::Settlements, "pay-1", &absent),
+            "missing_field",
+            required,
+        );
+        let mut null = line(line_type, gross, fee);
+        null[required] = Value::Null;
+        assert_rejected(
+            run(Input::Settlements, "pay-1", &null),
+            "missing_field",
+            required,
+        );
+        // The other type's id is no substitute.
+        let wrong_id = with(absent, other, json!("x-1"));
+        assert_rejected(
+            run(Input::Settlements, "pay-1", &wrong_id),
+            "missing_field",
+            required,
+        );
+        // A present but bad required id is rejected by the rules of ids.
+        for (id, expected) in [
+            (json!(""), "out_of_range"),
+            (json!("i".repeat(129)), "out_of_range"),
+            (json!(7), "wrong_type"),
+            (json!("a\u{1}b"), "control_character"),
+        ] {
+            let value = with(line(line_type, gross, fee), required, id);
+            assert_rejected(run(Input::Settlements, "pay-1", &value), expected, required);
+        }
+        let longest = with(
+            line(line_type, gross, fee),
+            required,
+            json!("i".repeat(128)),
+        );
+        assert!(run(Input::Settlements, "pay-1", &longest).is_ok());
+    }
+    // A capture needs neither.
+    assert!(run(Input::Settlements, "pay-1", &line("capture", 1250, 25)).is_ok());
+}
+
+#[test]
+fn optional_ids_are_checked_as_ids_wherever_they_appear() {
+    // (line_type, field, value, class)
+    let cases: Vec<(&str, &str, Value, &str)> = vec![
+        (
+            "capture",
+            "payout_id",
+            json!("po\u{0}9"),
+            "control_character",
+        ),
+        (
+            "capture",
+            "payout_id",
+            json!("po\u{1f}9"),
+            "control_character",
+        ),
+        (
+            "refund",
+            "payout_id",
+            json!("po\u{7f}9"),
+            "control_character",
+        ),
+        ("chargeback", "payout_id", json!(""), "out_of_range"),
+        (
+            "capture",
+            "payout_id",
+            json!("p".repeat(129)),
+            "out_of_range",
+        ),
+        ("chargeback_reversal", "payout_id", json!(9), "wrong_type"),
+        // An id the type does not use is still checked when present.
+        ("capture", "refund_id", json!(""), "out_of_range"),
+        ("capture", "dispute_id", json!("d\n1"), "control_character"),
+        ("refund", "dispute_id", json!(""), "out_of_range"),
+        (
+            "chargeback",
+            "refund_id",
+            json!("r\t1"),
+            "control_character",
+        ),
+        (
+            "chargeback_reversal",
+            "refund_id",
+            json!(false),
+            "wrong_type",
+        ),
+    ];
+    for (line_type, field, id, expected) in cases {
+        let (gross, fee) = LINES
+            .iter()
+            .find(|(t, _, _)| *t == line_type)
+            .map(|(_, g, f)| (*g, *f))
+            .expect("a line of the type");
+        let value = with(line(line_type, gross, fee), field, id.clone());
+        assert_rejected(run(Input::Settlements, "pay-1", &value), expected, field);
+        if expected == "control_character" {
+            let reason = class_reason(run(Input::Settlements, "pay-1", &value));
+            assert!(
+                reason.contains("character 2") || reason.contains("character 3"),
+                "{reason}"
+            );
+        }
+    }
+    // On a version-1 line too: optional fields are checked whatever the version.
+    let v1 = with(settlement(), "refund_id", json!(""));
+    assert_rejected(
+        run(Input::Settlements, "pay-1", &v1),
+        "out_of_range",
+        "refund_id",
+    );
+    // Ids a type does not use, when valid, are accepted and ignored.
+    let extra = with(
+        with(line("capture", 1250, 25), "refund_id", json!("ref-9")),
+        "dispute_id",
+        json!("dp-9"),
+    );
+    assert_eq!(
+        settlement_of(run(Input::Settlements, "pay-1", &extra)).line,
+        Line::Capture
+    );
+    let refund_with_dispute = with(line("refund", -500, 0), "dispute_id", json!("dp-9"));
+    assert_eq!(
+        settlement_of(run(Input::Settlements, "pay-1", &refund_with_dispute)).line,
+        Line::Refund {
+            refund_id: "ref-1".into()
+        }
+    );
+}
+
+fn class_reason(result: Result<Event, Rejection>) -> String {
+    result.expect_err("rejected").to_string()
+}
+
+#[test]
+fn the_payout_id_is_decoded_when_present() {
+    for (line_type, gross, fee) in LINES {
+        let value = with(
+            line(line_type, gross, fee),
+            "payout_id",
+            json!("po-2026-11-24"),
+        );
+        let s = settlement_of(run(Input::Settlements, "pay-1", &value));
+        assert_eq!(s.payout_id.as_deref(), Some("po-2026-11-24"), "{line_type}");
+        let mut null = line(line_type, gross, fee);
+        null["payout_id"] = Value::Null;
+        assert_eq!(
+            settlement_of(run(Input::Settlements, "pay-1", &null)).payout_id,
+            None
+        );
+    }
+    // On a version-1 line as well (§7 needs it for captures).
+    let v1 = with(settlement(), "payout_id", json!("po-9"));
+    let s = settlement_of(run(Input::Settlements, "pay-1", &v1));
+    assert_eq!(
+        (s.line, s.payout_id.as_deref()),
+        (Line::Capture, Some("po-9"))
+    );
+    // Printable non-ASCII is an ordinary id.
+    let v1 = with(settlement(), "payout_id", json!("auszahlung-\u{e4}\u{80}"));
+    assert!(run(Input::Settlements, "pay-1", &v1).is_ok());
+}
+
+#[test]
+fn version_2_lines_keep_the_rules_of_section_1() {
+    for (line_type, gross, fee) in LINES {
+        let base = line(line_type, gross, fee);
+        assert_eq!(
+            class(run(Input::Settlements, "other", &base)),
+            "key_mismatch"
+        );
+        assert_rejected(
+            run(
+                Input::Settlements,
+                "pay-1",
+                &with(base.clone(), "currency", json!("EURO")),
+            ),
+            "unknown_currency",
+            "currency",
+        );
+        assert_rejected(
+            run(
+                Input::Settlements,
+                "pay-1",
+                &with(base.clone(), "settled_at", json!("2026-11-24 09:00")),
+            ),
+            "bad_timestamp",
+            "settled_at",
+        );
+        assert_rejected(
+            run(
+                Input::Settlements,
+                "pay-1",
+                &with(base.clone(), "settlement_id", Value::Null),
+            ),
+            "missing_field",
+            "settlement_id",
+        );
+        let kafka_ms = 1_800_000_000_000i64;
+        let ahead = with(
+            base.clone(),
+            "settled_at",
+            json!(recon_worker::event::format_timestamp(
+                kafka_ms * 1000 + DAY_MICROS + 1
+            )),
+        );
+        assert_rejected(
+            run_at(Input::Settlements, "pay-1", &ahead, Some(kafka_ms)),
+            "event_time_out_of_range",
+            "settled_at",
+        );
+    }
+}
+
+/// Version-2 messages of either topic: a refund request, or a line of any type.
+fn v2_message(kind: u8) -> (Input, Value) {
+    match kind % 5 {
+        0 => (Input::Payments, refund()),
+        n => {
+            let (line_type, gross, fee) = LINES[usize::from(n - 1)];
+            (Input::Settlements, line(line_type, gross, fee))
+        }
+    }
+}
+
+fn mutated_v2_event() -> impl Strategy<Value = (Input, Vec<u8>)> {
+    let field = prop::sample::select(vec![
+        "event_id",
+        "type",
+        "refund_id",
+        "dispute_id",
+        "payout_id",
+        "line_type",
+        "payment_id",
+        "amount_minor",
+        "currency",
+        "requested_at",
+        "gross_minor",
+        "fee_minor",
+        "net_minor",
+        "settled_at",
+    ]);
+    let value = prop_oneof![
+        Just(Value::Null),
+        any::<i64>().prop_map(Value::from),
+        (-MAX_MINOR - 2..=MAX_MINOR + 2).prop_map(Value::from),
+        prop::sample::select(vec![
+            "capture",
+            "refund",
+            "chargeback",
+            "chargeback_reversal",
+            "refund_requested",
+            "settlement_line",
+            "payment_captured",
+        ])
+        .prop_map(Value::from),
+        ".{0,40}".prop_map(Value::from),
+        Just(json!([])),
+        Just(json!(true)),
+    ];
+    (
+        any::<u8>(),
+        prop::collection::vec((field, value), 0..4),
+        any::<prop::sample::Index>(),
+        any::<u8>(),
+    )
+        .prop_map(|(kind, edits, at, byte)| {
+            let (input, mut base) = v2_message(kind);
+            for (field, value) in edits {
+                base = with(base, field, value);
+            }
+            let mut bytes = base.to_string().into_bytes();
+            if byte % 3 == 0 && !bytes.is_empty() {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+            (input, bytes)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(5_000))]
+
+    /// Whatever a version-2 message is mutated into, decoding yields an event that
+    /// keeps every rule of §6 or a rejection with a storable reason.
+    #[test]
+    fn mutated_v2_events_are_decoded_within_the_rules_or_rejected((input, bytes) in mutated_v2_event()) {
+        match decode(input, Some(b"pay-1"), Some(&bytes), None, LIMITS) {
+            Ok(event) => {
+                prop_assert_eq!(event.payment_id(), "pay-1");
+                prop_assert_eq!(event.input(), input);
+                for text in stored_strings(&event) {
+                    prop_assert!(!text.chars().any(is_forbidden), "{:?}", text);
+                }
+                match event {
+                    Event::Payment(p) => prop_assert!((1..=MAX_MINOR).contains(&p.amount.get())),
+                    Event::Refund(r) => prop_assert!((1..=MAX_MINOR).contains(&r.amount.get())),
+                    Event::Settlement(s) => {
+                        let (gross, fee) = (s.gross.get(), s.fee.get());
+                        prop_assert!(gross != 0 && gross.abs() <= MAX_MINOR);
+                        prop_assert_eq!(gross > 0, s.line.gross_is_positive(), "{:?}", s.line);
+                        prop_assert!(fee.abs() <= MAX_MINOR);
+                        if s.line == Line::Capture {
+                            prop_assert!(fee >= 0);
+                        }
+                        match &s.line {
+                            Line::Refund { refund_id } => prop_assert!(!refund_id.is_empty()),
+                            Line::Chargeback { dispute_id } | Line::ChargebackReversal { dispute_id } => {
+                                prop_assert!(!dispute_id.is_empty())
+                            }
+                            Line::Capture => {}
+                        }
+                    }
+                }
+            }
+            Err(rejection) => {
+                let reason = rejection.to_string();
+                prop_assert!(!reason.is_empty());
+                prop_assert!(!reason.contains('\0'), "{:?}", reason);
+                prop_assert!(Rejection::CLASSES.contains(&rejection.class()));
+            }
+        }
+    }
+
+    #[test]
+    fn no_v2_id_carries_a_control_character_to_postgres(
+        kind in any::<u8>(),
+        ids in prop::collection::vec(id_with_controls(), 4),
+    ) {
+        let (input, mut value) = v2_message(kind);
+        let fields: &[&str] = if input == Input::Payments {
+            &["event_id", "refund_id", "payment_id"]
+        } else {
+            &["refund_id", "dispute_id", "payout_id", "event_id"]
+        };
+        for (field, id) in fields.iter().zip(&ids) {
+            value = with(value, field, json!(id));
+        }
+        let key = if input == Input::Payments { ids[2].clone() } else { "pay-1".to_owned() };
+        match run(input, &key, &value) {
+            Ok(event) => {
+                for text in stored_strings(&event) {
+                    prop_assert!(!text.chars().any(is_forbidden), "{:?}", text);
+                }
+            }
+            Err(rejection) => {
+                let reason = rejection.to_string();
+                prop_assert!(!reason.contains('\0'), "{:?}", reason);
+            }
         }
     }
 }
