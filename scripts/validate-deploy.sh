@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Validates the deployment artefacts under deploy/ and docker-compose.yml with real tools:
-#   1. Prometheus rules and config           (promtool check rules / check config)
+#   1. Prometheus rules and config           (promtool check rules / check config,
+#      and the rules' unit tests: promtool test rules)
 #   2. a live scrape of the worker's /metrics (promtool check metrics, lint warnings fail),
 #      and a clean exit 0 of the worker on SIGTERM
 #   3. every recon_* metric used by the Grafana dashboard and the alert rules is exported
@@ -138,6 +139,8 @@ check_cmd "promtool check rules deploy/prometheus/alerts.yml" \
     promtool check rules deploy/prometheus/alerts.yml
 check_cmd "promtool check config deploy/prometheus/prometheus.yml" \
     promtool check config deploy/prometheus/prometheus.yml
+check_cmd "promtool test rules deploy/prometheus/alerts.test.yml" \
+    promtool test rules deploy/prometheus/alerts.test.yml
 
 # ---------------------------------------------------------------- 5. docker-compose
 check_cmd "docker-compose -f docker-compose.yml config -q" \

@@ -678,3 +678,45 @@ async fn open_items_are_counted_by_kind_and_outcome(pool: PgPool) {
     );
     assert!(store.open_items(&[1]).await.expect("open items").is_empty());
 }
+
+#[sqlx::test(migrations = false)]
+async fn open_discrepancies_are_counted_by_kind_for_the_pairs_asked(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    // Rows as the checkpoint writes them; resolved ones and other pairs' do not count.
+    sqlx::query(
+        "INSERT INTO recon_discrepancies
+           (kind, payment_id, kafka_partition, payment_event_id, settlement_event_id,
+            resolved_at, resolution)
+         VALUES ('over_refunded', 'p1', 0, NULL, 's1', NULL, NULL),
+                ('chargeback', 'p1', 0, NULL, 's2', NULL, NULL),
+                ('chargeback', 'p2', 0, NULL, 's3', now(), 'reversed'),
+                ('chargeback', 'p3', 1, NULL, 's4', NULL, NULL),
+                ('over_refunded', 'p4', 1, NULL, 's5', NULL, NULL),
+                ('over_refunded', 'p5', 1, NULL, 's6', now(), 'recovered'),
+                ('missing_settlement', 'p6', 2, 'e7', NULL, NULL, NULL)",
+    )
+    .execute(&pool)
+    .await
+    .expect("insert discrepancies");
+    let mut open = store
+        .open_discrepancies(&[0, 1])
+        .await
+        .expect("open discrepancies");
+    open.sort();
+    assert_eq!(
+        open,
+        vec![
+            ("chargeback".to_owned(), 2),
+            ("over_refunded".to_owned(), 2)
+        ]
+    );
+    assert_eq!(
+        store.open_discrepancies(&[2]).await.expect("open"),
+        vec![("missing_settlement".to_owned(), 1)]
+    );
+    assert!(store
+        .open_discrepancies(&[3])
+        .await
+        .expect("open")
+        .is_empty());
+}

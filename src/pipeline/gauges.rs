@@ -1,5 +1,6 @@
 //! Gauges of what the pipeline holds: window size, watermarks, consumer lag against
-//! the offsets stored in PostgreSQL, and the open items of the pairs it owns.
+//! the offsets stored in PostgreSQL, and the open items and unresolved discrepancies
+//! of the pairs it owns.
 
 use std::time::{Duration, Instant};
 
@@ -8,11 +9,12 @@ use tracing::Instrument;
 use super::pairs::Pairs;
 use super::Pipeline;
 use crate::clock::now_micros;
+use crate::engine::rules::DiscrepancyKind;
 use crate::event::Input;
 use crate::store::Store;
 use crate::telemetry::metrics as m;
 
-/// How often the open-item gauges are refreshed from PostgreSQL.
+/// How often the open-item and open-discrepancy gauges are refreshed from PostgreSQL.
 const OPEN_ITEMS_EVERY: Duration = Duration::from_secs(15);
 
 impl Pipeline {
@@ -46,14 +48,18 @@ impl Pipeline {
     }
 }
 
-/// The open-item gauges' refresh: open items and the age of the oldest, per kind, of
-/// the pairs this worker owns. A monitoring read: a failure is logged and retried next
-/// time, never fatal. It runs beside the loop: the count grows with the open items in
-/// PostgreSQL (35-60 ms with a few hundred thousand rows here), and inline it stalled
-/// every message arriving meanwhile. At most one runs at a time.
+/// The open-item gauges' refresh: open items and the age of the oldest, per kind, and
+/// unresolved discrepancies per kind, of the pairs this worker owns. A monitoring read:
+/// a failure is logged and retried next time, never fatal. It runs beside the loop: the
+/// count grows with the open items in PostgreSQL (35-60 ms with a few hundred thousand
+/// rows here), and inline it stalled every message arriving meanwhile. At most one runs
+/// at a time. A worker that owns no pair reports zeros without asking (what it reported
+/// for pairs it no longer owns is now their new owner's to report).
 pub(super) struct OpenItemsGauges {
     due: Instant,
     refresh: Option<tokio::task::JoinHandle<()>>,
+    /// The gauges say zero because no pair is owned.
+    zeroed: bool,
 }
 
 impl Default for OpenItemsGauges {
@@ -61,6 +67,7 @@ impl Default for OpenItemsGauges {
         Self {
             due: Instant::now(),
             refresh: None,
+            zeroed: false,
         }
     }
 }
@@ -71,7 +78,17 @@ impl OpenItemsGauges {
             .refresh
             .as_ref()
             .is_some_and(|task| !task.is_finished());
-        if Instant::now() < self.due || pairs.is_empty() || running {
+        if pairs.is_empty() {
+            // Once, after any refresh still running has published.
+            if !self.zeroed && !running {
+                publish_open_items(&[]);
+                publish_open_discrepancies(&[]);
+                self.zeroed = true;
+            }
+            return;
+        }
+        self.zeroed = false;
+        if Instant::now() < self.due || running {
             return;
         }
         self.due = Instant::now() + OPEN_ITEMS_EVERY;
@@ -81,6 +98,12 @@ impl OpenItemsGauges {
             match store.open_items(&pairs).await {
                 Ok(rows) => publish_open_items(&rows),
                 Err(error) => tracing::warn!(%error, "could not read open items for the gauges"),
+            }
+            match store.open_discrepancies(&pairs).await {
+                Ok(rows) => publish_open_discrepancies(&rows),
+                Err(error) => {
+                    tracing::warn!(%error, "could not read open discrepancies for the gauges")
+                }
             }
         };
         self.refresh = Some(tokio::spawn(task.in_current_span()));
@@ -100,5 +123,16 @@ fn publish_open_items(rows: &[(String, String, i64, i64)]) {
         metrics::gauge!(m::OPEN_ITEMS, "event_kind" => event_kind, "outcome" => outcome).set(count);
         metrics::gauge!(m::OLDEST_OPEN_ITEM_AGE, "event_kind" => event_kind, "outcome" => outcome)
             .set(age);
+    }
+}
+
+/// Sets the open-discrepancy gauges from (kind, count) rows: every kind, 0 when absent.
+fn publish_open_discrepancies(rows: &[(String, i64)]) {
+    for kind in DiscrepancyKind::all() {
+        let count = rows
+            .iter()
+            .find(|(k, _)| k == kind.as_str())
+            .map_or(0, |(_, count)| *count);
+        metrics::gauge!(m::OPEN_DISCREPANCIES, "kind" => kind.as_str()).set(count as f64);
     }
 }

@@ -1,6 +1,7 @@
 //! Reads of open items (events still waiting for a counterpart): the deadline sweep,
 //! which finds stored pending items whose deadline the watermark passed, and the
-//! counts behind the open-item gauges.
+//! counts behind the open-item gauges; and the count of unresolved discrepancies
+//! behind the open-discrepancy gauge.
 //!
 //! What "open" means is defined once, in Rust: [`Outcome::OPEN`]. The statements here
 //! filter on it with SQL text generated from that list ([`outcome_in`]), not with a
@@ -126,6 +127,28 @@ impl Store {
             payment_ids,
             complete,
         })
+    }
+}
+
+/// Unresolved discrepancies of a set of pairs by kind. `resolved_at IS NULL` is literal
+/// text, the predicate of the partial index `recon_discrepancies_open_by_age`
+/// (migration 0001), so the count reads the open rows only, however long the resolved
+/// history grows.
+const OPEN_DISCREPANCIES: &str = "SELECT kind, count(*) AS open FROM recon_discrepancies
+     WHERE resolved_at IS NULL AND kafka_partition = ANY($1)
+     GROUP BY kind";
+
+impl Store {
+    /// Unresolved discrepancies of these pairs: (kind, count), for the gauge
+    /// `recon_open_discrepancies`.
+    pub async fn open_discrepancies(
+        &self,
+        pairs: &[i32],
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(OPEN_DISCREPANCIES)
+            .bind(pairs)
+            .fetch_all(&self.pool)
+            .await?)
     }
 }
 

@@ -1,8 +1,9 @@
 //! Metric names (contract §5), in one place so code, dashboard and alerts agree.
 //! Labels are low-cardinality only: topic, partition, outcome, reason.
 
+use crate::engine::rules::DiscrepancyKind;
 use crate::engine::Outcome;
-use crate::event::Input;
+use crate::event::{EventKind, Input};
 
 pub const EVENTS_CONSUMED: &str = "recon_events_consumed_total";
 pub const EVENTS_REJECTED: &str = "recon_events_rejected_total";
@@ -29,23 +30,27 @@ pub const KAFKA_ERRORS: &str = "recon_kafka_errors_total";
 pub const WATERMARK: &str = "recon_watermark_timestamp_seconds";
 pub const OPEN_ITEMS: &str = "recon_open_items";
 pub const OLDEST_OPEN_ITEM_AGE: &str = "recon_oldest_open_item_age_seconds";
+/// Unresolved rows of `recon_discrepancies` of the owned pairs, by kind (contract §6:
+/// `over_refunded` is money paid out twice).
+pub const OPEN_DISCREPANCIES: &str = "recon_open_discrepancies";
 
 /// The (event_kind, outcome) label pairs of open items: each open outcome
-/// ([`Outcome::OPEN`], the one definition) with each kind of event that can carry it,
-/// in that order. Computed at compile time so the gauges cannot drift from it.
+/// ([`Outcome::OPEN`], the one definition) with each kind of event that can carry it
+/// ([`EventKind::ALL`], [`Outcome::is_carried_by`]), in that order. Computed at compile
+/// time so the gauges cannot drift from it.
 pub const OPEN_KINDS: [(&str, &str); open_kind_count()] = open_kinds();
 
-/// How many (input, open outcome) combinations can occur.
+/// How many (event kind, open outcome) combinations can occur.
 const fn open_kind_count() -> usize {
     let mut count = 0;
     let mut o = 0;
     while o < Outcome::OPEN.len() {
-        let mut i = 0;
-        while i < Input::ALL.len() {
-            if Outcome::OPEN[o].is_carried_by(Input::ALL[i]) {
+        let mut k = 0;
+        while k < EventKind::ALL.len() {
+            if Outcome::OPEN[o].is_carried_by(EventKind::ALL[k]) {
                 count += 1;
             }
-            i += 1;
+            k += 1;
         }
         o += 1;
     }
@@ -58,13 +63,14 @@ const fn open_kinds() -> [(&'static str, &'static str); open_kind_count()] {
     let mut o = 0;
     while o < Outcome::OPEN.len() {
         let outcome = Outcome::OPEN[o];
-        let mut i = 0;
-        while i < Input::ALL.len() {
-            if outcome.is_carried_by(Input::ALL[i]) {
-                kinds[next] = (Input::ALL[i].event_kind(), outcome.as_str());
+        let mut k = 0;
+        while k < EventKind::ALL.len() {
+            let kind = EventKind::ALL[k];
+            if outcome.is_carried_by(kind) {
+                kinds[next] = (kind.as_str(), outcome.as_str());
                 next += 1;
             }
-            i += 1;
+            k += 1;
         }
         o += 1;
     }
@@ -98,6 +104,9 @@ pub fn init_series() {
         metrics::gauge!(OPEN_ITEMS, "event_kind" => event_kind, "outcome" => outcome).set(0.0);
         metrics::gauge!(OLDEST_OPEN_ITEM_AGE, "event_kind" => event_kind, "outcome" => outcome)
             .set(0.0);
+    }
+    for kind in DiscrepancyKind::all() {
+        metrics::gauge!(OPEN_DISCREPANCIES, "kind" => kind.as_str()).set(0.0);
     }
     metrics::gauge!(ASSIGNED_PARTITIONS).set(0.0);
     metrics::gauge!(WINDOW_ITEMS).set(0.0);
@@ -184,6 +193,11 @@ pub fn describe() {
         "Now minus the event time of the oldest open item, by event_kind and outcome."
     );
     describe_gauge!(
+        OPEN_DISCREPANCIES,
+        "Unresolved discrepancies (recon_discrepancies rows without resolved_at) of owned \
+         partition pairs, by kind; over_refunded is a payment paid back twice."
+    );
+    describe_gauge!(
         WATERMARK,
         Unit::Seconds,
         "Event-time watermark of each partition pair (Unix seconds)."
@@ -200,10 +214,39 @@ mod tests {
             OPEN_KINDS,
             [
                 ("payment", "pending"),
+                ("refund", "pending"),
                 ("settlement", "pending"),
                 ("payment", "missing_settlement"),
+                ("refund", "missing_settlement"),
                 ("settlement", "orphan_settlement"),
             ]
         );
+    }
+
+    #[test]
+    fn every_outcome_and_discrepancy_kind_has_a_series() {
+        let outcomes: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        for new in ["duplicate_refund", "chargeback_open", "chargeback_reversed"] {
+            assert!(outcomes.contains(&new), "{new}");
+        }
+        let kinds: Vec<&str> = DiscrepancyKind::all()
+            .map(DiscrepancyKind::as_str)
+            .collect();
+        let mut unique = kinds.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), kinds.len(), "{kinds:?}");
+        for kind in [
+            "chargeback",
+            "over_refunded",
+            "missing_settlement",
+            "orphan_settlement",
+            "duplicate_refund",
+        ] {
+            assert!(kinds.contains(&kind), "{kind}");
+        }
+        for not_a_discrepancy in ["pending", "matched", "matched_late", "chargeback_open"] {
+            assert!(!kinds.contains(&not_a_discrepancy), "{not_a_discrepancy}");
+        }
     }
 }
