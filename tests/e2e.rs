@@ -721,6 +721,139 @@ async fn await_outcome(world: &World, event_id: &str, outcome: &str, within: Dur
     }
 }
 
+/// Waits until the series of `metric` with `labels` reports `want` (gauges refreshed
+/// from PostgreSQL every 15 s).
+async fn await_series(addr: &str, metric: &str, labels: &[&str], want: f64, within: Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        let got = scrape_series(addr, metric, labels).await;
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{metric}{labels:?} = {got:?}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Contract §6 and §5: a payment refunded and charged back shows as an open
+/// over_refunded discrepancy (and an open chargeback) on the worker's gauges, every
+/// other kind at 0; the chargeback's reversal brings both back to 0.
+#[sqlx::test(migrations = false)]
+async fn the_open_discrepancy_gauge_reports_an_over_refunded_payment(pool: PgPool) {
+    use recon_worker::event::{format_timestamp, Input};
+    let world = World::new(pool, 1).await;
+    let mut worker = world.spawn_worker("over-refunded", &[]);
+    let addr = worker.metrics_addr(Duration::from_secs(10));
+    // Every kind has a series from the start, at 0.
+    for kind in recon_worker::engine::rules::DiscrepancyKind::all() {
+        let label = format!("kind=\"{kind}\"");
+        await_series(&addr, "recon_open_discrepancies", &[&label], 0.0, WITHIN).await;
+    }
+    let base = chrono::Utc::now().timestamp_micros() - 6 * 3600 * SEC;
+    let at = |hours: i64| format_timestamp(base + hours * 3600 * SEC);
+    let line = |event_id: &str, line_type: &str, gross: i64, id: (&str, &str), hours: i64| {
+        let mut value = serde_json::json!({
+            "event_id": event_id, "type": "settlement_line", "settlement_id": "po-1",
+            "payment_id": "twice", "line_type": line_type, "gross_minor": gross,
+            "fee_minor": 0, "net_minor": gross, "currency": "EUR", "settled_at": at(hours)
+        });
+        if !id.0.is_empty() {
+            value[id.0] = serde_json::json!(id.1);
+        }
+        record(Input::Settlements, "twice", value)
+    };
+    world
+        .produce(&[
+            record(
+                Input::Payments,
+                "twice",
+                serde_json::json!({
+                    "event_id": "twice-p", "type": "payment_captured", "payment_id": "twice",
+                    "merchant_id": "m", "amount_minor": 1000, "currency": "EUR",
+                    "occurred_at": at(0)
+                }),
+            ),
+            record(
+                Input::Payments,
+                "twice",
+                serde_json::json!({
+                    "event_id": "twice-r", "type": "refund_requested", "refund_id": "ref-1",
+                    "payment_id": "twice", "amount_minor": 1000, "currency": "EUR",
+                    "requested_at": at(1)
+                }),
+            ),
+            line("twice-capture", "capture", 1000, ("", ""), 1),
+            line("twice-refund", "refund", -1000, ("refund_id", "ref-1"), 2),
+            line(
+                "twice-chargeback",
+                "chargeback",
+                -1000,
+                ("dispute_id", "dp-1"),
+                3,
+            ),
+        ])
+        .await;
+    await_outcome(&world, "twice-refund", "matched", WITHIN).await;
+    await_outcome(&world, "twice-chargeback", "chargeback_open", WITHIN).await;
+    let over_refunded = ["kind=\"over_refunded\""];
+    let chargeback = ["kind=\"chargeback\""];
+    await_series(
+        &addr,
+        "recon_open_discrepancies",
+        &over_refunded,
+        1.0,
+        WITHIN,
+    )
+    .await;
+    await_series(&addr, "recon_open_discrepancies", &chargeback, 1.0, WITHIN).await;
+    for kind in recon_worker::engine::rules::DiscrepancyKind::all() {
+        if !matches!(kind.as_str(), "over_refunded" | "chargeback") {
+            let label = format!("kind=\"{kind}\"");
+            let got = scrape_series(&addr, "recon_open_discrepancies", &[&label]).await;
+            assert_eq!(got, Some(0.0), "{kind}");
+        }
+    }
+    // The gauge counts what the table holds.
+    let open = world
+        .count(
+            "SELECT count(*) FROM recon_discrepancies
+             WHERE kind = 'over_refunded' AND resolved_at IS NULL
+               AND settlement_event_id = 'twice-chargeback'",
+        )
+        .await;
+    assert_eq!(
+        open, 1,
+        "one open over_refunded row, opened at the chargeback"
+    );
+    let chargeback_open = ["outcome=\"chargeback_open\""];
+    await_series(&addr, "recon_outcomes_total", &chargeback_open, 1.0, WITHIN).await;
+
+    // The dispute is won: the reversal brings the position back to 0.
+    world
+        .produce(&[line(
+            "twice-reversal",
+            "chargeback_reversal",
+            1000,
+            ("dispute_id", "dp-1"),
+            4,
+        )])
+        .await;
+    await_outcome(&world, "twice-chargeback", "chargeback_reversed", WITHIN).await;
+    await_series(
+        &addr,
+        "recon_open_discrepancies",
+        &over_refunded,
+        0.0,
+        WITHIN,
+    )
+    .await;
+    await_series(&addr, "recon_open_discrepancies", &chargeback, 0.0, WITHIN).await;
+    worker.stop_cleanly();
+}
+
 #[sqlx::test(migrations = false)]
 async fn a_late_counterpart_resolves_the_discrepancy(pool: PgPool) {
     use recon_worker::event::{format_timestamp, Input};
