@@ -307,12 +307,18 @@ fn stored_strings(event: &Event) -> Vec<&str> {
             &p.merchant_id,
             p.currency.code(),
         ],
-        Event::Settlement(s) => vec![
-            &s.event_id,
-            &s.settlement_id,
-            &s.payment_id,
-            s.currency.code(),
-        ],
+        Event::Refund(r) => vec![&r.event_id, &r.refund_id, &r.payment_id, r.currency.code()],
+        Event::Settlement(s) => {
+            let mut strings = vec![
+                &*s.event_id,
+                &s.settlement_id,
+                &s.payment_id,
+                s.currency.code(),
+            ];
+            strings.extend(s.line.refund_id().into_iter().chain(s.line.dispute_id()));
+            strings.extend(s.payout_id.as_deref());
+            strings
+        }
     }
 }
 

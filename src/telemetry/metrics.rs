@@ -2,7 +2,7 @@
 //! Labels are low-cardinality only: topic, partition, outcome, reason.
 
 use crate::engine::Outcome;
-use crate::event::Input;
+use crate::event::{EventKind, Input};
 
 pub const EVENTS_CONSUMED: &str = "recon_events_consumed_total";
 pub const EVENTS_REJECTED: &str = "recon_events_rejected_total";
@@ -35,14 +35,14 @@ pub const OLDEST_OPEN_ITEM_AGE: &str = "recon_oldest_open_item_age_seconds";
 /// in that order. Computed at compile time so the gauges cannot drift from it.
 pub const OPEN_KINDS: [(&str, &str); open_kind_count()] = open_kinds();
 
-/// How many (input, open outcome) combinations can occur.
+/// How many (event kind, open outcome) combinations can occur.
 const fn open_kind_count() -> usize {
     let mut count = 0;
     let mut o = 0;
     while o < Outcome::OPEN.len() {
         let mut i = 0;
-        while i < Input::ALL.len() {
-            if Outcome::OPEN[o].is_carried_by(Input::ALL[i]) {
+        while i < EventKind::ALL.len() {
+            if Outcome::OPEN[o].is_carried_by(EventKind::ALL[i]) {
                 count += 1;
             }
             i += 1;
@@ -59,9 +59,9 @@ const fn open_kinds() -> [(&'static str, &'static str); open_kind_count()] {
     while o < Outcome::OPEN.len() {
         let outcome = Outcome::OPEN[o];
         let mut i = 0;
-        while i < Input::ALL.len() {
-            if outcome.is_carried_by(Input::ALL[i]) {
-                kinds[next] = (Input::ALL[i].event_kind(), outcome.as_str());
+        while i < EventKind::ALL.len() {
+            if outcome.is_carried_by(EventKind::ALL[i]) {
+                kinds[next] = (EventKind::ALL[i].as_str(), outcome.as_str());
                 next += 1;
             }
             i += 1;
@@ -200,8 +200,10 @@ mod tests {
             OPEN_KINDS,
             [
                 ("payment", "pending"),
+                ("refund", "pending"),
                 ("settlement", "pending"),
                 ("payment", "missing_settlement"),
+                ("refund", "missing_settlement"),
                 ("settlement", "orphan_settlement"),
             ]
         );
