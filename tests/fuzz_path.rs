@@ -1001,6 +1001,7 @@ async fn account(
                 };
                 let (want_amount, want_currency) = match event {
                     Event::Payment(p) => (p.amount.get(), p.currency.code()),
+                    Event::Refund(r) => (r.amount.get(), r.currency.code()),
                     Event::Settlement(s) => (s.gross.get(), s.currency.code()),
                 };
                 let stored = (event_id.as_str(), payment_id.as_str(), *amount, currency.as_str(), *at);

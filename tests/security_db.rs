@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use recon_worker::engine::{NewEvent, Outcome, PairChanges, RowWrite};
-use recon_worker::event::Input;
+use recon_worker::event::{EventKind, Line};
 use recon_worker::money::Currency;
 use recon_worker::store::{MigrationName, PairCheckpoint, Store, StoreError, MIGRATOR};
 use sqlx::PgPool;
@@ -283,7 +283,7 @@ fn secret_file(world: &World, name: &str, content: &str) -> PathBuf {
 /// A pending payment row for the store's checkpoint.
 fn payment_row(event_id: &str, payment_id: &str, offset: i64) -> RowWrite {
     RowWrite {
-        input: Input::Payments,
+        kind: EventKind::Payment,
         event_id: event_id.into(),
         payment_id: payment_id.into(),
         outcome: Outcome::Pending,
@@ -295,7 +295,9 @@ fn payment_row(event_id: &str, payment_id: &str, offset: i64) -> RowWrite {
             fee: None,
             net: None,
             currency: Currency::from_code("EUR").expect("EUR"),
-            reference: "m".into(),
+            reference: Some("m".into()),
+            line: Line::Capture,
+            payout_id: None,
         }),
     }
 }

@@ -2,9 +2,9 @@
 //! transaction, lookups and deadline sweeps.
 
 use recon_worker::engine::{
-    DiscrepancyChange, NewEvent, Outcome, PairChanges, RowWrite, SweepRequest,
+    DiscrepancyChange, DiscrepancyKind, NewEvent, Outcome, PairChanges, RowWrite, SweepRequest,
 };
-use recon_worker::event::Input;
+use recon_worker::event::{EventKind, Input, Line};
 use recon_worker::money::Currency;
 use recon_worker::rejection::RejectedMessage;
 use recon_worker::store::{PairCheckpoint, Store, StoreError};
@@ -18,7 +18,7 @@ async fn store(pool: PgPool) -> Store {
 
 fn pending_payment(event_id: &str, payment_id: &str, at: i64) -> RowWrite {
     RowWrite {
-        input: Input::Payments,
+        kind: EventKind::Payment,
         event_id: event_id.into(),
         payment_id: payment_id.into(),
         outcome: Outcome::Pending,
@@ -30,7 +30,9 @@ fn pending_payment(event_id: &str, payment_id: &str, at: i64) -> RowWrite {
             fee: None,
             net: None,
             currency: Currency::from_code("EUR").expect("EUR"),
-            reference: "m".into(),
+            reference: Some("m".into()),
+            line: Line::Capture,
+            payout_id: None,
         }),
     }
 }
@@ -48,7 +50,7 @@ fn checkpoint(
         changes: PairChanges {
             rows,
             discrepancies: vec![DiscrepancyChange::Opened {
-                kind: Outcome::DuplicatePayment,
+                kind: DiscrepancyKind::Outcome(Outcome::DuplicatePayment),
                 payment_id: "x".into(),
                 payment_event_id: None,
                 settlement_event_id: None,
@@ -280,7 +282,7 @@ async fn values_postgresql_refuses_are_traced_to_their_messages(pool: PgPool) {
     let mut bad_merchant = pending_payment("e2", "k2", 1);
     if let Some(new) = bad_merchant.new.as_mut() {
         new.kafka_offset = 7;
-        new.reference = "m\0".into();
+        new.reference = Some("m\0".into());
     }
     let mut rows = (0..20)
         .map(|i| pending_payment(&format!("ok{i}"), &format!("k{i}"), 1))
@@ -341,7 +343,7 @@ async fn a_checkpoint_retried_after_a_commit_of_unknown_outcome_writes_nothing_t
                 ..pending_payment("e", "k", 1)
             }],
             discrepancies: vec![DiscrepancyChange::Opened {
-                kind: Outcome::MissingSettlement,
+                kind: DiscrepancyKind::Outcome(Outcome::MissingSettlement),
                 payment_id: "k".into(),
                 payment_event_id: Some("e".into()),
                 settlement_event_id: None,
@@ -602,10 +604,10 @@ async fn the_schema_accepts_exactly_the_kinds_and_outcomes_the_crate_knows(pool:
             predicate
         }
     };
-    let mut kinds: Vec<&str> = Input::ALL.iter().map(|i| i.event_kind()).collect();
+    let mut kinds: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
     kinds.sort();
     let mut candidates = kinds.clone();
-    candidates.push("refund");
+    candidates.push("refunds");
     assert_eq!(
         satisfying(&pool, &check("event_kind").await, "event_kind", &candidates).await,
         kinds

@@ -1,20 +1,21 @@
-//! Applying one accepted event to its key (contract §2, rules 1–5 and duplicates).
+//! Applying one accepted event to its key (contract §2 and §6: rules 1–5, refunds,
+//! chargebacks, duplicates).
 //!
-//! Written once for both inputs. A payment and a settlement line go through the same
-//! steps — a redelivery changes nothing; a second event of an input is a duplicate;
-//! the first one meets the key's first event of the other input, if any, and both take
-//! the outcome of the rules; the counterpart's fired deadline is resolved and a
-//! mismatch opens. They differ only in their terms, which side of the rules they are
-//! on, and the names of their outcomes (`duplicate_payment`/`duplicate_settlement`,
-//! `missing_settlement`/`orphan_settlement`), so an event is reduced to an [`Arrival`]
-//! carrying its terms and the steps take its input as data.
+//! Written once for every kind of event. An event belongs to one side of one matching
+//! unit of its key ([`Unit`], [`Side`]), and every event goes through the same steps —
+//! a redelivery changes nothing; a later event of a side already taken is a duplicate;
+//! the first one meets the first event of the unit's other side, if any, and both take
+//! what the unit's rules say of them; the counterpart's fired deadline is resolved and
+//! a discrepancy opens or resolves. The units differ only in those rules
+//! ([`super::units`]). A settlement line also moves the payment's net position
+//! ([`super::position`]).
 
 use super::changes::NewEvent;
-use super::config::EngineConfig;
-use super::rules::{classify, Outcome, PaymentTerms, SettlementTerms, Terms};
-use super::window::{Id, KeyState};
+use super::rules::{DiscrepancyKind, Outcome, PaymentTerms, SettlementTerms};
+use super::units::{Side, Terms, Unit};
+use super::window::{Id, SideItem};
 use super::PairEngine;
-use crate::event::{Event, Input, Payment, Settlement};
+use crate::event::{Event, Input, Line};
 
 /// Whether an event changed anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,11 +24,12 @@ pub enum Applied {
     Redelivery,
 }
 
-/// An accepted event reduced to what applying it needs, whichever its input.
+/// An accepted event reduced to what applying it needs, whichever its kind.
 struct Arrival {
     key: Id,
     event_id: Id,
-    /// Its input's terms; also says which input it is.
+    unit: Unit,
+    side: Side,
     terms: Terms,
     /// Its row's columns, written if it is recorded.
     new: NewEvent,
@@ -35,91 +37,69 @@ struct Arrival {
 
 impl Arrival {
     fn new(event: Event, kafka_offset: i64) -> Self {
-        match event {
-            Event::Payment(p) => Self::payment(p, kafka_offset),
-            Event::Settlement(s) => Self::settlement(s, kafka_offset),
-        }
-    }
-
-    fn payment(p: Payment, kafka_offset: i64) -> Self {
-        let amount = p.amount.get();
+        let (unit, side) = Unit::of_event(&event);
+        let (key, event_id, terms, new) = match event {
+            Event::Payment(p) => {
+                let terms = PaymentTerms {
+                    amount: p.amount.get(),
+                    currency: p.currency,
+                    occurred_at: p.occurred_at,
+                };
+                let new = NewEvent::request(kafka_offset, terms, Some(p.merchant_id));
+                (p.payment_id, p.event_id, Terms::Request(terms), new)
+            }
+            Event::Refund(r) => {
+                let terms = PaymentTerms {
+                    amount: r.amount.get(),
+                    currency: r.currency,
+                    occurred_at: r.requested_at,
+                };
+                let mut new = NewEvent::request(kafka_offset, terms, None);
+                new.line = Line::Refund {
+                    refund_id: r.refund_id,
+                };
+                (r.payment_id, r.event_id, Terms::Request(terms), new)
+            }
+            Event::Settlement(s) => {
+                let terms = SettlementTerms {
+                    gross: s.gross.get(),
+                    fee: s.fee.get(),
+                    net: s.net,
+                    currency: s.currency,
+                    settled_at: s.settled_at,
+                };
+                let new = NewEvent {
+                    kafka_offset,
+                    event_time: s.settled_at,
+                    amount: terms.gross,
+                    fee: Some(terms.fee),
+                    net: Some(terms.net),
+                    currency: s.currency,
+                    reference: Some(s.settlement_id),
+                    line: s.line,
+                    payout_id: s.payout_id,
+                };
+                (s.payment_id, s.event_id, Terms::Line(terms), new)
+            }
+        };
         Self {
-            key: Id::from(p.payment_id),
-            event_id: Id::from(p.event_id),
-            terms: Terms::Payment(PaymentTerms {
-                amount,
-                currency: p.currency,
-                occurred_at: p.occurred_at,
-            }),
-            new: NewEvent {
-                kafka_offset,
-                event_time: p.occurred_at,
-                amount,
-                fee: None,
-                net: None,
-                currency: p.currency,
-                reference: p.merchant_id,
-            },
-        }
-    }
-
-    fn settlement(s: Settlement, kafka_offset: i64) -> Self {
-        let (gross, fee) = (s.gross.get(), s.fee.get());
-        Self {
-            key: Id::from(s.payment_id),
-            event_id: Id::from(s.event_id),
-            terms: Terms::Settlement(SettlementTerms {
-                gross,
-                fee,
-                net: s.net,
-                currency: s.currency,
-                settled_at: s.settled_at,
-            }),
-            new: NewEvent {
-                kafka_offset,
-                event_time: s.settled_at,
-                amount: gross,
-                fee: Some(fee),
-                net: Some(s.net),
-                currency: s.currency,
-                reference: s.settlement_id,
-            },
+            key: Id::from(key),
+            event_id: Id::from(event_id),
+            unit,
+            side,
+            terms,
+            new,
         }
     }
 }
 
-/// An arrival meeting the key's first event of the other input.
+/// An arrival meeting the first event of its unit's other side.
 struct Meeting {
     counterpart_event_id: Id,
     /// The counterpart's outcome before the meeting: a fired deadline is resolved.
     previous: Outcome,
-    /// What the rules say of the pair; both events take it.
+    /// What the unit's rules say of the two; both events take it.
     outcome: Outcome,
-}
-
-/// Rules 1–5 between an arrival's terms and the key's first event of the other input,
-/// if it has one; the counterpart takes the outcome. The only step that must know which
-/// input arrived: the rules take the payment first.
-fn meet(state: &mut KeyState, terms: Terms, config: &EngineConfig) -> Option<Meeting> {
-    let (deadline, tolerance) = (config.deadline, config.tolerance);
-    let (counterpart_event_id, previous, outcome) = match terms {
-        Terms::Payment(payment) => {
-            let s = state.settlement()?;
-            let outcome = classify(payment, s.terms, deadline, tolerance);
-            (s.event_id.clone(), s.outcome, outcome)
-        }
-        Terms::Settlement(settlement) => {
-            let p = state.payment()?;
-            let outcome = classify(p.terms, settlement, deadline, tolerance);
-            (p.event_id.clone(), p.outcome, outcome)
-        }
-    };
-    state.set_outcome(terms.input().other(), outcome);
-    Some(Meeting {
-        counterpart_event_id,
-        previous,
-        outcome,
-    })
 }
 
 impl PairEngine {
@@ -145,68 +125,145 @@ impl PairEngine {
         self.record.inserted(&event) || self.stored_elsewhere.contains(&event)
     }
 
-    /// Applies an event that is not a redelivery: a duplicate of its input's first
-    /// event, or that first event, meeting its counterpart if the key has one.
+    /// Applies an event that is not a redelivery: a duplicate of its side's first
+    /// event, or that first event, meeting its counterpart if the unit has one.
     fn apply_arrival(&mut self, arrival: Arrival) -> Outcome {
         let Arrival {
             key,
             event_id,
+            unit,
+            side,
             terms,
             new,
         } = arrival;
-        let input = terms.input();
+        let kind = unit.kind(side);
         let state = self
             .keys
             .get_mut(&key)
             .expect("engine invariant: key resident (checked in apply)");
         self.pins.touch(&key, state);
-        if let Some(first) = state.first_event_id(input).cloned() {
+        if let Some(first) = state.side(&unit, side).map(|f| f.event_id.clone()) {
             // Not kept in the key's state: see the engine's module docs.
-            let duplicate = Outcome::duplicate_of(input);
+            let duplicate = unit.duplicate(side);
             self.record
-                .write_row(input, &key, &event_id, duplicate, Some(first), Some(new));
-            self.record.open(duplicate, &key, input, event_id, None);
+                .write_row(kind, &key, &event_id, duplicate, Some(first), Some(new));
+            self.record.open(
+                DiscrepancyKind::Outcome(duplicate),
+                &key,
+                kind.input(),
+                event_id,
+                None,
+            );
             return duplicate;
         }
         let before = state.bytes(&key);
-        let meeting = meet(state, terms, &self.config);
-        let outcome = meeting.as_ref().map_or(Outcome::Pending, |m| m.outcome);
-        state.set_first(event_id.clone(), terms, outcome);
+        let meeting = state.side(&unit, side.other()).map(|counterpart| {
+            let (opening, closing) = match side {
+                Side::Opening => (terms, counterpart.terms),
+                Side::Closing => (counterpart.terms, terms),
+            };
+            Meeting {
+                counterpart_event_id: counterpart.event_id.clone(),
+                previous: counterpart.outcome,
+                outcome: unit.meet(opening, closing, &self.config),
+            }
+        });
+        let outcome = meeting.as_ref().map_or(unit.alone(side), |m| m.outcome);
+        if meeting.is_some() {
+            state.set_side_outcome(&unit, side.other(), outcome);
+        }
+        let is_line = matches!(terms, Terms::Line(_));
+        state.set_side(
+            &unit,
+            side,
+            SideItem {
+                event_id: event_id.clone(),
+                terms,
+                outcome,
+            },
+        );
         self.bytes = self.bytes + state.bytes(&key) - before;
         let counterpart = meeting.as_ref().map(|m| m.counterpart_event_id.clone());
         self.record
-            .write_row(input, &key, &event_id, outcome, counterpart, Some(new));
-        if let Some(meeting) = meeting {
-            self.record_meeting(input, &key, event_id, meeting);
+            .write_row(kind, &key, &event_id, outcome, counterpart, Some(new));
+        match meeting {
+            Some(meeting) => self.record_meeting(&unit, side, &key, event_id, meeting),
+            None if outcome == Outcome::ChargebackOpen => {
+                self.record.open(
+                    DiscrepancyKind::Chargeback,
+                    &key,
+                    kind.input(),
+                    event_id,
+                    None,
+                );
+            }
+            None => {}
+        }
+        if is_line {
+            self.reassess_position(&key);
         }
         outcome
     }
 
     /// What a meeting changes besides the arrival's row: the counterpart's row, its
-    /// fired deadline (if it had fired) resolved, and a mismatch opened.
-    fn record_meeting(&mut self, input: Input, key: &Id, event_id: Id, meeting: Meeting) {
+    /// fired deadline (if it had fired) resolved, and the unit's discrepancy opened or
+    /// resolved.
+    fn record_meeting(
+        &mut self,
+        unit: &Unit,
+        side: Side,
+        key: &Id,
+        event_id: Id,
+        meeting: Meeting,
+    ) {
         let Meeting {
             counterpart_event_id,
             previous,
             outcome,
         } = meeting;
-        let other = input.other();
+        let other = side.other();
         self.record.write_row(
-            other,
+            unit.kind(other),
             key,
             &counterpart_event_id,
             outcome,
             Some(event_id.clone()),
             None,
         );
-        let unmatched = Outcome::unmatched(other);
-        if previous == unmatched {
-            self.record
-                .resolve(unmatched, counterpart_event_id.clone(), outcome);
+        if let Some((_, unmatched)) = unit.deadline(other, &self.config) {
+            if previous == unmatched {
+                self.record.resolve(
+                    DiscrepancyKind::Outcome(unmatched),
+                    counterpart_event_id.clone(),
+                    outcome.as_str(),
+                );
+            }
         }
-        if outcome.is_discrepancy() {
+        let input = unit.input(side);
+        if let Unit::Dispute(_) = unit {
+            // The chargeback's discrepancy exists whatever the arrival order: opened
+            // here if the reversal came first, and resolved by the meeting.
+            let chargeback = match side {
+                Side::Opening => {
+                    self.record.open(
+                        DiscrepancyKind::Chargeback,
+                        key,
+                        input,
+                        event_id.clone(),
+                        None,
+                    );
+                    event_id
+                }
+                Side::Closing => counterpart_event_id,
+            };
             self.record
-                .open(outcome, key, input, event_id, Some(counterpart_event_id));
+                .resolve(DiscrepancyKind::Chargeback, chargeback, REVERSED);
+        } else if let Some(kind) = DiscrepancyKind::of_outcome(outcome) {
+            self.record
+                .open(kind, key, input, event_id, Some(counterpart_event_id));
         }
     }
 }
+
+/// The resolution of a chargeback discrepancy closed by its reversal.
+pub const REVERSED: &str = "reversed";

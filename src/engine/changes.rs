@@ -8,10 +8,11 @@
 use hashbrown::hash_map::Entry;
 use hashbrown::{HashMap, HashSet};
 
-use super::rules::Outcome;
+use super::position::OverRefund;
+use super::rules::{DiscrepancyKind, Outcome, PaymentTerms};
 use super::window::Id;
 use super::PairEngine;
-use crate::event::{Input, Micros};
+use crate::event::{EventKind, Input, Line, Micros};
 use crate::money::Currency;
 use crate::pair::PerInput;
 
@@ -20,18 +21,46 @@ use crate::pair::PerInput;
 pub struct NewEvent {
     pub kafka_offset: i64,
     pub event_time: Micros,
+    /// `amount_minor` of a payment or refund request, the signed `gross_minor` of a
+    /// settlement line.
     pub amount: i64,
     pub fee: Option<i64>,
     pub net: Option<i64>,
     pub currency: Currency,
-    /// `merchant_id` of a payment, `settlement_id` of a settlement.
-    pub reference: String,
+    /// `merchant_id` of a payment, `settlement_id` of a settlement line; a refund
+    /// request has neither.
+    pub reference: Option<String>,
+    /// A settlement line's type and id; `Line::Refund` with the refund id of a refund
+    /// request; `Line::Capture` for a payment.
+    pub line: Line,
+    pub payout_id: Option<String>,
+}
+
+impl NewEvent {
+    /// The columns of a payment or refund request.
+    pub(super) fn request(
+        kafka_offset: i64,
+        terms: PaymentTerms,
+        reference: Option<String>,
+    ) -> Self {
+        Self {
+            kafka_offset,
+            event_time: terms.occurred_at,
+            amount: terms.amount,
+            fee: None,
+            net: None,
+            currency: terms.currency,
+            reference,
+            line: Line::Capture,
+            payout_id: None,
+        }
+    }
 }
 
 /// The state of one event row after this batch.
 #[derive(Debug, Clone)]
 pub struct RowWrite {
-    pub input: Input,
+    pub kind: EventKind,
     pub event_id: Id,
     pub payment_id: Id,
     pub outcome: Outcome,
@@ -43,18 +72,28 @@ pub struct RowWrite {
 /// A change to the discrepancy history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiscrepancyChange {
+    /// `payment_event_id` is the payments-topic event (a payment or refund request),
+    /// `settlement_event_id` the line.
     Opened {
-        kind: Outcome,
+        kind: DiscrepancyKind,
         payment_id: Id,
         payment_event_id: Option<Id>,
         settlement_event_id: Option<Id>,
     },
-    /// A `missing_settlement` (subject: the payment) or `orphan_settlement` (subject:
-    /// the settlement) closed by a late counterpart.
+    /// A `missing_settlement` (subject: the payment or refund request) or
+    /// `orphan_settlement` (subject: the line) closed by a late counterpart, the
+    /// resolution its new outcome; a `chargeback` (subject: the chargeback line)
+    /// closed by its reversal, resolution `reversed`.
     Resolved {
-        kind: Outcome,
+        kind: DiscrepancyKind,
         subject_event_id: Id,
-        resolution: Outcome,
+        resolution: &'static str,
+    },
+    /// The state the payment's one `over_refunded` discrepancy must have (`None`: it
+    /// must not exist). See the engine's `position`.
+    OverRefund {
+        payment_id: Id,
+        state: Option<OverRefund>,
     },
 }
 
@@ -81,6 +120,8 @@ pub(super) struct BatchRecord {
     changes: PairChanges,
     /// Row index by (input, event_id) for this batch, so each row is written once.
     rows_by_event: HashMap<(Input, Id), usize>,
+    /// The last state this batch gave each payment's `over_refunded` discrepancy.
+    over_refunds: HashMap<Id, Option<OverRefund>>,
     /// Event ids the previous batch inserted. The pipeline looks up a batch while the
     /// previous one is still being committed, so its probe of stored event ids cannot
     /// see them yet.
@@ -105,7 +146,7 @@ impl BatchRecord {
     /// event id checked against storage, which tells the redelivery apart.
     pub(super) fn write_row(
         &mut self,
-        input: Input,
+        kind: EventKind,
         key: &Id,
         event_id: &Id,
         outcome: Outcome,
@@ -113,7 +154,7 @@ impl BatchRecord {
         new: Option<NewEvent>,
     ) {
         let index = self.changes.rows.len();
-        match self.rows_by_event.entry((input, event_id.clone())) {
+        match self.rows_by_event.entry((kind.input(), event_id.clone())) {
             Entry::Occupied(written) if new.is_none() => {
                 let row = &mut self.changes.rows[*written.get()];
                 row.outcome = outcome;
@@ -128,7 +169,7 @@ impl BatchRecord {
             }
         }
         self.changes.rows.push(RowWrite {
-            input,
+            kind,
             event_id: event_id.clone(),
             payment_id: key.clone(),
             outcome,
@@ -141,7 +182,7 @@ impl BatchRecord {
     /// about a pair, its counterpart of the other input.
     pub(super) fn open(
         &mut self,
-        kind: Outcome,
+        kind: DiscrepancyKind,
         key: &Id,
         input: Input,
         event_id: Id,
@@ -158,8 +199,14 @@ impl BatchRecord {
         });
     }
 
-    /// The fired deadline `kind` of `subject_event_id` is closed by a late counterpart.
-    pub(super) fn resolve(&mut self, kind: Outcome, subject_event_id: Id, resolution: Outcome) {
+    /// The discrepancy `kind` of `subject_event_id` is closed (see
+    /// [`DiscrepancyChange::Resolved`]).
+    pub(super) fn resolve(
+        &mut self,
+        kind: DiscrepancyKind,
+        subject_event_id: Id,
+        resolution: &'static str,
+    ) {
         self.changes
             .discrepancies
             .push(DiscrepancyChange::Resolved {
@@ -169,8 +216,19 @@ impl BatchRecord {
             });
     }
 
+    /// The state `key`'s `over_refunded` discrepancy must have after this batch, as
+    /// far as its lines so far say: the last one given wins.
+    pub(super) fn over_refund(&mut self, key: &Id, state: Option<OverRefund>) {
+        self.over_refunds.insert(key.clone(), state);
+    }
+
     /// Ends the batch: hands over its changes and remembers the event ids it inserted.
     fn take(&mut self) -> PairChanges {
+        for (payment_id, state) in self.over_refunds.drain() {
+            self.changes
+                .discrepancies
+                .push(DiscrepancyChange::OverRefund { payment_id, state });
+        }
         self.inserted_by_previous.clear();
         for ((input, id), i) in self.rows_by_event.drain() {
             if self.changes.rows[i].new.is_some() {

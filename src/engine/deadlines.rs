@@ -1,15 +1,16 @@
 //! The watermark and the deadlines it drives (contract §2). The consumer reports what
 //! it reads of each input; at the end of a batch the watermark is recomputed, stored
 //! pending items it made due are requested from storage ([`SweepRequest`]), and
-//! deadlines fire over those and the keys the batch changed. One rule for both inputs:
-//! a first event still pending with no counterpart past its input's timeout becomes
-//! `missing_settlement` (a payment, after D) or `orphan_settlement` (a settlement
-//! line, after O).
+//! deadlines fire over those and the keys the batch changed. One rule for every unit
+//! and side: a first event still pending with no counterpart past its side's timeout
+//! becomes `missing_settlement` (a payment or refund request, after D) or
+//! `orphan_settlement` (a line, after O); see [`super::units::Unit::deadline`].
 
 use hashbrown::HashSet;
 
 use super::config::EngineConfig;
-use super::rules::Outcome;
+use super::rules::{DiscrepancyKind, Outcome};
+use super::units::{Side, Unit};
 use super::window::{Id, KeyState};
 use super::{PairEngine, StoredEvent};
 use crate::event::{Input, Micros};
@@ -23,17 +24,26 @@ pub struct SweepRequest {
     pub settlements_before: Micros,
 }
 
-/// The event id of the key's first event of `input` if its deadline has passed at
-/// `watermark`: still pending, no counterpart, older than its input's timeout.
-fn overdue(state: &KeyState, input: Input, watermark: Micros, config: &EngineConfig) -> Option<Id> {
-    let first = state.first_event(input)?;
-    let deadline = first
-        .event_time
-        .saturating_add(config.unmatched_after(input));
-    let due = first.outcome == Outcome::Pending
-        && state.first_event(input.other()).is_none()
-        && watermark > deadline;
-    due.then(|| first.event_id.clone())
+/// The first events of the key whose deadline has passed at `watermark`: still
+/// pending, no counterpart, older than their side's timeout; with what they become.
+fn overdue(
+    state: &KeyState,
+    watermark: Micros,
+    config: &EngineConfig,
+) -> Vec<(Unit, Side, Id, Outcome)> {
+    let mut due = Vec::new();
+    for (unit, side, item) in state.sides() {
+        if item.outcome != Outcome::Pending || state.side(unit, side.other()).is_some() {
+            continue;
+        }
+        let Some((timeout, unmatched)) = unit.deadline(side, config) else {
+            continue;
+        };
+        if watermark > item.terms.event_time().saturating_add(timeout) {
+            due.push((unit.clone(), side, item.event_id.clone(), unmatched));
+        }
+    }
+    due
 }
 
 impl PairEngine {
@@ -88,21 +98,28 @@ impl PairEngine {
         }
     }
 
-    /// Fires the deadline of the key's pending event, of either input, if it is due.
+    /// Fires the deadlines of the key's pending events, of every unit, that are due.
     fn fire_key(&mut self, key: &Id, watermark: Micros) {
-        for input in Input::ALL {
-            let Some(state) = self.keys.get_mut(key) else {
-                return;
-            };
-            let Some(event_id) = overdue(state, input, watermark, &self.config) else {
-                continue;
-            };
-            let unmatched = Outcome::unmatched(input);
-            self.pins.touch(key, state);
-            state.set_outcome(input, unmatched);
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        let due = overdue(state, watermark, &self.config);
+        if due.is_empty() {
+            return;
+        }
+        self.pins.touch(key, state);
+        for (unit, side, event_id, unmatched) in due {
+            state.set_side_outcome(&unit, side, unmatched);
+            let kind = unit.kind(side);
             self.record
-                .write_row(input, key, &event_id, unmatched, None, None);
-            self.record.open(unmatched, key, input, event_id, None);
+                .write_row(kind, key, &event_id, unmatched, None, None);
+            self.record.open(
+                DiscrepancyKind::Outcome(unmatched),
+                key,
+                kind.input(),
+                event_id,
+                None,
+            );
         }
     }
 }

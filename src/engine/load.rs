@@ -5,37 +5,42 @@
 
 use hashbrown::HashMap;
 
-use super::rules::{Outcome, PaymentTerms, SettlementTerms, Terms};
-use super::window::{Id, KeyState};
+use super::rules::{Outcome, PaymentTerms, SettlementTerms};
+use super::units::{Terms, Unit};
+use super::window::{Id, KeyState, SideItem};
 use super::PairEngine;
-use crate::event::{Input, Micros};
+use crate::event::{Event, EventKind, Input, Line, Micros};
 use crate::money::Currency;
 
 /// One event as stored in PostgreSQL, to load into the window.
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
-    pub input: Input,
+    pub kind: EventKind,
     pub event_id: String,
     pub payment_id: String,
     pub outcome: Outcome,
     pub event_time: Micros,
-    /// `amount_minor` of a payment, `gross_minor` of a settlement.
+    /// `amount_minor` of a payment or refund request, the signed `gross_minor` of a
+    /// settlement line.
     pub amount: i64,
     pub fee: i64,
     pub net: i64,
     pub currency: Currency,
+    /// A settlement line's type and id; `Line::Refund` with its refund id for a
+    /// refund request; `Line::Capture` for a payment.
+    pub line: Line,
 }
 
 impl StoredEvent {
-    /// What the rules need of the stored event, read from the columns of its input.
+    /// What the rules need of the stored event, read from the columns of its kind.
     fn terms(&self) -> Terms {
-        match self.input {
-            Input::Payments => Terms::Payment(PaymentTerms {
+        match self.kind {
+            EventKind::Payment | EventKind::Refund => Terms::Request(PaymentTerms {
                 amount: self.amount,
                 currency: self.currency,
                 occurred_at: self.event_time,
             }),
-            Input::Settlements => Terms::Settlement(SettlementTerms {
+            EventKind::Settlement => Terms::Line(SettlementTerms {
                 gross: self.amount,
                 fee: self.fee,
                 net: self.net,
@@ -66,8 +71,13 @@ impl PairEngine {
             let Some(state) = fresh.get_mut(row.payment_id.as_str()) else {
                 continue;
             };
-            let terms = row.terms();
-            state.set_first(Id::from(row.event_id), terms, row.outcome);
+            let (unit, side) = Unit::place(row.kind, &row.line);
+            let item = SideItem {
+                terms: row.terms(),
+                event_id: Id::from(row.event_id),
+                outcome: row.outcome,
+            };
+            state.set_side(&unit, side, item);
         }
         for (key, state) in fresh {
             self.bytes += state.bytes(&key);
@@ -76,18 +86,20 @@ impl PairEngine {
     }
 
     /// Whether the event id of this event must be checked against storage before it
-    /// is applied: its key is resident and already has a first event of its input
-    /// under another event id, so the event is a duplicate — or a duplicate stored
-    /// before and sent again, which only storage can tell now that duplicates are not
-    /// held. Asked after the batch's keys are loaded (an event whose key has no first
-    /// event of its input cannot have a stored duplicate there: a key's first event is
-    /// stored no later than its duplicates, and memory or a lookup has it). Duplicates
-    /// written by this batch or by the one still committing are known without storage.
-    pub fn needs_event_id_check(&self, input: Input, payment_id: &str, event_id: &str) -> bool {
+    /// is applied: its key is resident and already has a first event of the event's
+    /// side of its unit under another event id, so the event is a duplicate — or a
+    /// duplicate stored before and sent again, which only storage can tell now that
+    /// duplicates are not held. Asked after the batch's keys are loaded (an event whose
+    /// side has no first event cannot have a stored duplicate there: a side's first
+    /// event is stored no later than its duplicates, and memory or a lookup has it).
+    /// Duplicates written by this batch or by the one still committing are known
+    /// without storage.
+    pub fn needs_event_id_check(&self, event: &Event) -> bool {
+        let (unit, side) = Unit::of_event(event);
         self.keys
-            .get(payment_id)
-            .and_then(|state| state.first_event_id(input))
-            .is_some_and(|first| first != event_id)
+            .get(event.payment_id())
+            .and_then(|state| state.side(&unit, side))
+            .is_some_and(|first| first.event_id != event.event_id())
     }
 
     /// Event ids of this batch's events that storage already holds. An event id is

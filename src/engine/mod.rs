@@ -5,8 +5,9 @@
 //! same way without a broker or a database.
 //!
 //! One [`PairEngine`] per partition pair holds the in-memory window: a map from
-//! `payment_id` to what matching needs of that id: the payment and its first
-//! settlement line. **A key present in memory is complete**: the caller must
+//! `payment_id` to what matching needs of that id: the first event of each side of
+//! each of its matching units ([`units`]: the payment and its capture line, each
+//! refund request and its refund line, each chargeback and its reversal). **A key present in memory is complete**: the caller must
 //! [`PairEngine::load`] every key an event needs that is not resident — one batched
 //! lookup per batch — so memory is a cache over PostgreSQL and results do not depend
 //! on the window size.
@@ -30,21 +31,24 @@
 //! One file per concern, each adding its part of [`PairEngine`]'s methods:
 //! - this file: the engine's state, which part of it each owner holds, and its gauges;
 //! - `load`: installing what storage holds (keys, and which event ids it has);
-//! - `apply`: applying an accepted event, written once for both inputs;
+//! - `apply`: applying an accepted event, written once for every unit and side;
+//! - `position`: a payment's net position and its `over_refunded` discrepancy;
 //! - `deadlines`: the watermark's inputs, sweep requests and firing deadlines;
 //! - `changes`: recording a batch's changes and handing them to the checkpoint;
 //! - `residency`: which keys must stay in memory (pins) and eviction to the bounds;
 //! - `tests`: unit tests of the engine through its public methods;
-//! - [`rules`], [`window`], [`watermark`], [`config`]: the matching rules, the keys'
-//!   storage, the watermark and the engine's parameters.
+//! - [`rules`], [`units`], [`window`], [`watermark`], [`config`]: the matching rules,
+//!   the matching units, the keys' storage, the watermark and the engine's parameters.
 
 mod apply;
 mod changes;
 pub mod config;
 mod deadlines;
 mod load;
+mod position;
 mod residency;
 pub mod rules;
+pub mod units;
 pub mod watermark;
 pub mod window;
 
@@ -62,13 +66,14 @@ use residency::Pins;
 use watermark::Watermark;
 use window::Window;
 
-pub use apply::Applied;
+pub use apply::{Applied, REVERSED};
 pub use changes::{DiscrepancyChange, NewEvent, PairChanges, RowWrite};
 pub use config::{EngineConfig, MatchConfig, WindowConfig};
 pub use deadlines::SweepRequest;
 pub use load::StoredEvent;
-pub use rules::Outcome;
-pub use window::{Id, SettlementItem};
+pub use position::{OverRefund, RECOVERED};
+pub use rules::{DiscrepancyKind, Outcome};
+pub use window::Id;
 
 /// The window and watermark of one partition pair.
 #[derive(Debug)]

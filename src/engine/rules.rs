@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::event::{EventKind, Input, Micros};
+use crate::event::{EventKind, Micros};
 use crate::money::Currency;
 
 /// Every outcome an accepted event can have, as stored in `recon_outcomes.outcome`.
@@ -208,22 +208,6 @@ pub struct SettlementTerms {
     pub settled_at: Micros,
 }
 
-/// The terms of an event of either input, for the steps that are the same for both.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Terms {
-    Payment(PaymentTerms),
-    Settlement(SettlementTerms),
-}
-
-impl Terms {
-    pub(super) fn input(self) -> Input {
-        match self {
-            Terms::Payment(_) => Input::Payments,
-            Terms::Settlement(_) => Input::Settlements,
-        }
-    }
-}
-
 /// Rules 1–5, first that applies wins. `deadline` is D, `tolerance` is T.
 pub fn classify(
     payment: PaymentTerms,
@@ -231,14 +215,59 @@ pub fn classify(
     deadline: Micros,
     tolerance: i64,
 ) -> Outcome {
-    if settlement.currency != payment.currency {
+    decide(Rules {
+        currency_differs: settlement.currency != payment.currency,
+        // Both amounts are within 1..=2^53−1, so the subtraction cannot overflow.
+        amount_difference: settlement.gross - payment.amount,
+        fee_balances: settlement_balances(settlement),
+        late: settlement.settled_at > payment.occurred_at.saturating_add(deadline),
+        tolerance,
+    })
+}
+
+/// Rules 1–5 for a refund request and its refund line (contract §6): the request in
+/// the payment's role, the amount compared with the line's gross negated (a refund
+/// line is money leaving the merchant), the fee rule on the line as reported, the
+/// deadline counted from `requested_at` (the request's `occurred_at` here).
+pub fn classify_refund(
+    request: PaymentTerms,
+    line: SettlementTerms,
+    deadline: Micros,
+    tolerance: i64,
+) -> Outcome {
+    decide(Rules {
+        currency_differs: line.currency != request.currency,
+        // −gross and the amount are both within 1..=2^53−1.
+        amount_difference: line.gross.saturating_neg() - request.amount,
+        fee_balances: settlement_balances(line),
+        late: line.settled_at > request.occurred_at.saturating_add(deadline),
+        tolerance,
+    })
+}
+
+/// Rule 3: gross − fee = net. Gross and fee are within ±(2^53−1), so the subtraction
+/// cannot overflow.
+fn settlement_balances(line: SettlementTerms) -> bool {
+    line.gross - line.fee == line.net
+}
+
+/// What rules 1–5 look at, whichever pair of events they are about.
+struct Rules {
+    currency_differs: bool,
+    amount_difference: i64,
+    fee_balances: bool,
+    late: bool,
+    tolerance: i64,
+}
+
+fn decide(rules: Rules) -> Outcome {
+    if rules.currency_differs {
         Outcome::CurrencyMismatch
-    } else if (settlement.gross - payment.amount).abs() > tolerance {
-        // Both amounts are within 1..=2^53−1, so neither subtraction can overflow.
+    } else if rules.amount_difference.abs() > rules.tolerance {
         Outcome::AmountMismatch
-    } else if settlement.gross - settlement.fee != settlement.net {
+    } else if !rules.fee_balances {
         Outcome::FeeMismatch
-    } else if settlement.settled_at > payment.occurred_at.saturating_add(deadline) {
+    } else if rules.late {
         Outcome::MatchedLate
     } else {
         Outcome::Matched

@@ -3,14 +3,15 @@
 //! tested against an independent oracle in `tests/engine_oracle.rs`.
 
 use super::{Applied, EngineConfig, MatchConfig, Outcome, PairEngine, StoredEvent, WindowConfig};
-use crate::event::{Event, Input, Payment, Settlement};
+use crate::event::{Event, EventKind, Input, Line, Payment, Settlement};
 use crate::money::Currency;
 use crate::pair::PerInput;
 
-fn stored(input: Input, payment_id: &str, outcome: Outcome) -> StoredEvent {
+fn stored(kind: EventKind, payment_id: &str, outcome: Outcome) -> StoredEvent {
     StoredEvent {
-        input,
-        event_id: format!("{payment_id}-{}", input.event_kind()),
+        kind,
+        line: Line::Capture,
+        event_id: format!("{payment_id}-{kind}"),
         payment_id: payment_id.to_owned(),
         outcome,
         event_time: 0,
@@ -46,6 +47,8 @@ fn settlement(event_id: &str, payment_id: &str) -> Event {
         net: 99,
         currency: eur(),
         settled_at: 0,
+        line: Line::Capture,
+        payout_id: None,
     })
 }
 
@@ -106,8 +109,8 @@ fn a_duplicate_sent_again_is_a_redelivery_once_storage_says_its_id_is_stored() {
         Applied::Accepted(Outcome::Pending)
     );
     // A key's first event is known from memory; nothing to ask storage.
-    assert!(!engine.needs_event_id_check(Input::Payments, "k", "first"));
-    assert!(!engine.needs_event_id_check(Input::Settlements, "k", "line"));
+    assert!(!engine.needs_event_id_check(&payment("first", "k")));
+    assert!(!engine.needs_event_id_check(&settlement("line", "k")));
     assert_eq!(engine.apply(payment("first", "k"), 1), Applied::Redelivery);
     assert_eq!(
         engine.apply(payment("dup", "k"), 2),
@@ -120,19 +123,19 @@ fn a_duplicate_sent_again_is_a_redelivery_once_storage_says_its_id_is_stored() {
     commit(&mut engine);
     // Committed: only storage knows it. The engine asks for its id to be checked,
     // and with storage's answer the event is a redelivery.
-    assert!(engine.needs_event_id_check(Input::Payments, "k", "dup"));
+    assert!(engine.needs_event_id_check(&payment("dup", "k")));
     engine.load_stored_event_ids([(Input::Payments, "dup".to_owned())]);
     assert_eq!(engine.apply(payment("dup", "k"), 5), Applied::Redelivery);
     assert!(engine.take_changes().rows.is_empty());
     // A key loaded from storage: its duplicate rows are not state.
     let mut reloaded = new_engine(10);
-    let mut first = stored(Input::Payments, "k", Outcome::Pending);
+    let mut first = stored(EventKind::Payment, "k", Outcome::Pending);
     first.event_id = "first".to_owned();
-    let mut dup = stored(Input::Payments, "k", Outcome::DuplicatePayment);
+    let mut dup = stored(EventKind::Payment, "k", Outcome::DuplicatePayment);
     dup.event_id = "dup".to_owned();
     reloaded.load(["k".to_owned()], vec![first, dup]);
     assert_eq!(reloaded.window_bytes(), engine.window_bytes());
-    assert!(reloaded.needs_event_id_check(Input::Payments, "k", "dup"));
+    assert!(reloaded.needs_event_id_check(&payment("dup", "k")));
 }
 
 #[test]
@@ -151,9 +154,9 @@ fn a_full_window_gives_up_closed_keys_then_fired_deadlines_then_pending_ones() {
     let mut rows = Vec::new();
     for i in 0..4 {
         for (name, input, outcome) in [
-            ("closed", Input::Payments, Outcome::Matched),
-            ("missing", Input::Payments, Outcome::MissingSettlement),
-            ("pending", Input::Settlements, Outcome::Pending),
+            ("closed", EventKind::Payment, Outcome::Matched),
+            ("missing", EventKind::Payment, Outcome::MissingSettlement),
+            ("pending", EventKind::Settlement, Outcome::Pending),
         ] {
             let key = format!("{name}-{i}");
             rows.push(stored(input, &key, outcome));
@@ -176,7 +179,7 @@ fn a_full_window_gives_up_closed_keys_then_fired_deadlines_then_pending_ones() {
     let extra: Vec<String> = (0..4).map(|i| format!("pending-x{i}")).collect();
     let extra_rows = extra
         .iter()
-        .map(|k| stored(Input::Payments, k, Outcome::Pending))
+        .map(|k| stored(EventKind::Payment, k, Outcome::Pending))
         .collect();
     engine.load(extra, extra_rows);
     engine.evict();

@@ -7,60 +7,89 @@
 //! 80-byte slots sit densely in a vector (freed slots are reused), which keeps an open
 //! payment near 90 bytes. Ids up to 24 bytes are stored inline (`CompactString`).
 //!
-//! Duplicates (`duplicate_payment`, `duplicate_settlement`) are not part of a key's
+//! A key holds the first event of each side of each of its matching units (see
+//! [`super::units`]): the payment and its capture line inline or in one box, and the
+//! refund and dispute units, which few keys have, in a vector inside that box.
+//!
+//! Duplicates (`duplicate_payment`, `duplicate_refund`, `duplicate_settlement`) are not part of a key's
 //! state: once an event is a duplicate its outcome never changes and nothing else
 //! depends on it, so the window has nothing to decide with it. Holding their event ids
 //! (for redelivery detection) let one payment id grow without bound: a producer
 //! minting a fresh event id per resend made a single key hold every id it ever sent,
-//! in memory and in every lookup. A key is therefore at most a payment and its first
-//! settlement line, whatever the input; a redelivered duplicate is recognised by its
-//! stored event id instead (see [`super::PairEngine::needs_event_id_check`]).
+//! in memory and in every lookup. A key is therefore at most the first event of each
+//! side of its units; a redelivered duplicate is recognised by its stored event id
+//! instead (see [`super::PairEngine::needs_event_id_check`]).
 //!
-//! The payment and the settlement line are laid out differently (the settlement boxed,
-//! since open payments rarely have one), but the engine asks of them alike, by input:
-//! `KeyState::first_event`, `KeyState::set_first`, `KeyState::set_outcome`.
+//! The payment and the capture line are laid out apart from the other units (the line
+//! boxed, since open payments rarely have one), but the engine asks of every side
+//! alike: [`KeyState::side`], [`KeyState::set_side`], [`KeyState::set_side_outcome`],
+//! [`KeyState::sides`].
 
 use std::hash::BuildHasher;
 
 use compact_str::CompactString;
 use hashbrown::HashTable;
 
-use super::rules::{Outcome, PaymentTerms, SettlementTerms, Terms};
+use super::rules::{Outcome, PaymentTerms, SettlementTerms};
+use super::units::{Side, Terms, Unit};
 use crate::event::{Input, Micros};
 use crate::money::Currency;
 
 /// Identifiers held in the window: inline up to 24 bytes.
 pub type Id = CompactString;
 
-/// A settlement line as the window keeps it.
+/// The first event of one side of a unit, as the window keeps it.
 #[derive(Debug, Clone)]
-pub struct SettlementItem {
+pub struct SideItem {
     pub event_id: Id,
-    pub terms: SettlementTerms,
+    pub terms: Terms,
     pub outcome: Outcome,
+}
+
+/// A refund or dispute unit: the first event of each side.
+#[derive(Debug)]
+struct UnitItem {
+    unit: Unit,
+    /// Opening, closing.
+    sides: [Option<SideItem>; 2],
+}
+
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::Opening => 0,
+        Side::Closing => 1,
+    }
 }
 
 /// What open payments rarely need, boxed so they do not pay for it.
 #[derive(Debug, Default)]
 struct Extra {
-    settlement: Option<SettlementItem>,
+    /// The first capture line.
+    capture_line: Option<SideItem>,
+    /// Refund and dispute units, in arrival order.
+    units: Vec<UnitItem>,
 }
 
-/// A view of the payment of a key.
+/// A view of the first event of one side of a unit.
 #[derive(Debug, Clone, Copy)]
-pub struct PaymentRef<'a> {
+pub struct SideRef<'a> {
     pub event_id: &'a Id,
-    pub terms: PaymentTerms,
+    pub terms: Terms,
     pub outcome: Outcome,
 }
 
-/// The first event of one input of a key, whichever input: what deadlines need of it.
-pub(super) struct FirstEvent<'a> {
-    pub(super) event_id: &'a Id,
-    pub(super) outcome: Outcome,
-    /// `occurred_at` of a payment, `settled_at` of a settlement line.
-    pub(super) event_time: Micros,
+impl<'a> From<&'a SideItem> for SideRef<'a> {
+    fn from(item: &'a SideItem) -> Self {
+        Self {
+            event_id: &item.event_id,
+            terms: item.terms,
+            outcome: item.outcome,
+        }
+    }
 }
+
+/// The capture unit, for iterating every side alike.
+static CAPTURE: Unit = Unit::Capture;
 
 /// Everything known about one `payment_id`, flattened for size.
 #[derive(Debug, Default)]
@@ -78,118 +107,174 @@ pub struct KeyState {
 }
 
 impl KeyState {
-    pub fn payment(&self) -> Option<PaymentRef<'_>> {
-        Some(PaymentRef {
+    fn payment(&self) -> Option<SideRef<'_>> {
+        Some(SideRef {
             event_id: &self.payment_event,
-            terms: PaymentTerms {
+            terms: Terms::Request(PaymentTerms {
                 amount: self.payment_amount,
                 currency: self.payment_currency?,
                 occurred_at: self.payment_time,
-            },
+            }),
             outcome: self.payment_outcome?,
         })
     }
 
-    pub fn set_payment(&mut self, event_id: Id, terms: PaymentTerms, outcome: Outcome) {
-        self.payment_event = event_id;
-        self.payment_amount = terms.amount;
-        self.payment_time = terms.occurred_at;
-        self.payment_currency = Some(terms.currency);
-        self.payment_outcome = Some(outcome);
+    fn unit(&self, unit: &Unit) -> Option<&UnitItem> {
+        self.extra.as_ref()?.units.iter().find(|u| u.unit == *unit)
     }
 
-    pub fn set_payment_outcome(&mut self, outcome: Outcome) {
-        if self.payment_outcome.is_some() {
-            self.payment_outcome = Some(outcome);
+    fn unit_mut(&mut self, unit: &Unit) -> Option<&mut UnitItem> {
+        self.extra
+            .as_mut()?
+            .units
+            .iter_mut()
+            .find(|u| u.unit == *unit)
+    }
+
+    /// The first event of `side` of `unit`, if the key has one.
+    pub fn side(&self, unit: &Unit, side: Side) -> Option<SideRef<'_>> {
+        match (unit, side) {
+            (Unit::Capture, Side::Opening) => self.payment(),
+            (Unit::Capture, Side::Closing) => self
+                .extra
+                .as_ref()?
+                .capture_line
+                .as_ref()
+                .map(SideRef::from),
+            _ => self.unit(unit)?.sides[side_index(side)]
+                .as_ref()
+                .map(SideRef::from),
         }
     }
 
-    pub fn settlement(&self) -> Option<&SettlementItem> {
-        self.extra.as_ref()?.settlement.as_ref()
+    /// Installs the first event of `side` of `unit`.
+    pub fn set_side(&mut self, unit: &Unit, side: Side, item: SideItem) {
+        match (unit, side, item.terms) {
+            (Unit::Capture, Side::Opening, Terms::Request(terms)) => {
+                self.payment_event = item.event_id;
+                self.payment_amount = terms.amount;
+                self.payment_time = terms.occurred_at;
+                self.payment_currency = Some(terms.currency);
+                self.payment_outcome = Some(item.outcome);
+            }
+            (Unit::Capture, Side::Opening, Terms::Line(_)) => {
+                debug_assert!(false, "a payment has a payment's terms");
+            }
+            (Unit::Capture, Side::Closing, _) => {
+                self.extra.get_or_insert_with(Box::default).capture_line = Some(item);
+            }
+            _ => {
+                if self.unit(unit).is_none() {
+                    self.extra
+                        .get_or_insert_with(Box::default)
+                        .units
+                        .push(UnitItem {
+                            unit: unit.clone(),
+                            sides: [None, None],
+                        });
+                }
+                if let Some(found) = self.unit_mut(unit) {
+                    found.sides[side_index(side)] = Some(item);
+                }
+            }
+        }
     }
 
-    pub fn settlement_mut(&mut self) -> Option<&mut SettlementItem> {
-        self.extra.as_mut()?.settlement.as_mut()
+    /// Sets the outcome of the first event of `side` of `unit`, if the key has one.
+    pub fn set_side_outcome(&mut self, unit: &Unit, side: Side, outcome: Outcome) {
+        match (unit, side) {
+            (Unit::Capture, Side::Opening) => {
+                if self.payment_outcome.is_some() {
+                    self.payment_outcome = Some(outcome);
+                }
+            }
+            (Unit::Capture, Side::Closing) => {
+                if let Some(line) = self.extra.as_mut().and_then(|e| e.capture_line.as_mut()) {
+                    line.outcome = outcome;
+                }
+            }
+            _ => {
+                if let Some(item) = self
+                    .unit_mut(unit)
+                    .and_then(|u| u.sides[side_index(side)].as_mut())
+                {
+                    item.outcome = outcome;
+                }
+            }
+        }
     }
 
-    pub fn set_settlement(&mut self, item: SettlementItem) {
-        self.extra.get_or_insert_with(Box::default).settlement = Some(item);
+    /// Every first event the key holds, with its unit and side: the capture unit's,
+    /// then the other units' in arrival order.
+    pub fn sides(&self) -> impl Iterator<Item = (&Unit, Side, SideRef<'_>)> {
+        let capture = Side::BOTH
+            .into_iter()
+            .filter_map(|side| Some((&CAPTURE, side, self.side(&CAPTURE, side)?)));
+        let units = self.extra.iter().flat_map(|extra| {
+            extra.units.iter().flat_map(|u| {
+                Side::BOTH.into_iter().filter_map(move |side| {
+                    let item = u.sides[side_index(side)].as_ref()?;
+                    Some((&u.unit, side, SideRef::from(item)))
+                })
+            })
+        });
+        capture.chain(units)
+    }
+
+    /// The lines of the key other than captures: (settled_at, event_id, gross) of the
+    /// first refund line of each refund and both lines of each dispute.
+    pub fn non_capture_lines(&self) -> impl Iterator<Item = (Micros, &Id, i64)> {
+        self.extra.iter().flat_map(|extra| {
+            extra.units.iter().flat_map(|u| {
+                u.sides
+                    .iter()
+                    .flatten()
+                    .filter_map(|item| match item.terms {
+                        Terms::Line(line) => Some((line.settled_at, &item.event_id, line.gross)),
+                        Terms::Request(_) => None,
+                    })
+            })
+        })
+    }
+
+    /// The first capture line's gross, if the key has one.
+    pub fn capture_gross(&self) -> Option<i64> {
+        match self.side(&Unit::Capture, Side::Closing)?.terms {
+            Terms::Line(SettlementTerms { gross, .. }) => Some(gross),
+            Terms::Request(_) => None,
+        }
     }
 
     pub fn is_open(&self) -> bool {
-        self.payment_outcome.is_some_and(Outcome::is_open)
-            || self.settlement().is_some_and(|s| s.outcome.is_open())
+        self.sides().any(|(_, _, item)| item.outcome.is_open())
     }
 
     pub const MAX_EVICTION_RANK: u8 = 2;
 
     /// The order in which a full window gives keys up (lowest first): 0 closed, 1 open
     /// only through a fired deadline (`missing_settlement`/`orphan_settlement`, which a
-    /// counterpart rarely resolves), 2 pending (its counterpart is expected). Evicting
-    /// at random among all open keys let deadline discrepancies, which never leave,
-    /// crowd out pending payments over a long drain: their settlements then missed
-    /// memory and had to be looked up.
+    /// counterpart rarely resolves) or an open chargeback, 2 pending (its counterpart
+    /// is expected). Evicting at random among all open keys let deadline
+    /// discrepancies, which never leave, crowd out pending payments over a long drain:
+    /// their settlements then missed memory and had to be looked up.
     pub fn eviction_rank(&self) -> u8 {
-        let outcomes = [self.payment_outcome, self.settlement().map(|s| s.outcome)];
-        if outcomes.contains(&Some(Outcome::Pending)) {
-            2
-        } else if outcomes.iter().flatten().any(|o| o.is_open()) {
-            1
-        } else {
-            0
-        }
-    }
-
-    /// The first event of `input`: the payment, or the first settlement line.
-    pub(super) fn first_event(&self, input: Input) -> Option<FirstEvent<'_>> {
-        match input {
-            Input::Payments => self.payment().map(|p| FirstEvent {
-                event_id: p.event_id,
-                outcome: p.outcome,
-                event_time: p.terms.occurred_at,
-            }),
-            Input::Settlements => self.settlement().map(|s| FirstEvent {
-                event_id: &s.event_id,
-                outcome: s.outcome,
-                event_time: s.terms.settled_at,
-            }),
-        }
-    }
-
-    /// Installs the first event of the input `terms` are of.
-    pub(super) fn set_first(&mut self, event_id: Id, terms: Terms, outcome: Outcome) {
-        match terms {
-            Terms::Payment(terms) => self.set_payment(event_id, terms, outcome),
-            Terms::Settlement(terms) => self.set_settlement(SettlementItem {
-                event_id,
-                terms,
-                outcome,
-            }),
-        }
-    }
-
-    /// Sets the outcome of the first event of `input`, if the key has one.
-    pub(super) fn set_outcome(&mut self, input: Input, outcome: Outcome) {
-        match input {
-            Input::Payments => self.set_payment_outcome(outcome),
-            Input::Settlements => {
-                if let Some(settlement) = self.settlement_mut() {
-                    settlement.outcome = outcome;
-                }
+        let mut rank = 0;
+        for (_, _, item) in self.sides() {
+            if item.outcome == Outcome::Pending {
+                return 2;
+            }
+            if item.outcome.is_open() || item.outcome == Outcome::ChargebackOpen {
+                rank = 1;
             }
         }
+        rank
     }
 
-    /// The event id of the first event of `input` (the payment, or the first
-    /// settlement line): every later one of that input is a duplicate or a redelivery.
-    pub fn first_event_id(&self, input: Input) -> Option<&Id> {
-        self.first_event(input).map(|first| first.event_id)
-    }
-
-    /// Whether `event_id` is the key's first event of `input`. Duplicates are not
+    /// Whether `event_id` is a first event of `input` the key holds. Duplicates are not
     /// held (see the module docs), so this says nothing about them.
     pub fn knows(&self, input: Input, event_id: &str) -> bool {
-        self.first_event_id(input).is_some_and(|id| id == event_id)
+        self.sides()
+            .any(|(unit, side, item)| unit.input(side) == input && item.event_id == event_id)
     }
 
     /// Bytes this key occupies: its slot, its index bucket, and what lives on the heap.
@@ -201,7 +286,19 @@ impl KeyState {
             + heap(&self.payment_event);
         if let Some(extra) = &self.extra {
             total += std::mem::size_of::<Extra>()
-                + extra.settlement.as_ref().map_or(0, |s| heap(&s.event_id));
+                + extra.capture_line.as_ref().map_or(0, |s| heap(&s.event_id))
+                + extra.units.capacity() * std::mem::size_of::<UnitItem>();
+            for unit in &extra.units {
+                if let Unit::Refund(id) | Unit::Dispute(id) = &unit.unit {
+                    total += heap(id);
+                }
+                total += unit
+                    .sides
+                    .iter()
+                    .flatten()
+                    .map(|s| heap(&s.event_id))
+                    .sum::<usize>();
+            }
         }
         total
     }

@@ -180,9 +180,8 @@ fn line(fields: &Fields<'_>) -> Result<Line, Rejection> {
         None | Some(Value::Null) => return Ok(Line::Capture),
         Some(_) => fields.string("line_type")?,
     };
-    let required = |id: Option<String>, field: &'static str| {
-        id.ok_or(Rejection::MissingField { field })
-    };
+    let required =
+        |id: Option<String>, field: &'static str| id.ok_or(Rejection::MissingField { field });
     Ok(match line_type {
         "capture" => Line::Capture,
         "refund" => Line::Refund {

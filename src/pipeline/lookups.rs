@@ -109,11 +109,7 @@ impl Pipeline {
             } else if !resident {
                 plan.after_load.push((partition, event));
                 plan.look_up(partition, event);
-            } else if owned.engine.needs_event_id_check(
-                event.input(),
-                event.payment_id(),
-                event.event_id(),
-            ) {
+            } else if owned.engine.needs_event_id_check(event) {
                 plan.probe.add(partition, event);
             }
         }
@@ -129,13 +125,11 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         let mut probe = EventIdProbe::default();
         for (partition, event) in after_load {
-            if self.pairs.get(partition).is_some_and(|owned| {
-                owned.engine.needs_event_id_check(
-                    event.input(),
-                    event.payment_id(),
-                    event.event_id(),
-                )
-            }) {
+            if self
+                .pairs
+                .get(partition)
+                .is_some_and(|owned| owned.engine.needs_event_id_check(event))
+            {
                 probe.add(partition, event);
             }
         }

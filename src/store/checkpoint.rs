@@ -93,12 +93,12 @@ impl Store {
         for pair in batch {
             for row in pair.changes.rows.iter().filter(|row| row.new.is_some()) {
                 let first = *first_pair
-                    .entry((row.input, &*row.event_id))
+                    .entry((row.kind.input(), &*row.event_id))
                     .or_insert(pair.pair);
                 if first != pair.pair {
                     clashing.insert(pair.pair);
                 }
-                inputs.push(row.input);
+                inputs.push(row.kind.input());
                 ids.push(&*row.event_id);
             }
         }

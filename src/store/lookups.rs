@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 use futures_util::TryStreamExt;
 
 use crate::engine::{Outcome, StoredEvent};
-use crate::event::Input;
+use crate::event::{EventKind, Input};
 use crate::pair::PerInput;
 
 use super::error::is_data_error;
@@ -22,13 +22,14 @@ use super::{Store, StoreError};
 
 /// The stored events of (pair, payment_id) keys but their duplicates. The condition on
 /// the outcome is generated from [`Outcome::DUPLICATES`] as literal SQL, written as the
-/// predicate of the partial index `recon_events_payment_id_live` (migration 0007) is,
+/// predicate of the partial index `recon_events_payment_id_live` (migrations 0007 and 0008) is,
 /// so the planner can prove it implies that predicate and use the index (a bound
 /// array would not let it; see `sweeps`).
 static LOOKUP: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT e.kafka_partition, e.event_kind, e.event_id, e.payment_id, e.outcome, e.event_time,
-                e.amount_minor, e.fee_minor, e.net_minor, e.currency
+                e.amount_minor, e.fee_minor, e.net_minor, e.currency, e.line_type, e.refund_id,
+                e.dispute_id
          FROM UNNEST($1::int[], $2::text[]) AS k(kafka_partition, payment_id)
          -- OFFSET 0 keeps this a per-key index probe whatever the statistics say.
          CROSS JOIN LATERAL (SELECT * FROM recon_events e
@@ -75,12 +76,15 @@ impl Store {
         // beside its decoded copy cost a few MB at the peak.
         let mut found = Vec::new();
         while let Some(row) = rows.try_next().await? {
-            found.push((row.kafka_partition, StoredEvent::from(row.event)));
+            let event =
+                StoredEvent::try_from(row.event).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            found.push((row.kafka_partition, event));
         }
         Ok(found)
     }
 
-    /// Which of these (event_kind, event_id) are already stored, under any payment id.
+    /// Which of these (input, event_id) are already stored, under any payment id: an
+    /// event id is unique per topic, and the payments topic carries two kinds.
     /// An id PostgreSQL cannot take as a value is not stored (see
     /// [`without_refused_keys`]).
     pub async fn stored_event_ids(
@@ -110,19 +114,20 @@ impl Store {
         // an index(-only) scan at any table size, and it costs about a third less than
         // a per-key LATERAL probe (5,000 ids on 300k rows: 7 ms against 10.5 ms).
         let rows: Vec<StoredEventId> = sqlx::query_as(
-            "SELECT event_kind, event_id FROM recon_events WHERE event_kind = $1 AND event_id = ANY($2)
+            "SELECT event_kind, event_id FROM recon_events WHERE event_kind IN ($1, $2) AND event_id = ANY($3)
              UNION ALL
-             SELECT event_kind, event_id FROM recon_events WHERE event_kind = $3 AND event_id = ANY($4)",
+             SELECT event_kind, event_id FROM recon_events WHERE event_kind = $4 AND event_id = ANY($5)",
         )
-        .bind(Input::Payments)
+        .bind(EventKind::Payment)
+        .bind(EventKind::Refund)
         .bind(&by_input.payments)
-        .bind(Input::Settlements)
+        .bind(EventKind::Settlement)
         .bind(&by_input.settlements)
         .fetch_all(&mut *self.connection().await?)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|row| (row.event_kind, row.event_id))
+            .map(|row| (row.event_kind.input(), row.event_id))
             .collect())
     }
 }

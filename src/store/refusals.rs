@@ -29,7 +29,7 @@ impl Unit<'_> {
         match self {
             Unit::Event(pair, row, offset) => RefusedMessage {
                 pair: *pair,
-                input: row.input,
+                input: row.kind.input(),
                 offset: *offset,
                 reason,
             },

@@ -20,7 +20,7 @@ use sqlx::postgres::{PgArgumentBuffer, PgHasArrayType, PgTypeInfo, PgValueRef};
 use sqlx::{Decode, Encode, Postgres, Type};
 
 use crate::engine::{Outcome, StoredEvent};
-use crate::event::{Input, Micros};
+use crate::event::{EventKind, Line, Micros};
 use crate::money::Currency;
 use crate::pair::{PairPosition, PerInput};
 
@@ -29,17 +29,19 @@ use crate::pair::{PairPosition, PerInput};
 #[error("unknown event kind {0:?}")]
 pub struct UnknownEventKind(pub String);
 
+/// A `line_type` the crate does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown line type {0:?}")]
+pub struct UnknownLineType(pub String);
+
 /// A `currency` that is not an active ISO 4217 code.
 #[derive(Debug, thiserror::Error)]
 #[error("unknown currency {0:?}")]
 pub struct UnknownCurrency(pub String);
 
-/// The input whose events have this `event_kind` (the inverse of [`Input::event_kind`]).
-pub fn input_of_kind(kind: &str) -> Result<Input, UnknownEventKind> {
-    Input::ALL
-        .into_iter()
-        .find(|input| input.event_kind() == kind)
-        .ok_or_else(|| UnknownEventKind(kind.to_owned()))
+/// The event kind named `kind` (the inverse of [`EventKind::as_str`]).
+pub fn kind_of_text(kind: &str) -> Result<EventKind, UnknownEventKind> {
+    EventKind::parse(kind).ok_or_else(|| UnknownEventKind(kind.to_owned()))
 }
 
 /// Maps a `Copy` type to PostgreSQL `text` (and `text[]` for array binds) through a
@@ -83,7 +85,7 @@ macro_rules! text_mapping {
     };
 }
 
-text_mapping!(Input, Input::event_kind, |text| Ok(input_of_kind(text)?));
+text_mapping!(EventKind, EventKind::as_str, |text| Ok(kind_of_text(text)?));
 text_mapping!(
     Outcome,
     Outcome::as_str,
@@ -149,7 +151,10 @@ pub struct LookupRow {
 /// The columns of `recon_events` the engine's window is loaded from.
 #[derive(sqlx::FromRow)]
 pub struct StoredEventRow {
-    event_kind: Input,
+    event_kind: EventKind,
+    line_type: Option<String>,
+    refund_id: Option<String>,
+    dispute_id: Option<String>,
     event_id: String,
     payment_id: String,
     outcome: Outcome,
@@ -160,10 +165,19 @@ pub struct StoredEventRow {
     currency: Currency,
 }
 
-impl From<StoredEventRow> for StoredEvent {
-    fn from(row: StoredEventRow) -> Self {
-        StoredEvent {
-            input: row.event_kind,
+impl TryFrom<StoredEventRow> for StoredEvent {
+    type Error = UnknownLineType;
+
+    fn try_from(row: StoredEventRow) -> Result<Self, UnknownLineType> {
+        let line = stored_line(
+            row.event_kind,
+            row.line_type.as_deref(),
+            row.refund_id,
+            row.dispute_id,
+        )?;
+        Ok(StoredEvent {
+            kind: row.event_kind,
+            line,
             event_id: row.event_id,
             payment_id: row.payment_id,
             outcome: row.outcome,
@@ -173,28 +187,58 @@ impl From<StoredEventRow> for StoredEvent {
             fee: row.fee_minor.unwrap_or(0),
             net: row.net_minor.unwrap_or(0),
             currency: row.currency,
-        }
+        })
     }
+}
+
+/// The stored line type and ids as the engine's [`Line`]. A settlement row without a
+/// `line_type` is a capture (version 1 rows, and captures, which are stored without
+/// one); a refund request's refund id is carried as `Line::Refund`. A line type this
+/// code did not write is an error, never a guess.
+fn stored_line(
+    kind: EventKind,
+    line_type: Option<&str>,
+    refund_id: Option<String>,
+    dispute_id: Option<String>,
+) -> Result<Line, UnknownLineType> {
+    let unknown = || UnknownLineType(line_type.unwrap_or("").to_owned());
+    Ok(match (kind, line_type) {
+        (EventKind::Payment, _) => Line::Capture,
+        (EventKind::Refund, _) => Line::Refund {
+            refund_id: refund_id.ok_or_else(unknown)?,
+        },
+        (EventKind::Settlement, None | Some("capture")) => Line::Capture,
+        (EventKind::Settlement, Some("refund")) => Line::Refund {
+            refund_id: refund_id.ok_or_else(unknown)?,
+        },
+        (EventKind::Settlement, Some("chargeback")) => Line::Chargeback {
+            dispute_id: dispute_id.ok_or_else(unknown)?,
+        },
+        (EventKind::Settlement, Some("chargeback_reversal")) => Line::ChargebackReversal {
+            dispute_id: dispute_id.ok_or_else(unknown)?,
+        },
+        (EventKind::Settlement, Some(_)) => return Err(unknown()),
+    })
 }
 
 /// An event id found stored, with its kind.
 #[derive(sqlx::FromRow)]
 pub struct StoredEventId {
-    pub event_kind: Input,
+    pub event_kind: EventKind,
     pub event_id: String,
 }
 
 /// A payment id with an item a sweep found due, and the kind of that item.
 #[derive(sqlx::FromRow)]
 pub struct DueKeyRow {
-    pub event_kind: Input,
+    pub event_kind: EventKind,
     pub payment_id: String,
 }
 
 /// Open items of one (event kind, open outcome): how many, and the oldest event time.
 #[derive(sqlx::FromRow)]
 pub struct OpenItemsRow {
-    pub event_kind: Input,
+    pub event_kind: EventKind,
     pub outcome: Outcome,
     pub items: i64,
     pub oldest: DateTime<Utc>,
@@ -206,12 +250,43 @@ mod tests {
 
     #[test]
     fn event_kinds_round_trip_and_unknown_ones_are_errors() {
-        for input in Input::ALL {
-            assert_eq!(input_of_kind(input.event_kind()).ok(), Some(input));
+        for kind in EventKind::ALL {
+            assert_eq!(kind_of_text(kind.as_str()).ok(), Some(kind));
         }
-        for kind in ["refund", "Payment", "payments", ""] {
-            assert!(input_of_kind(kind).is_err(), "{kind}");
+        for kind in ["refunds", "Payment", "payments", ""] {
+            assert!(kind_of_text(kind).is_err(), "{kind}");
         }
+    }
+
+    #[test]
+    fn stored_line_types_round_trip_and_unknown_ones_are_errors() {
+        let lines = [
+            Line::Capture,
+            Line::Refund {
+                refund_id: "r".into(),
+            },
+            Line::Chargeback {
+                dispute_id: "d".into(),
+            },
+            Line::ChargebackReversal {
+                dispute_id: "d".into(),
+            },
+        ];
+        for line in lines {
+            let stored = stored_line(
+                EventKind::Settlement,
+                Some(line.line_type()),
+                line.refund_id().map(str::to_owned),
+                line.dispute_id().map(str::to_owned),
+            );
+            assert_eq!(stored.ok(), Some(line));
+        }
+        assert_eq!(
+            stored_line(EventKind::Settlement, None, None, None).ok(),
+            Some(Line::Capture)
+        );
+        assert!(stored_line(EventKind::Settlement, Some("fee"), None, None).is_err());
+        assert!(stored_line(EventKind::Settlement, Some("refund"), None, None).is_err());
     }
 
     #[test]
@@ -219,11 +294,11 @@ mod tests {
         // A type known by name only would cost a lookup on the server per connection.
         let text = sqlx::postgres::types::Oid(25);
         let text_array = sqlx::postgres::types::Oid(1009);
-        assert_eq!(<Input as Type<Postgres>>::type_info().oid(), Some(text));
+        assert_eq!(<EventKind as Type<Postgres>>::type_info().oid(), Some(text));
         assert_eq!(<Outcome as Type<Postgres>>::type_info().oid(), Some(text));
         assert_eq!(<Currency as Type<Postgres>>::type_info().oid(), Some(text));
         assert_eq!(
-            <Input as PgHasArrayType>::array_type_info().oid(),
+            <EventKind as PgHasArrayType>::array_type_info().oid(),
             Some(text_array)
         );
     }

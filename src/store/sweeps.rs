@@ -16,8 +16,9 @@
 use std::sync::LazyLock;
 
 use crate::engine::{Outcome, SweepRequest};
-use crate::event::{Input, Micros};
-use crate::pair::PerInput;
+use hashbrown::HashMap;
+
+use crate::event::{EventKind, Micros};
 
 use super::rows::{to_time, DueKeyRow, OpenItemsRow};
 use super::{Store, StoreError};
@@ -57,7 +58,8 @@ static OPEN_ITEMS: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Pending items of one pair past each kind's bound, oldest first. Reads
+/// Pending items of one pair past each kind's bound, oldest first: payments and
+/// refund requests past D (`$2`), settlement lines past O (`$3`). Reads
 /// `recon_events_open_items` (partition, kind, outcome, event_time): pending is an
 /// open outcome, so this condition implies the index predicate. The kinds are bound:
 /// they are index columns, not part of the predicate, so a parameter serves.
@@ -69,7 +71,11 @@ static DUE_KEYS: LazyLock<String> = LazyLock::new(|| {
            ORDER BY event_time LIMIT $4)
          UNION ALL
          (SELECT event_kind, payment_id FROM recon_events
-           WHERE kafka_partition = $1 AND event_kind = $6 AND {pending} AND event_time < $3
+           WHERE kafka_partition = $1 AND event_kind = $6 AND {pending} AND event_time < $2
+           ORDER BY event_time LIMIT $4)
+         UNION ALL
+         (SELECT event_kind, payment_id FROM recon_events
+           WHERE kafka_partition = $1 AND event_kind = $7 AND {pending} AND event_time < $3
            ORDER BY event_time LIMIT $4)"
     )
 });
@@ -88,7 +94,7 @@ impl Store {
             .into_iter()
             .map(|row| {
                 (
-                    row.event_kind.event_kind().to_owned(),
+                    row.event_kind.as_str().to_owned(),
                     row.outcome.as_str().to_owned(),
                     row.items,
                     row.oldest.timestamp_micros(),
@@ -110,19 +116,20 @@ impl Store {
             .bind(to_time(request.payments_before))
             .bind(to_time(request.settlements_before))
             .bind(limit)
-            .bind(Input::Payments)
-            .bind(Input::Settlements)
+            .bind(EventKind::Payment)
+            .bind(EventKind::Refund)
+            .bind(EventKind::Settlement)
             .fetch_all(&self.pool)
             .await?;
-        let mut counts: PerInput<i64> = PerInput::default();
+        let mut counts: HashMap<EventKind, i64> = HashMap::new();
         let mut payment_ids = Vec::with_capacity(rows.len());
         for row in rows {
-            counts[row.event_kind] += 1;
+            *counts.entry(row.event_kind).or_default() += 1;
             payment_ids.push(row.payment_id);
         }
         payment_ids.sort_unstable();
         payment_ids.dedup();
-        let complete = counts.iter().all(|(_, &count)| count < limit);
+        let complete = counts.values().all(|&count| count < limit);
         Ok(DueKeys {
             payment_ids,
             complete,

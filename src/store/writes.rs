@@ -10,8 +10,8 @@
 use sqlx::postgres::PgArguments;
 use sqlx::Arguments;
 
-use crate::engine::{DiscrepancyChange, Outcome, RowWrite};
-use crate::event::Input;
+use crate::engine::{DiscrepancyChange, DiscrepancyKind, Outcome, RowWrite, RECOVERED};
+use crate::event::{EventKind, Line};
 use crate::money::Currency;
 use crate::rejection::RejectedMessage;
 
@@ -76,7 +76,7 @@ impl Store {
 /// parameters.
 #[derive(Default)]
 struct EventColumns<'a> {
-    kinds: Vec<Input>,
+    kinds: Vec<EventKind>,
     event_ids: Vec<&'a str>,
     payment_ids: Vec<&'a str>,
     partitions: Vec<i32>,
@@ -90,6 +90,10 @@ struct EventColumns<'a> {
     currencies: Vec<Currency>,
     merchants: Vec<Option<&'a str>>,
     settlements: Vec<Option<&'a str>>,
+    line_types: Vec<Option<&'static str>>,
+    refund_ids: Vec<Option<&'a str>>,
+    dispute_ids: Vec<Option<&'a str>>,
+    payout_ids: Vec<Option<&'a str>>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -98,7 +102,7 @@ impl<'a> EventColumns<'a> {
         let mut columns = Self::default();
         for &(pair, row) in rows {
             let Some(new) = &row.new else { continue };
-            columns.kinds.push(row.input);
+            columns.kinds.push(row.kind);
             columns.event_ids.push(&row.event_id);
             columns.payment_ids.push(&row.payment_id);
             columns.partitions.push(pair);
@@ -110,12 +114,20 @@ impl<'a> EventColumns<'a> {
             columns.fees.push(new.fee);
             columns.nets.push(new.net);
             columns.currencies.push(new.currency);
-            let (merchant, settlement) = match row.input {
-                Input::Payments => (Some(new.reference.as_str()), None),
-                Input::Settlements => (None, Some(new.reference.as_str())),
+            let reference = new.reference.as_deref();
+            let (merchant, settlement) = match row.kind {
+                EventKind::Payment => (reference, None),
+                EventKind::Settlement => (None, reference),
+                EventKind::Refund => (None, None),
             };
             columns.merchants.push(merchant);
             columns.settlements.push(settlement);
+            columns
+                .line_types
+                .push(stored_line_type(row.kind, &new.line));
+            columns.refund_ids.push(new.line.refund_id());
+            columns.dispute_ids.push(new.line.dispute_id());
+            columns.payout_ids.push(new.payout_id.as_deref());
         }
         columns
     }
@@ -124,7 +136,7 @@ impl<'a> EventColumns<'a> {
     /// and faulted in again at every step. Pages reserved but not written cost nothing.
     fn into_arguments(self) -> Result<PgArguments, StoreError> {
         let mut arguments = PgArguments::default();
-        arguments.reserve(14, self.kinds.len() * ENCODED_EVENT_ROW_BYTES);
+        arguments.reserve(18, self.kinds.len() * ENCODED_EVENT_ROW_BYTES);
         add(&mut arguments, self.kinds)?;
         add(&mut arguments, self.event_ids)?;
         add(&mut arguments, self.payment_ids)?;
@@ -139,11 +151,26 @@ impl<'a> EventColumns<'a> {
         add(&mut arguments, self.currencies)?;
         add(&mut arguments, self.merchants)?;
         add(&mut arguments, self.settlements)?;
+        add(&mut arguments, self.line_types)?;
+        add(&mut arguments, self.refund_ids)?;
+        add(&mut arguments, self.dispute_ids)?;
+        add(&mut arguments, self.payout_ids)?;
         Ok(arguments)
     }
 }
 
-/// An upper estimate of one event row's encoded parameters: 14 length words, the
+/// The `line_type` column of a new row: that of a settlement line other than a
+/// capture. Captures are stored without one, as version 1 stored them (one value
+/// fewer per row); `recon_outcomes` shows them as `capture`.
+fn stored_line_type(kind: EventKind, line: &Line) -> Option<&'static str> {
+    match (kind, line) {
+        (EventKind::Settlement, Line::Capture) => None,
+        (EventKind::Settlement, line) => Some(line.line_type()),
+        (EventKind::Payment | EventKind::Refund, _) => None,
+    }
+}
+
+/// An upper estimate of one event row's encoded parameters: 18 length words, the
 /// fixed-size values and ids of ordinary length.
 const ENCODED_EVENT_ROW_BYTES: usize = 256;
 
@@ -169,10 +196,11 @@ pub(super) async fn insert_events(
     let sql = format!(
         "INSERT INTO {table} (event_kind, event_id, payment_id, kafka_partition, kafka_offset, outcome,
                               counterpart_event_id, event_time, amount_minor, fee_minor, net_minor,
-                              currency, merchant_id, settlement_id)
+                              currency, merchant_id, settlement_id, line_type, refund_id, dispute_id,
+                              payout_id)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::text[],
                               $8::timestamptz[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[],
-                              $13::text[], $14::text[])"
+                              $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[])"
     );
     sqlx::query_with(&sql, columns.into_arguments()?)
         .execute(&mut *tx)
@@ -200,7 +228,7 @@ pub(super) async fn update_events(
               AS u(event_kind, event_id, payment_id, outcome, counterpart)
          WHERE e.event_kind = u.event_kind AND e.event_id = u.event_id AND e.payment_id = u.payment_id",
     )
-    .bind(updates.iter().map(|r| r.input).collect::<Vec<_>>())
+    .bind(updates.iter().map(|r| r.kind).collect::<Vec<_>>())
     .bind(updates.iter().map(|r| &*r.event_id).collect::<Vec<_>>())
     .bind(updates.iter().map(|r| &*r.payment_id).collect::<Vec<_>>())
     .bind(updates.iter().map(|r| r.outcome).collect::<Vec<_>>())
@@ -213,7 +241,7 @@ pub(super) async fn update_events(
 /// Column arrays of the discrepancy rows a batch opens.
 #[derive(Default)]
 struct OpenedColumns<'a> {
-    kinds: Vec<Outcome>,
+    kinds: Vec<&'static str>,
     payment_ids: Vec<&'a str>,
     partitions: Vec<i32>,
     payment_events: Vec<Option<&'a str>>,
@@ -223,53 +251,110 @@ struct OpenedColumns<'a> {
 /// Column arrays of the discrepancies a batch resolves.
 #[derive(Default)]
 struct ResolvedColumns<'a> {
-    kinds: Vec<Outcome>,
+    kinds: Vec<&'static str>,
     subjects: Vec<&'a str>,
-    resolutions: Vec<Outcome>,
+    resolutions: Vec<&'static str>,
 }
 
-/// The discrepancy changes of a batch, split into those it opens and those it resolves.
-fn discrepancy_columns(batch: &[PairCheckpoint]) -> (OpenedColumns<'_>, ResolvedColumns<'_>) {
-    let mut opened = OpenedColumns::default();
-    let mut resolved = ResolvedColumns::default();
-    for pair in batch {
-        for change in &pair.changes.discrepancies {
-            match change {
-                DiscrepancyChange::Opened {
-                    kind,
-                    payment_id,
-                    payment_event_id,
-                    settlement_event_id,
-                } => {
-                    opened.kinds.push(*kind);
-                    opened.payment_ids.push(payment_id);
-                    opened.partitions.push(pair.pair);
-                    opened.payment_events.push(payment_event_id.as_deref());
-                    opened
-                        .settlement_events
-                        .push(settlement_event_id.as_deref());
-                }
-                DiscrepancyChange::Resolved {
-                    kind,
-                    subject_event_id,
-                    resolution,
-                } => {
-                    resolved.kinds.push(*kind);
-                    resolved.subjects.push(subject_event_id);
-                    resolved.resolutions.push(*resolution);
+/// Column arrays of the payments whose `over_refunded` discrepancy a batch sets.
+#[derive(Default)]
+struct OverRefundColumns<'a> {
+    /// Payments that must have one: their pair, first line below zero, and whether open.
+    payment_ids: Vec<&'a str>,
+    partitions: Vec<i32>,
+    first_below: Vec<&'a str>,
+    open: Vec<bool>,
+    /// Payments that must have none.
+    absent: Vec<&'a str>,
+}
+
+/// The discrepancy changes of a batch, by statement.
+#[derive(Default)]
+struct DiscrepancyColumns<'a> {
+    opened: OpenedColumns<'a>,
+    resolved: ResolvedColumns<'a>,
+    over_refunds: OverRefundColumns<'a>,
+}
+
+impl<'a> DiscrepancyColumns<'a> {
+    fn of(batch: &'a [PairCheckpoint]) -> Self {
+        let mut columns = Self::default();
+        for pair in batch {
+            for change in &pair.changes.discrepancies {
+                columns.add(pair.pair, change);
+            }
+        }
+        columns
+    }
+
+    fn add(&mut self, pair: i32, change: &'a DiscrepancyChange) {
+        match change {
+            DiscrepancyChange::Opened {
+                kind,
+                payment_id,
+                payment_event_id,
+                settlement_event_id,
+            } => {
+                let opened = &mut self.opened;
+                opened.kinds.push(kind.as_str());
+                opened.payment_ids.push(payment_id);
+                opened.partitions.push(pair);
+                opened.payment_events.push(payment_event_id.as_deref());
+                opened
+                    .settlement_events
+                    .push(settlement_event_id.as_deref());
+            }
+            DiscrepancyChange::Resolved {
+                kind,
+                subject_event_id,
+                resolution,
+            } => {
+                self.resolved.kinds.push(kind.as_str());
+                self.resolved.subjects.push(subject_event_id);
+                self.resolved.resolutions.push(resolution);
+            }
+            DiscrepancyChange::OverRefund { payment_id, state } => {
+                let over = &mut self.over_refunds;
+                match state {
+                    Some(state) => {
+                        over.payment_ids.push(payment_id);
+                        over.partitions.push(pair);
+                        over.first_below.push(&state.first_below);
+                        over.open.push(state.open);
+                    }
+                    None => over.absent.push(payment_id),
                 }
             }
         }
     }
-    (opened, resolved)
 }
 
-/// Opens and resolves the discrepancies of a batch.
+/// The kinds a batch resolves, one statement each, with the column naming their
+/// subject. Each statement is shaped for its kind's partial index (migrations 0001 and
+/// 0008): the kind is a literal there, so it is one here.
+const RESOLVED_BY: [(DiscrepancyKind, &str); 3] = [
+    (
+        DiscrepancyKind::Outcome(Outcome::MissingSettlement),
+        "payment_event_id",
+    ),
+    (
+        DiscrepancyKind::Outcome(Outcome::OrphanSettlement),
+        "settlement_event_id",
+    ),
+    (DiscrepancyKind::Chargeback, "settlement_event_id"),
+];
+
+/// Opens, resolves and sets the discrepancies of a batch. Opened ones first: a
+/// chargeback whose reversal was read before it is opened and resolved in one batch.
 pub(super) async fn write_discrepancies(
     tx: &mut sqlx::PgConnection,
     batch: &[PairCheckpoint],
 ) -> Result<(), StoreError> {
-    let (opened, resolved) = discrepancy_columns(batch);
+    let DiscrepancyColumns {
+        opened,
+        resolved,
+        over_refunds,
+    } = DiscrepancyColumns::of(batch);
     if !opened.kinds.is_empty() {
         sqlx::query(
             // A checkpoint retried after a COMMIT of unknown outcome may have opened
@@ -286,13 +371,8 @@ pub(super) async fn write_discrepancies(
         .execute(&mut *tx)
         .await?;
     }
-    // One statement per kind present, each shaped for that kind's partial index
-    // (migration 0001): the kind is a literal there, so it is one here.
-    for (kind, subject_column) in [
-        (Outcome::MissingSettlement, "payment_event_id"),
-        (Outcome::OrphanSettlement, "settlement_event_id"),
-    ] {
-        if !resolved.kinds.contains(&kind) {
+    for (kind, subject_column) in RESOLVED_BY {
+        if !resolved.kinds.contains(&kind.as_str()) {
             continue;
         }
         sqlx::query(&format!(
@@ -304,6 +384,46 @@ pub(super) async fn write_discrepancies(
         .bind(&resolved.kinds)
         .bind(&resolved.subjects)
         .bind(&resolved.resolutions)
+        .execute(&mut *tx)
+        .await?;
+    }
+    write_over_refunds(tx, over_refunds).await
+}
+
+/// Makes each payment's one `over_refunded` row (migration 0008 keys it by payment id)
+/// say what the engine says: present, about its first line below zero, open or
+/// resolved (`recovered`, keeping the time it was first resolved); or absent.
+async fn write_over_refunds(
+    tx: &mut sqlx::PgConnection,
+    over: OverRefundColumns<'_>,
+) -> Result<(), StoreError> {
+    let kind = DiscrepancyKind::OverRefunded;
+    if !over.payment_ids.is_empty() {
+        sqlx::query(&format!(
+            "INSERT INTO recon_discrepancies AS d
+                    (kind, payment_id, kafka_partition, settlement_event_id, resolved_at, resolution)
+             SELECT '{kind}', u.payment_id, u.pair, u.first_below,
+                    CASE WHEN u.open THEN NULL ELSE now() END,
+                    CASE WHEN u.open THEN NULL ELSE '{RECOVERED}' END
+             FROM UNNEST($1::text[], $2::int[], $3::text[], $4::bool[]) AS u(payment_id, pair, first_below, open)
+             ON CONFLICT (payment_id) WHERE kind = '{kind}' DO UPDATE
+             SET settlement_event_id = EXCLUDED.settlement_event_id,
+                 resolved_at = CASE WHEN EXCLUDED.resolved_at IS NULL THEN NULL
+                                    ELSE COALESCE(d.resolved_at, EXCLUDED.resolved_at) END,
+                 resolution = EXCLUDED.resolution"
+        ))
+        .bind(over.payment_ids)
+        .bind(over.partitions)
+        .bind(over.first_below)
+        .bind(over.open)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !over.absent.is_empty() {
+        sqlx::query(&format!(
+            "DELETE FROM recon_discrepancies WHERE kind = '{kind}' AND payment_id = ANY($1)"
+        ))
+        .bind(over.absent)
         .execute(&mut *tx)
         .await?;
     }

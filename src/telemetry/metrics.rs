@@ -35,9 +35,8 @@ pub const OLDEST_OPEN_ITEM_AGE: &str = "recon_oldest_open_item_age_seconds";
 pub const OPEN_DISCREPANCIES: &str = "recon_open_discrepancies";
 
 /// The (event_kind, outcome) label pairs of open items: each open outcome
-/// ([`Outcome::OPEN`], the one definition) with each kind of event that can carry it
-/// ([`EventKind::ALL`], [`Outcome::is_carried_by`]), in that order. Computed at compile
-/// time so the gauges cannot drift from it.
+/// ([`Outcome::OPEN`], the one definition) with each kind of event that can carry it,
+/// in that order. Computed at compile time so the gauges cannot drift from it.
 pub const OPEN_KINDS: [(&str, &str); open_kind_count()] = open_kinds();
 
 /// How many (event kind, open outcome) combinations can occur.
@@ -45,12 +44,12 @@ const fn open_kind_count() -> usize {
     let mut count = 0;
     let mut o = 0;
     while o < Outcome::OPEN.len() {
-        let mut k = 0;
-        while k < EventKind::ALL.len() {
-            if Outcome::OPEN[o].is_carried_by(EventKind::ALL[k]) {
+        let mut i = 0;
+        while i < EventKind::ALL.len() {
+            if Outcome::OPEN[o].is_carried_by(EventKind::ALL[i]) {
                 count += 1;
             }
-            k += 1;
+            i += 1;
         }
         o += 1;
     }
@@ -63,14 +62,13 @@ const fn open_kinds() -> [(&'static str, &'static str); open_kind_count()] {
     let mut o = 0;
     while o < Outcome::OPEN.len() {
         let outcome = Outcome::OPEN[o];
-        let mut k = 0;
-        while k < EventKind::ALL.len() {
-            let kind = EventKind::ALL[k];
-            if outcome.is_carried_by(kind) {
-                kinds[next] = (kind.as_str(), outcome.as_str());
+        let mut i = 0;
+        while i < EventKind::ALL.len() {
+            if outcome.is_carried_by(EventKind::ALL[i]) {
+                kinds[next] = (EventKind::ALL[i].as_str(), outcome.as_str());
                 next += 1;
             }
-            k += 1;
+            i += 1;
         }
         o += 1;
     }

@@ -15,7 +15,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use recon_worker::config::{Config, WindowConfig};
 use recon_worker::consumer::{Control, Delivery, ReadMessage};
 use recon_worker::engine::{EngineConfig, PairEngine, StoredEvent};
-use recon_worker::event::{decode, Input};
+use recon_worker::event::{decode, EventKind, Line};
 use recon_worker::pair::PerInput;
 use recon_worker::pipeline::Pipeline;
 use recon_worker::rejection::{MessageAt, RejectedMessage};
@@ -65,7 +65,7 @@ pub fn window_memory(items: usize) -> (u64, u64, f64, usize) {
             .iter()
             .enumerate()
             .map(|(j, key)| StoredEvent {
-                input: Input::Payments,
+                kind: EventKind::Payment,
                 event_id: format!("evt-{:012}-p", start + j),
                 payment_id: key.clone(),
                 outcome: recon_worker::engine::Outcome::Pending,
@@ -74,6 +74,7 @@ pub fn window_memory(items: usize) -> (u64, u64, f64, usize) {
                 fee: 0,
                 net: 0,
                 currency: eur,
+                line: Line::Capture,
             })
             .collect();
         engine.load(keys, rows);
@@ -188,7 +189,7 @@ pub async fn raw_pg_write(
         let end = (start + batch).min(rows);
         let writes = (start..end)
             .map(|i| recon_worker::engine::RowWrite {
-                input: Input::Payments,
+                kind: EventKind::Payment,
                 event_id: format!("raw-{i:012}").into(),
                 payment_id: format!("pay-{i:012}").into(),
                 outcome: recon_worker::engine::Outcome::Matched,
@@ -200,7 +201,9 @@ pub async fn raw_pg_write(
                     fee: None,
                     net: None,
                     currency: eur,
-                    reference: "merchant".into(),
+                    reference: Some("merchant".into()),
+                    line: Line::Capture,
+                    payout_id: None,
                 }),
             })
             .collect();
