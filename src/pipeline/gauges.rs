@@ -9,7 +9,7 @@ use tracing::Instrument;
 use super::pairs::Pairs;
 use super::Pipeline;
 use crate::clock::now_micros;
-use crate::engine::rules::DiscrepancyKind;
+use crate::engine::DiscrepancyKind;
 use crate::event::Input;
 use crate::store::Store;
 use crate::telemetry::metrics as m;

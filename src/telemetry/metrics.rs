@@ -1,8 +1,7 @@
 //! Metric names (contract §5), in one place so code, dashboard and alerts agree.
 //! Labels are low-cardinality only: topic, partition, outcome, reason.
 
-use crate::engine::rules::DiscrepancyKind;
-use crate::engine::Outcome;
+use crate::engine::{DiscrepancyKind, Outcome};
 use crate::event::{EventKind, Input};
 
 pub const EVENTS_CONSUMED: &str = "recon_events_consumed_total";
