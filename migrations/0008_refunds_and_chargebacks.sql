@@ -64,7 +64,7 @@ CREATE UNIQUE INDEX recon_discrepancies_one_over_refund ON recon_discrepancies (
 -- The open-item gauges count refund requests apart from payments (they share the
 -- payments topic's event_kind, told apart by refund_id): the open-items index
 -- (migration 0002) carries refund_id so the count stays an index-only scan. It is
--- NULL, a bit in the tuple header, for everything but refund requests.
+-- NULL, a bit in the tuple header, for everything but refund requests and refund lines.
 CREATE INDEX recon_events_open_items_v2 ON recon_events (kafka_partition, event_kind, outcome, event_time)
     INCLUDE (refund_id)
     WHERE outcome IN ('pending', 'missing_settlement', 'orphan_settlement');

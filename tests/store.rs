@@ -683,6 +683,16 @@ async fn open_items_are_counted_by_kind_and_outcome(pool: PgPool) {
     assert!(store.open_items(&[1]).await.expect("open items").is_empty());
 }
 
+/// event_id, event_kind, line_type, refund_id, dispute_id, payout_id of recon_outcomes.
+type ViewRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
 /// A settlement line of a version-2 type, new in its batch.
 fn line(event_id: &str, payment_id: &str, line: Line, gross: i64, outcome: Outcome) -> RowWrite {
     let mut row = pending_payment(event_id, payment_id, 1);
@@ -764,14 +774,7 @@ async fn refunds_and_chargebacks_round_trip_and_their_discrepancies_are_set(pool
         ]
     );
     // The view shows the kinds and columns of contract §6; captures as `capture`.
-    let view: Vec<(
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    )> = sqlx::query_as(
+    let view: Vec<ViewRow> = sqlx::query_as(
         "SELECT event_id, event_kind, line_type, refund_id, dispute_id, payout_id
              FROM recon_outcomes ORDER BY event_id",
     )
