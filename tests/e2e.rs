@@ -254,6 +254,70 @@ async fn every_refund_and_chargeback_scenario_reaches_its_outcomes_and_discrepan
     worker.stop_cleanly();
 }
 
+/// The same scenarios read in the worst order the contract allows: every settlement
+/// line first (each chargeback's reversal moved before its chargeback), the payments
+/// topic (payments and refund requests) only once all of them are committed, a few
+/// messages per batch. Refund lines wait for their requests, reversals for their
+/// chargebacks (a reversal read first still leaves a resolved `chargeback`
+/// discrepancy), over-refunds are computed before their payments arrive; and every
+/// outcome and discrepancy ends as in production order. (Lines that turned orphan
+/// while they waited are resolved by their counterparts: history the truth allows.)
+#[sqlx::test(migrations = false)]
+async fn refunds_and_chargebacks_read_settlements_first_reach_the_same_truth(pool: PgPool) {
+    use recon_tools::loadgen::Record;
+    use recon_worker::event::Input;
+    let world = World::new(pool, 2).await;
+    let mix = Mix {
+        matched: 4,
+        ..Mix::version_2_only(2)
+    };
+    let (records, truth) = generate(&world.plan(120, 92, mix));
+    let (payments, lines): (Vec<Record>, Vec<Record>) = records
+        .into_iter()
+        .partition(|r| r.input == Input::Payments);
+    let dispute_of = |record: &Record, line_type: &str| -> Option<String> {
+        let value: serde_json::Value = serde_json::from_slice(record.value.as_deref()?).ok()?;
+        if value["line_type"] != line_type {
+            return None;
+        }
+        value["dispute_id"].as_str().map(str::to_owned)
+    };
+    let charged_back: std::collections::HashSet<String> = lines
+        .iter()
+        .filter_map(|r| dispute_of(r, "chargeback"))
+        .collect();
+    let mut settlements = Vec::with_capacity(lines.len());
+    let mut moved = 0;
+    for line in &lines {
+        if dispute_of(line, "chargeback_reversal").is_some_and(|d| charged_back.contains(&d)) {
+            continue; // goes before its chargeback
+        }
+        if let Some(dispute) = dispute_of(line, "chargeback") {
+            let reversal = lines.iter().find(|r| {
+                dispute_of(r, "chargeback_reversal").as_deref() == Some(dispute.as_str())
+            });
+            if let Some(reversal) = reversal {
+                settlements.push(reversal.clone());
+                moved += 1;
+            }
+        }
+        settlements.push(line.clone());
+    }
+    assert_eq!(settlements.len(), lines.len());
+    assert!(
+        moved >= 2,
+        "{moved} reversals read before their chargebacks"
+    );
+
+    world.produce(&settlements).await;
+    let mut worker = world.spawn_worker("settlements-first", &[("RECON_BATCH_MAX_MESSAGES", "7")]);
+    await_committed(&world, &worker, settlements.len()).await;
+    world.produce(&payments).await;
+    world.await_truth(&truth, WITHIN).await;
+    world.await_discrepancies(&truth, WITHIN).await;
+    worker.stop_cleanly();
+}
+
 #[sqlx::test(migrations = false)]
 async fn sigterm_mid_stream_and_restart_lose_nothing_and_count_nothing_twice(pool: PgPool) {
     let world = World::new(pool, 4).await;
