@@ -150,12 +150,13 @@ async fn produce_load(config: &Config, args: LoadgenArgs) -> anyhow::Result<()> 
         started.elapsed().as_secs_f64()
     );
     for ((kind, outcome), count) in truth.outcome_counts_by_kind() {
-        println!("  {kind:<10} {outcome:<22} {count}");
+        // (as_str: the types' Display writes the name without padding)
+        println!("  {:<10} {:<22} {count}", kind.as_str(), outcome.as_str());
     }
     println!("expected discrepancies (besides deadlines that fire and resolve in passing):");
     for ((kind, resolution), count) in truth.discrepancy_counts() {
         let state = resolution.map_or_else(|| "open".to_owned(), |r| format!("resolved {r}"));
-        println!("  {kind:<22} {state:<30} {count}");
+        println!("  {:<22} {state:<20} {count}", kind.as_str());
     }
     println!("scenarios:");
     for (name, count) in &truth.scenarios {
