@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Memory benchmark (issue "Bounded memory"): prints
-#   - RSS growth per open payment held in the in-memory window (1,000,000 items),
+#   - RSS growth per open payment held in the in-memory window (1,000,000 items), and
+#     per open item of each other kind (refund request, refund line, chargeback,
+#     reversal; 200,000 each),
 #   - the worker's peak RSS (VmHWM) draining backlogs of ~100k and ~5M messages with
 #     default settings, and whether they are within 10% of each other.
 # Set BENCH_BIG_SCENARIOS to change the large backlog (≈2.1 messages per scenario).
@@ -17,6 +19,10 @@ trap 'rm -rf "$work"' EXIT
 
 echo "== window: 1,000,000 open payments in memory"
 DATABASE_URL=postgres://unused@127.0.0.1/unused "$tools" bench window-memory --items 1000000
+echo "== window: 200,000 open items of each other kind (one per key)"
+for item in refund refund-line chargeback reversal; do
+    DATABASE_URL=postgres://unused@127.0.0.1/unused "$tools" bench window-memory --items 200000 --item "$item"
+done
 
 drain() {
     local scenarios=$1 id

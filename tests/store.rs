@@ -2,7 +2,8 @@
 //! transaction, lookups and deadline sweeps.
 
 use recon_worker::engine::{
-    DiscrepancyChange, DiscrepancyKind, NewEvent, Outcome, PairChanges, RowWrite, SweepRequest,
+    DiscrepancyChange, DiscrepancyKind, NewEvent, Outcome, OverRefund, PairChanges, RowWrite,
+    SweepRequest,
 };
 use recon_worker::event::{EventKind, Input, Line};
 use recon_worker::money::Currency;
@@ -604,10 +605,11 @@ async fn the_schema_accepts_exactly_the_kinds_and_outcomes_the_crate_knows(pool:
             predicate
         }
     };
-    let mut kinds: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
-    kinds.sort();
+    // The table stores the topic's kind: a refund request is a `payment` row with a
+    // refund id (migration 0008), which recon_outcomes shows as `refund`.
+    let kinds = vec!["payment", "settlement"];
     let mut candidates = kinds.clone();
-    candidates.push("refunds");
+    candidates.push("refund");
     assert_eq!(
         satisfying(&pool, &check("event_kind").await, "event_kind", &candidates).await,
         kinds
@@ -679,4 +681,244 @@ async fn open_items_are_counted_by_kind_and_outcome(pool: PgPool) {
         vec![("payment".to_owned(), "pending".to_owned(), 2, 1_000_000)]
     );
     assert!(store.open_items(&[1]).await.expect("open items").is_empty());
+}
+
+/// A settlement line of a version-2 type, new in its batch.
+fn line(event_id: &str, payment_id: &str, line: Line, gross: i64, outcome: Outcome) -> RowWrite {
+    let mut row = pending_payment(event_id, payment_id, 1);
+    row.kind = EventKind::Settlement;
+    row.outcome = outcome;
+    if let Some(new) = row.new.as_mut() {
+        new.amount = gross;
+        new.fee = Some(0);
+        new.net = Some(gross);
+        new.reference = Some("batch-1".into());
+        new.line = line;
+        new.payout_id = Some("po-1".into());
+    }
+    row
+}
+
+/// The over_refunded and chargeback rows of a payment: (kind, settlement event, resolution).
+async fn money_discrepancies(
+    pool: &PgPool,
+    payment_id: &str,
+) -> Vec<(String, Option<String>, Option<String>)> {
+    sqlx::query_as(
+        "SELECT kind, settlement_event_id, resolution FROM recon_discrepancies
+         WHERE payment_id = $1 AND kind IN ('over_refunded', 'chargeback') ORDER BY kind",
+    )
+    .bind(payment_id)
+    .fetch_all(pool)
+    .await
+    .expect("discrepancies")
+}
+
+#[sqlx::test(migrations = false)]
+async fn refunds_and_chargebacks_round_trip_and_their_discrepancies_are_set(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    store.acquire_pairs(&[0]).await.expect("own");
+    let refund = Line::Refund {
+        refund_id: "r1".into(),
+    };
+    let chargeback = Line::Chargeback {
+        dispute_id: "d1".into(),
+    };
+    let reversal = Line::ChargebackReversal {
+        dispute_id: "d1".into(),
+    };
+    let mut request = pending_payment("req", "k", 1);
+    request.kind = EventKind::Refund;
+    if let Some(new) = request.new.as_mut() {
+        new.reference = None;
+        new.line = refund.clone();
+    }
+    let rows = vec![
+        line("cap", "k", Line::Capture, 100, Outcome::Pending),
+        request,
+        line("ref", "k", refund.clone(), -100, Outcome::Pending),
+        line("cb", "k", chargeback.clone(), -100, Outcome::ChargebackOpen),
+    ];
+    let mut batch = checkpoint(0, 1, [Some(1), Some(3)], rows);
+    batch.changes.discrepancies = vec![
+        DiscrepancyChange::Opened {
+            kind: DiscrepancyKind::Chargeback,
+            payment_id: "k".into(),
+            payment_event_id: None,
+            settlement_event_id: Some("cb".into()),
+        },
+        DiscrepancyChange::OverRefund {
+            payment_id: "k".into(),
+            state: Some(OverRefund {
+                first_below: "cb".into(),
+                open: true,
+            }),
+        },
+    ];
+    store.checkpoint(&[batch]).await.expect("first batch");
+    assert_eq!(
+        money_discrepancies(&pool, "k").await,
+        vec![
+            ("chargeback".into(), Some("cb".into()), None),
+            ("over_refunded".into(), Some("cb".into()), None),
+        ]
+    );
+    // The view shows the kinds and columns of contract §6; captures as `capture`.
+    let view: Vec<(
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    )> = sqlx::query_as(
+        "SELECT event_id, event_kind, line_type, refund_id, dispute_id, payout_id
+             FROM recon_outcomes ORDER BY event_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("view");
+    let po = || Some("po-1".to_owned());
+    assert_eq!(
+        view,
+        vec![
+            (
+                "cap".into(),
+                "settlement".into(),
+                Some("capture".into()),
+                None,
+                None,
+                po()
+            ),
+            (
+                "cb".into(),
+                "settlement".into(),
+                Some("chargeback".into()),
+                None,
+                Some("d1".into()),
+                po()
+            ),
+            (
+                "ref".into(),
+                "settlement".into(),
+                Some("refund".into()),
+                Some("r1".into()),
+                None,
+                po()
+            ),
+            (
+                "req".into(),
+                "refund".into(),
+                None,
+                Some("r1".into()),
+                None,
+                None
+            ),
+        ]
+    );
+    // The window is loaded back with every line's type and id.
+    let mut loaded: Vec<(EventKind, String, Line)> = store
+        .lookup(&[0], &["k".to_owned()])
+        .await
+        .expect("lookup")
+        .into_iter()
+        .map(|(_, e)| (e.kind, e.event_id, e.line))
+        .collect();
+    loaded.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        loaded,
+        vec![
+            (EventKind::Settlement, "cap".into(), Line::Capture),
+            (EventKind::Settlement, "cb".into(), chargeback),
+            (EventKind::Settlement, "ref".into(), refund),
+            (
+                EventKind::Refund,
+                "req".into(),
+                Line::Refund {
+                    refund_id: "r1".into()
+                }
+            ),
+        ]
+    );
+    // A refund request under a stored payment id of its topic is stored already.
+    let stored = store
+        .stored_event_ids(&[Input::Payments, Input::Settlements], &["req", "req"])
+        .await
+        .expect("probe");
+    assert_eq!(stored, vec![(Input::Payments, "req".to_owned())]);
+
+    // The reversal: the chargeback resolved, the position recovered. Applied twice
+    // (a checkpoint retried after a COMMIT of unknown outcome): the same result.
+    let mut second = checkpoint(
+        0,
+        1,
+        [Some(1), Some(4)],
+        vec![line("rev", "k", reversal, 100, Outcome::ChargebackReversed)],
+    );
+    second.rejected.clear();
+    second.changes.discrepancies = vec![
+        DiscrepancyChange::Resolved {
+            kind: DiscrepancyKind::Chargeback,
+            subject_event_id: "cb".into(),
+            resolution: "reversed",
+        },
+        DiscrepancyChange::OverRefund {
+            payment_id: "k".into(),
+            state: Some(OverRefund {
+                first_below: "cb".into(),
+                open: false,
+            }),
+        },
+    ];
+    store
+        .checkpoint(&[second.clone()])
+        .await
+        .expect("second batch");
+    let resolved_at: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT resolved_at FROM recon_discrepancies WHERE kind = 'over_refunded'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("resolved_at");
+    for row in &mut second.changes.rows {
+        row.new = None;
+    }
+    store.checkpoint(&[second]).await.expect("retried");
+    let expected = vec![
+        (
+            "chargeback".into(),
+            Some("cb".into()),
+            Some("reversed".into()),
+        ),
+        (
+            "over_refunded".into(),
+            Some("cb".into()),
+            Some("recovered".into()),
+        ),
+    ];
+    assert_eq!(money_discrepancies(&pool, "k").await, expected);
+    let again: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT resolved_at FROM recon_discrepancies WHERE kind = 'over_refunded'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("resolved_at");
+    assert_eq!(again, resolved_at, "a resolution keeps its first time");
+
+    // A line settled earlier lifts every prefix: the discrepancy must not exist.
+    let mut third = checkpoint(0, 1, [Some(1), Some(5)], Vec::new());
+    third.rejected.clear();
+    third.changes.discrepancies = vec![DiscrepancyChange::OverRefund {
+        payment_id: "k".into(),
+        state: None,
+    }];
+    store.checkpoint(&[third]).await.expect("third batch");
+    assert_eq!(
+        money_discrepancies(&pool, "k").await,
+        vec![(
+            "chargeback".into(),
+            Some("cb".into()),
+            Some("reversed".into())
+        )]
+    );
 }

@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 use futures_util::TryStreamExt;
 
 use crate::engine::{Outcome, StoredEvent};
-use crate::event::{EventKind, Input};
+use crate::event::Input;
 use crate::pair::PerInput;
 
 use super::error::is_data_error;
@@ -84,7 +84,7 @@ impl Store {
     }
 
     /// Which of these (input, event_id) are already stored, under any payment id: an
-    /// event id is unique per topic, and the payments topic carries two kinds.
+    /// event id is unique per topic, whatever the event's type.
     /// An id PostgreSQL cannot take as a value is not stored (see
     /// [`without_refused_keys`]).
     pub async fn stored_event_ids(
@@ -113,21 +113,21 @@ impl Store {
         // One primary-key scan per kind with `= ANY`: the key is unique, so the plan is
         // an index(-only) scan at any table size, and it costs about a third less than
         // a per-key LATERAL probe (5,000 ids on 300k rows: 7 ms against 10.5 ms).
+        // The stored `event_kind` is the topic's (see `rows::stored_kind`).
         let rows: Vec<StoredEventId> = sqlx::query_as(
-            "SELECT event_kind, event_id FROM recon_events WHERE event_kind IN ($1, $2) AND event_id = ANY($3)
+            "SELECT event_kind, event_id FROM recon_events WHERE event_kind = $1 AND event_id = ANY($2)
              UNION ALL
-             SELECT event_kind, event_id FROM recon_events WHERE event_kind = $4 AND event_id = ANY($5)",
+             SELECT event_kind, event_id FROM recon_events WHERE event_kind = $3 AND event_id = ANY($4)",
         )
-        .bind(EventKind::Payment)
-        .bind(EventKind::Refund)
+        .bind(Input::Payments)
         .bind(&by_input.payments)
-        .bind(EventKind::Settlement)
+        .bind(Input::Settlements)
         .bind(&by_input.settlements)
         .fetch_all(&mut *self.connection().await?)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|row| (row.event_kind.input(), row.event_id))
+            .map(|row| (row.event_kind, row.event_id))
             .collect())
     }
 }

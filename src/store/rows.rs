@@ -20,7 +20,7 @@ use sqlx::postgres::{PgArgumentBuffer, PgHasArrayType, PgTypeInfo, PgValueRef};
 use sqlx::{Decode, Encode, Postgres, Type};
 
 use crate::engine::{Outcome, StoredEvent};
-use crate::event::{EventKind, Line, Micros};
+use crate::event::{EventKind, Input, Line, Micros};
 use crate::money::Currency;
 use crate::pair::{PairPosition, PerInput};
 
@@ -42,6 +42,29 @@ pub struct UnknownCurrency(pub String);
 /// The event kind named `kind` (the inverse of [`EventKind::as_str`]).
 pub fn kind_of_text(kind: &str) -> Result<EventKind, UnknownEventKind> {
     EventKind::parse(kind).ok_or_else(|| UnknownEventKind(kind.to_owned()))
+}
+
+/// The `event_kind` column of `recon_events`: the topic's kind, `payment` for every
+/// event of the payments topic (payments and refund requests alike) and `settlement`
+/// for lines. The table's key is (event_id, event_kind), so it is unique per topic,
+/// which is what makes an event id sent again on its topic a redelivery whatever its
+/// type (contract §1): a refund request under the id of a stored payment clashes, as
+/// a payment sent again would. A refund request is told apart by its `refund_id`;
+/// `recon_outcomes` shows it as `refund`.
+pub const fn stored_kind(input: Input) -> &'static str {
+    match input {
+        Input::Payments => "payment",
+        Input::Settlements => "settlement",
+    }
+}
+
+/// The input whose events are stored with this `event_kind` (the inverse of
+/// [`stored_kind`]).
+pub fn input_of_stored_kind(kind: &str) -> Result<Input, UnknownEventKind> {
+    Input::ALL
+        .into_iter()
+        .find(|&input| stored_kind(input) == kind)
+        .ok_or_else(|| UnknownEventKind(kind.to_owned()))
 }
 
 /// Maps a `Copy` type to PostgreSQL `text` (and `text[]` for array binds) through a
@@ -85,6 +108,7 @@ macro_rules! text_mapping {
     };
 }
 
+text_mapping!(Input, stored_kind, |text| Ok(input_of_stored_kind(text)?));
 text_mapping!(EventKind, EventKind::as_str, |text| Ok(kind_of_text(text)?));
 text_mapping!(
     Outcome,
@@ -151,7 +175,7 @@ pub struct LookupRow {
 /// The columns of `recon_events` the engine's window is loaded from.
 #[derive(sqlx::FromRow)]
 pub struct StoredEventRow {
-    event_kind: EventKind,
+    event_kind: Input,
     line_type: Option<String>,
     refund_id: Option<String>,
     dispute_id: Option<String>,
@@ -169,14 +193,19 @@ impl TryFrom<StoredEventRow> for StoredEvent {
     type Error = UnknownLineType;
 
     fn try_from(row: StoredEventRow) -> Result<Self, UnknownLineType> {
+        let kind = match (row.event_kind, &row.refund_id) {
+            (Input::Payments, None) => EventKind::Payment,
+            (Input::Payments, Some(_)) => EventKind::Refund,
+            (Input::Settlements, _) => EventKind::Settlement,
+        };
         let line = stored_line(
-            row.event_kind,
+            kind,
             row.line_type.as_deref(),
             row.refund_id,
             row.dispute_id,
         )?;
         Ok(StoredEvent {
-            kind: row.event_kind,
+            kind,
             line,
             event_id: row.event_id,
             payment_id: row.payment_id,
@@ -224,14 +253,14 @@ fn stored_line(
 /// An event id found stored, with its kind.
 #[derive(sqlx::FromRow)]
 pub struct StoredEventId {
-    pub event_kind: EventKind,
+    pub event_kind: Input,
     pub event_id: String,
 }
 
 /// A payment id with an item a sweep found due, and the kind of that item.
 #[derive(sqlx::FromRow)]
 pub struct DueKeyRow {
-    pub event_kind: EventKind,
+    pub event_kind: Input,
     pub payment_id: String,
 }
 
@@ -256,6 +285,10 @@ mod tests {
         for kind in ["refunds", "Payment", "payments", ""] {
             assert!(kind_of_text(kind).is_err(), "{kind}");
         }
+        for input in Input::ALL {
+            assert_eq!(input_of_stored_kind(stored_kind(input)).ok(), Some(input));
+        }
+        assert!(input_of_stored_kind("refund").is_err());
     }
 
     #[test]

@@ -15,9 +15,8 @@
 use std::sync::LazyLock;
 
 use crate::engine::{Outcome, SweepRequest};
-use hashbrown::HashMap;
-
-use crate::event::{EventKind, Micros};
+use crate::event::{Input, Micros};
+use crate::pair::PerInput;
 
 use super::rows::{to_time, DueKeyRow, OpenItemsRow};
 use super::{Store, StoreError};
@@ -50,15 +49,16 @@ fn quoted(outcomes: &[Outcome]) -> String {
 /// Open items of a set of pairs by kind and outcome. Reads `recon_events_open_items`.
 static OPEN_ITEMS: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT event_kind, outcome, count(*) AS items, min(event_time) AS oldest FROM recon_events
+        "SELECT CASE WHEN refund_id IS NULL THEN event_kind ELSE 'refund' END AS event_kind,
+                outcome, count(*) AS items, min(event_time) AS oldest FROM recon_events
          WHERE kafka_partition = ANY($1) AND {}
-         GROUP BY event_kind, outcome",
+         GROUP BY 1, outcome",
         outcome_in(&Outcome::OPEN)
     )
 });
 
-/// Pending items of one pair past each kind's bound, oldest first: payments and
-/// refund requests past D (`$2`), settlement lines past O (`$3`). Reads
+/// Pending items of one pair past each topic's bound, oldest first: payments and
+/// refund requests (stored as the payments topic's kind) past D, lines past O. Reads
 /// `recon_events_open_items` (partition, kind, outcome, event_time): pending is an
 /// open outcome, so this condition implies the index predicate. The kinds are bound:
 /// they are index columns, not part of the predicate, so a parameter serves.
@@ -70,11 +70,7 @@ static DUE_KEYS: LazyLock<String> = LazyLock::new(|| {
            ORDER BY event_time LIMIT $4)
          UNION ALL
          (SELECT event_kind, payment_id FROM recon_events
-           WHERE kafka_partition = $1 AND event_kind = $6 AND {pending} AND event_time < $2
-           ORDER BY event_time LIMIT $4)
-         UNION ALL
-         (SELECT event_kind, payment_id FROM recon_events
-           WHERE kafka_partition = $1 AND event_kind = $7 AND {pending} AND event_time < $3
+           WHERE kafka_partition = $1 AND event_kind = $6 AND {pending} AND event_time < $3
            ORDER BY event_time LIMIT $4)"
     )
 });
@@ -115,20 +111,19 @@ impl Store {
             .bind(to_time(request.payments_before))
             .bind(to_time(request.settlements_before))
             .bind(limit)
-            .bind(EventKind::Payment)
-            .bind(EventKind::Refund)
-            .bind(EventKind::Settlement)
+            .bind(Input::Payments)
+            .bind(Input::Settlements)
             .fetch_all(&self.pool)
             .await?;
-        let mut counts: HashMap<EventKind, i64> = HashMap::new();
+        let mut counts: PerInput<i64> = PerInput::default();
         let mut payment_ids = Vec::with_capacity(rows.len());
         for row in rows {
-            *counts.entry(row.event_kind).or_default() += 1;
+            counts[row.event_kind] += 1;
             payment_ids.push(row.payment_id);
         }
         payment_ids.sort_unstable();
         payment_ids.dedup();
-        let complete = counts.values().all(|&count| count < limit);
+        let complete = counts.iter().all(|(_, &count)| count < limit);
         Ok(DueKeys {
             payment_ids,
             complete,

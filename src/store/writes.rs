@@ -11,7 +11,7 @@ use sqlx::postgres::PgArguments;
 use sqlx::Arguments;
 
 use crate::engine::{DiscrepancyChange, DiscrepancyKind, Outcome, RowWrite, RECOVERED};
-use crate::event::{EventKind, Line};
+use crate::event::{EventKind, Input, Line};
 use crate::money::Currency;
 use crate::rejection::RejectedMessage;
 
@@ -76,7 +76,8 @@ impl Store {
 /// parameters.
 #[derive(Default)]
 struct EventColumns<'a> {
-    kinds: Vec<EventKind>,
+    /// The stored `event_kind`: the topic's (see `rows::stored_kind`).
+    kinds: Vec<Input>,
     event_ids: Vec<&'a str>,
     payment_ids: Vec<&'a str>,
     partitions: Vec<i32>,
@@ -102,7 +103,7 @@ impl<'a> EventColumns<'a> {
         let mut columns = Self::default();
         for &(pair, row) in rows {
             let Some(new) = &row.new else { continue };
-            columns.kinds.push(row.kind);
+            columns.kinds.push(row.kind.input());
             columns.event_ids.push(&row.event_id);
             columns.payment_ids.push(&row.payment_id);
             columns.partitions.push(pair);
@@ -228,7 +229,7 @@ pub(super) async fn update_events(
               AS u(event_kind, event_id, payment_id, outcome, counterpart)
          WHERE e.event_kind = u.event_kind AND e.event_id = u.event_id AND e.payment_id = u.payment_id",
     )
-    .bind(updates.iter().map(|r| r.kind).collect::<Vec<_>>())
+    .bind(updates.iter().map(|r| r.kind.input()).collect::<Vec<_>>())
     .bind(updates.iter().map(|r| &*r.event_id).collect::<Vec<_>>())
     .bind(updates.iter().map(|r| &*r.payment_id).collect::<Vec<_>>())
     .bind(updates.iter().map(|r| r.outcome).collect::<Vec<_>>())

@@ -44,8 +44,79 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Loads `items` open payments into one window and reports RSS growth per item.
-pub fn window_memory(items: usize) -> (u64, u64, f64, usize) {
+/// The open items the window-memory measurement loads, one per key: what a key holds
+/// while it waits for the event of the other side (contract §2, §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OpenItem {
+    /// A payment waiting for its capture line.
+    Payment,
+    /// A refund request waiting for its refund line.
+    Refund,
+    /// A refund line waiting for its request.
+    RefundLine,
+    /// A chargeback waiting for (possibly) its reversal.
+    Chargeback,
+    /// A reversal waiting for its chargeback.
+    Reversal,
+}
+
+impl OpenItem {
+    /// The stored row of the open item of key number `i`.
+    fn stored(self, i: usize, currency: recon_worker::money::Currency) -> StoredEvent {
+        use recon_worker::engine::Outcome;
+        let (kind, outcome, amount, line) = match self {
+            OpenItem::Payment => (EventKind::Payment, Outcome::Pending, 1_000, Line::Capture),
+            OpenItem::Refund => (
+                EventKind::Refund,
+                Outcome::Pending,
+                1_000,
+                Line::Refund {
+                    refund_id: format!("ref-{i:012}"),
+                },
+            ),
+            OpenItem::RefundLine => (
+                EventKind::Settlement,
+                Outcome::Pending,
+                -1_000,
+                Line::Refund {
+                    refund_id: format!("ref-{i:012}"),
+                },
+            ),
+            OpenItem::Chargeback => (
+                EventKind::Settlement,
+                Outcome::ChargebackOpen,
+                -1_000,
+                Line::Chargeback {
+                    dispute_id: format!("dsp-{i:012}"),
+                },
+            ),
+            OpenItem::Reversal => (
+                EventKind::Settlement,
+                Outcome::Pending,
+                1_000,
+                Line::ChargebackReversal {
+                    dispute_id: format!("dsp-{i:012}"),
+                },
+            ),
+        };
+        StoredEvent {
+            kind,
+            event_id: format!("evt-{i:012}-{kind}"),
+            payment_id: format!("pay-{i:012}"),
+            outcome,
+            event_time: 1_700_000_000_000_000,
+            amount,
+            fee: 0,
+            net: amount,
+            currency,
+            line,
+        }
+    }
+}
+
+/// Loads `items` open items of one kind (one per key) into one window and reports
+/// RSS growth per item, and what the window accounts for each.
+pub fn window_memory(items: usize, item: OpenItem) -> (u64, u64, f64, usize) {
     let config = EngineConfig::new(
         &recon_worker::config::MatchConfig::default(),
         WindowConfig {
@@ -60,23 +131,11 @@ pub fn window_memory(items: usize) -> (u64, u64, f64, usize) {
     let chunk = 5_000;
     for start in (0..items).step_by(chunk) {
         let end = (start + chunk).min(items);
-        let keys: Vec<String> = (start..end).map(|i| format!("pay-{i:012}")).collect();
-        let rows = keys
+        let rows: Vec<StoredEvent> = (start..end).map(|i| item.stored(i, eur)).collect();
+        let keys = rows
             .iter()
-            .enumerate()
-            .map(|(j, key)| StoredEvent {
-                kind: EventKind::Payment,
-                event_id: format!("evt-{:012}-p", start + j),
-                payment_id: key.clone(),
-                outcome: recon_worker::engine::Outcome::Pending,
-                event_time: 1_700_000_000_000_000,
-                amount: 1_000,
-                fee: 0,
-                net: 0,
-                currency: eur,
-                line: Line::Capture,
-            })
-            .collect();
+            .map(|row| row.payment_id.clone())
+            .collect::<Vec<_>>();
         engine.load(keys, rows);
     }
     let after = rss_bytes();

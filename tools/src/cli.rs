@@ -59,6 +59,9 @@ pub enum BenchCommand {
     WindowMemory {
         #[arg(long, default_value_t = 1_000_000)]
         items: usize,
+        /// The kind of open item each key holds.
+        #[arg(long, value_enum, default_value_t = bench::OpenItem::Payment)]
+        item: bench::OpenItem,
     },
     /// Raw consume rate of both topics from the beginning (a consumer that only counts).
     Consume {
@@ -167,10 +170,11 @@ async fn produce_load(config: &Config, args: LoadgenArgs) -> anyhow::Result<()> 
 
 async fn run_bench(command: BenchCommand, config: Config) -> anyhow::Result<()> {
     match command {
-        BenchCommand::WindowMemory { items } => {
-            let (before, after, per_item, estimated) = bench::window_memory(items);
+        BenchCommand::WindowMemory { items, item } => {
+            let (before, after, per_item, estimated) = bench::window_memory(items, item);
+            let item = format!("{item:?}").to_lowercase();
             println!(
-                "window_memory: items={items} rss_before_mb={:.1} rss_after_mb={:.1} rss_bytes_per_item={per_item:.1} accounted_bytes_per_item={estimated}",
+                "window_memory: item={item} items={items} rss_before_mb={:.1} rss_after_mb={:.1} rss_bytes_per_item={per_item:.1} accounted_bytes_per_item={estimated}",
                 before as f64 / 1e6,
                 after as f64 / 1e6
             );
