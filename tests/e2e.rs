@@ -162,7 +162,8 @@ async fn every_refund_and_chargeback_scenario_reaches_its_outcomes_and_discrepan
         ..Mix::version_2_only(2)
     };
     let plan = world.plan(200, 91, mix);
-    let (records, truth) = generate(&plan);
+    let (mut records, truth) = generate(&plan);
+    let redelivered_in_mix = 2 * truth.scenarios.get("redelivery").copied().unwrap_or(0);
     for name in version_2_scenario_names() {
         assert!(
             truth.scenarios.get(name) >= Some(&2),
@@ -186,11 +187,46 @@ async fn every_refund_and_chargeback_scenario_reaches_its_outcomes_and_discrepan
     ] {
         assert!(states.contains_key(&state), "{state:?} in {states:?}");
     }
+    // At the end, as an at-least-once producer would: every refund request and refund
+    // line again; and a refund request reusing a payment's event id, which the payments
+    // topic has accepted already (payments and refund requests share its id space,
+    // contract §1): all of them redeliveries, which change nothing.
+    let json = |r: &recon_tools::loadgen::Record| -> serde_json::Value {
+        serde_json::from_slice(r.value.as_deref().unwrap_or_default()).unwrap_or_default()
+    };
+    let mut again: Vec<_> = records
+        .iter()
+        .filter(|r| {
+            let value = json(r);
+            value["type"] == "refund_requested" || value["line_type"] == "refund"
+        })
+        .cloned()
+        .collect();
+    let payment = records
+        .iter()
+        .map(json)
+        .find(|v| v["type"] == "payment_captured")
+        .expect("a payment");
+    let payment_id = payment["payment_id"].as_str().expect("payment_id");
+    again.push(record(
+        recon_worker::event::Input::Payments,
+        payment_id,
+        serde_json::json!({
+            "event_id": payment["event_id"], "type": "refund_requested",
+            "refund_id": "refund-reusing-an-event-id", "payment_id": payment_id,
+            "amount_minor": 1, "currency": payment["currency"],
+            "requested_at": payment["occurred_at"]}),
+    ));
+    assert!(again.len() > 20, "{} sent again", again.len());
+    let redelivered = redelivered_in_mix + again.len();
+    records.extend(again);
     world.produce(&records).await;
 
     let mut worker = world.spawn_worker("refunds", &[]);
     world.await_truth(&truth, WITHIN).await;
     world.await_discrepancies(&truth, WITHIN).await;
+    let addr = worker.metrics_addr(Duration::from_secs(10));
+    assert_counter_settles_at(&addr, "recon_events_redelivered_total", redelivered as f64).await;
 
     // The columns version 2 adds to recon_outcomes say what each message said.
     type Columns = (
