@@ -1,9 +1,17 @@
 //! Load and scenario generator: realistic co-partitioned payment and settlement
-//! streams with every outcome kind and every class of bad input, deterministic by seed.
+//! streams with every outcome kind and every class of bad input, deterministic by seed;
+//! since contract §6 also refund requests and settlement lines of every type (refunds,
+//! chargebacks, their reversals), each scenario on a payment id of its own.
 //!
-//! It also writes down what each event's final outcome must be — computed from the
-//! scenario it generated, not by the engine — so demos, end-to-end and chaos tests
-//! compare the worker's tables with an independent ground truth.
+//! It also writes down what each event's final outcome must be, and every discrepancy
+//! the worker must record (kind, the events it is about, open or resolved and how) —
+//! computed from the scenario it generated, not by the engine — so demos, end-to-end
+//! and chaos tests compare the worker's tables with an independent ground truth. Where
+//! contract §6 is silent it follows the semantics settled for issue 21 (v2-spec): a
+//! duplicate's counterpart is the first event of its side, the net position adds the
+//! gross of every non-duplicate refund, chargeback and reversal line to the capture
+//! line's in `(settled_at, event_id)` order, and an `over_refunded` discrepancy names
+//! the first line below zero.
 
 use std::collections::BTreeMap;
 
