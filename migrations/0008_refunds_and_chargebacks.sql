@@ -60,3 +60,13 @@ CREATE INDEX recon_discrepancies_open_chargeback ON recon_discrepancies (settlem
 -- resolved, about which line, or absent) by payment id.
 CREATE UNIQUE INDEX recon_discrepancies_one_over_refund ON recon_discrepancies (payment_id)
     WHERE kind = 'over_refunded';
+
+-- The open-item gauges count refund requests apart from payments (they share the
+-- payments topic's event_kind, told apart by refund_id): the open-items index
+-- (migration 0002) carries refund_id so the count stays an index-only scan. It is
+-- NULL, a bit in the tuple header, for everything but refund requests.
+CREATE INDEX recon_events_open_items_v2 ON recon_events (kafka_partition, event_kind, outcome, event_time)
+    INCLUDE (refund_id)
+    WHERE outcome IN ('pending', 'missing_settlement', 'orphan_settlement');
+DROP INDEX recon_events_open_items;
+ALTER INDEX recon_events_open_items_v2 RENAME TO recon_events_open_items;
