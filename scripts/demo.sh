@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end, on this machine: services up, co-partitioned topics,
-# the worker running, a sample stream of payments and settlements (with discrepancies,
-# redeliveries and bad messages) flowing through it, then a summary of the outcomes
-# read from PostgreSQL and a look at /metrics.
+# the worker running, a sample stream of payments, refunds and settlement lines of every
+# type (with discrepancies, chargebacks, over-refunds, redeliveries and bad messages)
+# flowing through it, then a summary of the outcomes and discrepancies read from
+# PostgreSQL (compare with the expected counts loadgen prints) and a look at /metrics.
 #
 # Each run uses its own topics and a fresh `recon_demo` database, so it can be rerun.
 # KEEP_RUNNING=1 leaves the worker running afterwards (stop it with kill -TERM).
@@ -57,12 +58,25 @@ done
 sleep 5
 
 echo
-echo "== outcomes (recon_outcomes)"
-sql -c "SELECT outcome, event_kind, count(*) FROM recon_outcomes GROUP BY 1, 2 ORDER BY 1, 2"
+echo "== outcomes (recon_outcomes) by event kind and settlement line type"
+sql -c "SELECT outcome, event_kind, COALESCE(line_type, '') AS line_type, count(*) FROM recon_outcomes GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
 echo "== rejected messages (rejected_events)"
 sql -c "SELECT topic, reason_class, count(*), min(left(reason, 60)) AS example FROM rejected_events GROUP BY 1, 2 ORDER BY 2"
+echo "== discrepancies (recon_discrepancies) by kind and state"
+# Chargebacks open until their reversal (resolution 'reversed'); over_refunded is a
+# payment refunded and charged back, paid back twice (resolved 'recovered' once the
+# position is back at zero); missing/orphan ones resolved in passing name the outcome
+# their late counterpart gave.
+sql -c "SELECT kind, CASE WHEN resolved_at IS NULL THEN 'open' ELSE 'resolved' END AS state,
+               COALESCE(resolution, '') AS resolution, count(*)
+        FROM recon_discrepancies GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
 echo "== open discrepancies, oldest first"
 sql -c "SELECT kind, count(*), min(opened_at) AS oldest FROM recon_discrepancies WHERE resolved_at IS NULL GROUP BY kind ORDER BY oldest"
+echo "== payments paid back twice (over_refunded), first lines below zero"
+sql -c "SELECT d.payment_id, CASE WHEN d.resolved_at IS NULL THEN 'open' ELSE d.resolution END AS state,
+               d.settlement_event_id AS first_line_below_zero, o.line_type, o.amount_minor AS gross_minor
+        FROM recon_discrepancies d LEFT JOIN recon_outcomes o ON o.event_kind = 'settlement' AND o.event_id = d.settlement_event_id
+        WHERE d.kind = 'over_refunded' ORDER BY d.opened_at LIMIT 5"
 echo "== metrics at http://$RECON_METRICS_ADDR/metrics (also /healthz, /readyz)"
 curl -s "http://$RECON_METRICS_ADDR/metrics" | grep -E '^recon_(events_consumed_total|events_rejected_total|outcomes_total|assigned_partitions|window_items) ' | head -20 || true
 curl -s "http://$RECON_METRICS_ADDR/metrics" | grep -E '^recon_outcomes_total' | head -12 || true

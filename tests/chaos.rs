@@ -3,13 +3,13 @@
 //!
 //! Three workers consume four co-partitioned partition pairs (two with static
 //! membership, as the Kubernetes manifests run them, one without) while two upstream
-//! producers stream a generated workload (every outcome kind, redeliveries, every class
-//! of bad input): an idempotent one (`acks=all`) and a transactional one that commits
+//! producers stream a generated workload (every outcome kind, refunds and chargebacks
+//! of contract §6 included, redeliveries, every class of bad input): an idempotent one (`acks=all`) and a transactional one that commits
 //! part of its transactions and aborts the rest. Meanwhile the test SIGKILLs workers
 //! 1–3 s apart, twice two at the same moment, restarts PostgreSQL, SIGKILLs and restarts
 //! the broker while both producers keep writing, and freezes one worker with SIGSTOP
-//! past the session timeout. Afterwards `recon_outcomes` must equal the ground truth of
-//! everything acknowledged or committed, exactly once; nothing of an aborted
+//! past the session timeout. Afterwards `recon_outcomes` and `recon_discrepancies` must
+//! equal the ground truth of everything acknowledged or committed, exactly once; nothing of an aborted
 //! transaction may appear; and every bad message must be in `rejected_events` exactly
 //! once. A group that stops making progress is a failure: nothing nudges it. (That a
 //! quiet stream ending in transaction markers still fires its deadlines needs a stream
@@ -187,7 +187,7 @@ async fn exactly_once_through_kills_restarts_and_a_frozen_worker(pool: PgPool) {
     aborted_plan.id_prefix = "txa-".into();
     let (committed_records, committed_truth) = generate(&committed_plan);
     let (aborted_records, _) = generate(&aborted_plan);
-    truth.outcomes.extend(committed_truth.outcomes);
+    truth.extend(committed_truth);
 
     let mut generation = 0usize;
     let mut workers: Vec<Worker> = (0..WORKERS)
@@ -276,6 +276,11 @@ async fn exactly_once_through_kills_restarts_and_a_frozen_worker(pool: PgPool) {
     // No watchdog: a group that stops short of the end is a failure.
     world.await_truth(&truth, Duration::from_secs(120)).await;
     let drained = produced_at.elapsed().as_secs_f64();
+    // Every discrepancy once, in its state: chargebacks and over-refunds (contract §6,
+    // in the default mix) included, whatever the kills did to the order of reading.
+    world
+        .await_discrepancies(&truth, Duration::from_secs(30))
+        .await;
 
     let outcomes = world.outcomes().await;
     let rejected = world.rejected().await;

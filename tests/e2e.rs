@@ -11,6 +11,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use recon_tools::loadgen::Mix;
 use recon_worker::engine::Outcome;
+use recon_worker::event::EventKind;
 use sqlx::{PgPool, Row};
 
 const WITHIN: Duration = Duration::from_secs(90);
@@ -18,8 +19,10 @@ const WITHIN: Duration = Duration::from_secs(90);
 #[sqlx::test(migrations = false)]
 async fn a_known_mix_reaches_exactly_the_expected_outcomes_and_rejections(pool: PgPool) {
     let world = World::new(pool, 3).await;
-    // 60 scenarios with a bad message every 3: 20 bad messages, every class at least once.
-    let plan = world.plan(60, 7, full_mix());
+    // 150 scenarios with a bad message every 3: 50 bad messages, every class at least
+    // once; and every outcome (25 scenarios, those of contract §6 included: 60 missed
+    // some).
+    let plan = world.plan(150, 7, full_mix());
     let (records, truth) = generate(&plan);
     let classes: std::collections::BTreeSet<&str> =
         truth.rejected.iter().map(|(_, c)| *c).collect();
@@ -38,6 +41,7 @@ async fn a_known_mix_reaches_exactly_the_expected_outcomes_and_rejections(pool: 
 
     let mut worker = world.spawn_worker("worker", &[]);
     world.await_truth(&truth, WITHIN).await;
+    world.await_discrepancies(&truth, WITHIN).await;
 
     // The contract's columns, by name.
     let row = sqlx::query(
@@ -102,18 +106,18 @@ async fn a_known_mix_reaches_exactly_the_expected_outcomes_and_rejections(pool: 
     // Open items and the age of the oldest, from the worker's gauges (refreshed every 15 s).
     let addr = worker.metrics_addr(Duration::from_secs(10));
     let expected = [
-        ("payment", "missing_settlement", Outcome::MissingSettlement),
-        ("settlement", "orphan_settlement", Outcome::OrphanSettlement),
-        ("payment", "pending", Outcome::Pending),
+        (EventKind::Payment, Outcome::MissingSettlement),
+        (EventKind::Settlement, Outcome::OrphanSettlement),
+        (EventKind::Payment, Outcome::Pending),
     ];
     let started = std::time::Instant::now();
-    for (event_kind, outcome, truth_outcome) in expected {
+    for (event_kind, outcome) in expected {
         let labels = [
             format!("event_kind=\"{event_kind}\""),
             format!("outcome=\"{outcome}\""),
         ];
         let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-        let want = truth.outcome_counts()[&truth_outcome] as f64;
+        let want = truth.count(event_kind, outcome) as f64;
         loop {
             let got = scrape_series(&addr, "recon_open_items", &labels).await;
             if got == Some(want) {
@@ -134,6 +138,219 @@ async fn a_known_mix_reaches_exactly_the_expected_outcomes_and_rejections(pool: 
         );
     }
 
+    worker.stop_cleanly();
+}
+
+/// Issue 21 (contract §6): every refund and chargeback scenario of the load generator
+/// (refunds matched, late, mismatched, missing, orphaned, requested twice and settled
+/// twice; a chargeback open, one reversed and a reversal alone; a payment refunded and
+/// charged back, with and without the reversal that recovers it) amid ordinary
+/// traffic, read by one worker, reaches exactly its ground truth: every event's
+/// outcome and counterpart, and every discrepancy's kind, state and resolution.
+#[sqlx::test(migrations = false)]
+async fn every_refund_and_chargeback_scenario_reaches_its_outcomes_and_discrepancies(pool: PgPool) {
+    use recon_tools::loadgen::version_2_scenario_names;
+    use recon_worker::engine::{DiscrepancyKind, RECOVERED, REVERSED};
+    let world = World::new(pool, 2).await;
+    let mix = Mix {
+        matched: 4,
+        duplicate_payment: 1,
+        missing_settlement: 1,
+        orphan_settlement: 1,
+        redelivery: 1,
+        poison_every: 25,
+        ..Mix::version_2_only(2)
+    };
+    let plan = world.plan(200, 91, mix);
+    let (mut records, truth) = generate(&plan);
+    let redelivered_in_mix = 2 * truth.scenarios.get("redelivery").copied().unwrap_or(0);
+    for name in version_2_scenario_names() {
+        assert!(
+            truth.scenarios.get(name) >= Some(&2),
+            "scenario {name} is generated twice at least: {:?}",
+            truth.scenarios
+        );
+    }
+    for outcome in [
+        Outcome::DuplicateRefund,
+        Outcome::ChargebackOpen,
+        Outcome::ChargebackReversed,
+    ] {
+        assert!(truth.outcome_counts().contains_key(&outcome), "{outcome}");
+    }
+    let states = truth.discrepancy_counts();
+    for state in [
+        (DiscrepancyKind::Chargeback, None),
+        (DiscrepancyKind::Chargeback, Some(REVERSED.to_owned())),
+        (DiscrepancyKind::OverRefunded, None),
+        (DiscrepancyKind::OverRefunded, Some(RECOVERED.to_owned())),
+    ] {
+        assert!(states.contains_key(&state), "{state:?} in {states:?}");
+    }
+    // At the end, as an at-least-once producer would: every refund request and refund
+    // line again; and a refund request reusing a payment's event id, which the payments
+    // topic has accepted already (payments and refund requests share its id space,
+    // contract §1): all of them redeliveries, which change nothing.
+    let json = |r: &recon_tools::loadgen::Record| -> serde_json::Value {
+        serde_json::from_slice(r.value.as_deref().unwrap_or_default()).unwrap_or_default()
+    };
+    let mut again: Vec<_> = records
+        .iter()
+        .filter(|r| {
+            let value = json(r);
+            value["type"] == "refund_requested" || value["line_type"] == "refund"
+        })
+        .cloned()
+        .collect();
+    let payment = records
+        .iter()
+        .map(json)
+        .find(|v| v["type"] == "payment_captured")
+        .expect("a payment");
+    let payment_id = payment["payment_id"].as_str().expect("payment_id");
+    again.push(record(
+        recon_worker::event::Input::Payments,
+        payment_id,
+        serde_json::json!({
+            "event_id": payment["event_id"], "type": "refund_requested",
+            "refund_id": "refund-reusing-an-event-id", "payment_id": payment_id,
+            "amount_minor": 1, "currency": payment["currency"],
+            "requested_at": payment["occurred_at"]}),
+    ));
+    assert!(again.len() > 20, "{} sent again", again.len());
+    let redelivered = redelivered_in_mix + again.len();
+    records.extend(again);
+    world.produce(&records).await;
+
+    let mut worker = world.spawn_worker("refunds", &[]);
+    world.await_truth(&truth, WITHIN).await;
+    world.await_discrepancies(&truth, WITHIN).await;
+    let addr = worker.metrics_addr(Duration::from_secs(10));
+    assert_counter_settles_at(&addr, "recon_events_redelivered_total", redelivered as f64).await;
+
+    // The columns version 2 adds to recon_outcomes say what each message said.
+    type Columns = (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let stored: std::collections::BTreeMap<(String, String), Columns> = sqlx::query(
+        "SELECT event_kind, event_id, line_type, refund_id, dispute_id, payout_id FROM recon_outcomes",
+    )
+    .fetch_all(&world.pool)
+    .await
+    .expect("recon_outcomes has the version 2 columns")
+    .into_iter()
+    .map(|row| {
+        (
+            (row.get(0), row.get(1)),
+            (row.get(2), row.get(3), row.get(4), row.get(5)),
+        )
+    })
+    .collect();
+    let mut checked = 0;
+    for record in &records {
+        let Some(value) = record
+            .value
+            .as_deref()
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
+        else {
+            continue;
+        };
+        let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+        let kind = match field("type").as_deref() {
+            Some("payment_captured") => EventKind::Payment,
+            Some("refund_requested") => EventKind::Refund,
+            Some("settlement_line") => EventKind::Settlement,
+            _ => continue,
+        };
+        let Some(event_id) = field("event_id") else {
+            continue;
+        };
+        if !truth.outcomes.contains_key(&(kind, event_id.clone())) {
+            continue; // a bad message
+        }
+        let line_type = (kind == EventKind::Settlement)
+            .then(|| field("line_type").unwrap_or_else(|| "capture".to_owned()));
+        let expected = (
+            line_type,
+            field("refund_id"),
+            field("dispute_id"),
+            field("payout_id"),
+        );
+        assert_eq!(
+            stored.get(&(kind.as_str().to_owned(), event_id.clone())),
+            Some(&expected),
+            "{kind} {event_id}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= truth.outcomes.len(), "{checked} rows checked");
+    worker.stop_cleanly();
+}
+
+/// The same scenarios read in the worst order the contract allows: every settlement
+/// line first (each chargeback's reversal moved before its chargeback), the payments
+/// topic (payments and refund requests) only once all of them are committed, a few
+/// messages per batch. Refund lines wait for their requests, reversals for their
+/// chargebacks (a reversal read first still leaves a resolved `chargeback`
+/// discrepancy), over-refunds are computed before their payments arrive; and every
+/// outcome and discrepancy ends as in production order. (Lines that turned orphan
+/// while they waited are resolved by their counterparts: history the truth allows.)
+#[sqlx::test(migrations = false)]
+async fn refunds_and_chargebacks_read_settlements_first_reach_the_same_truth(pool: PgPool) {
+    use recon_tools::loadgen::Record;
+    use recon_worker::event::Input;
+    let world = World::new(pool, 2).await;
+    let mix = Mix {
+        matched: 4,
+        ..Mix::version_2_only(2)
+    };
+    let (records, truth) = generate(&world.plan(120, 92, mix));
+    let (payments, lines): (Vec<Record>, Vec<Record>) = records
+        .into_iter()
+        .partition(|r| r.input == Input::Payments);
+    let dispute_of = |record: &Record, line_type: &str| -> Option<String> {
+        let value: serde_json::Value = serde_json::from_slice(record.value.as_deref()?).ok()?;
+        if value["line_type"] != line_type {
+            return None;
+        }
+        value["dispute_id"].as_str().map(str::to_owned)
+    };
+    let charged_back: std::collections::HashSet<String> = lines
+        .iter()
+        .filter_map(|r| dispute_of(r, "chargeback"))
+        .collect();
+    let mut settlements = Vec::with_capacity(lines.len());
+    let mut moved = 0;
+    for line in &lines {
+        if dispute_of(line, "chargeback_reversal").is_some_and(|d| charged_back.contains(&d)) {
+            continue; // goes before its chargeback
+        }
+        if let Some(dispute) = dispute_of(line, "chargeback") {
+            let reversal = lines.iter().find(|r| {
+                dispute_of(r, "chargeback_reversal").as_deref() == Some(dispute.as_str())
+            });
+            if let Some(reversal) = reversal {
+                settlements.push(reversal.clone());
+                moved += 1;
+            }
+        }
+        settlements.push(line.clone());
+    }
+    assert_eq!(settlements.len(), lines.len());
+    assert!(
+        moved >= 2,
+        "{moved} reversals read before their chargebacks"
+    );
+
+    world.produce(&settlements).await;
+    let mut worker = world.spawn_worker("settlements-first", &[("RECON_BATCH_MAX_MESSAGES", "7")]);
+    await_committed(&world, &worker, settlements.len()).await;
+    world.produce(&payments).await;
+    world.await_truth(&truth, WITHIN).await;
+    world.await_discrepancies(&truth, WITHIN).await;
     worker.stop_cleanly();
 }
 
@@ -183,19 +400,12 @@ async fn sigterm_mid_stream_and_restart_lose_nothing_and_count_nothing_twice(poo
     let mut second = world.spawn_worker("second", &[]);
     world.await_truth(&truth, WITHIN).await;
     // Each discrepancy once: none lost (migration 0006 keys them, so none doubled).
+    // (A mismatch opens one row for its pair, not one per event; a chargeback one and
+    // an over-refund one per payment: the truth lists each.)
     let opened = world
         .count("SELECT count(*) FROM recon_discrepancies")
         .await;
-    let expected_opened = truth
-        .outcome_counts()
-        .iter()
-        .filter(|(o, _)| o.is_discrepancy())
-        .map(|(o, n)| match o {
-            // A mismatch opens one row for its payment-settlement pair, not per event.
-            Outcome::CurrencyMismatch | Outcome::AmountMismatch | Outcome::FeeMismatch => n / 2,
-            _ => *n,
-        })
-        .sum::<usize>();
+    let expected_opened = truth.discrepancies.len();
     assert_eq!(
         opened as usize, expected_opened,
         "each discrepancy opened exactly once"
@@ -593,18 +803,18 @@ async fn an_event_id_reused_under_another_payment_id_mid_stream_is_a_redelivery(
     // Event ids stored above come again under payment ids never seen, in the middle
     // of more traffic: the window has nothing of those payment ids, only the stored
     // event ids say these are redeliveries.
-    let stored_ids = |kind: &str| -> Vec<String> {
+    let stored_ids = |kind: EventKind| -> Vec<String> {
         truth
             .outcomes
             .keys()
-            .filter(|(k, _)| k == kind)
+            .filter(|(k, _)| *k == kind)
             .map(|(_, id)| id.clone())
             .take(3)
             .collect()
     };
     let at = format_timestamp(chrono::Utc::now().timestamp_micros());
     let mut reused = Vec::new();
-    for (i, event_id) in stored_ids("payment").into_iter().enumerate() {
+    for (i, event_id) in stored_ids(EventKind::Payment).into_iter().enumerate() {
         let payment_id = format!("reused-p-{i}");
         reused.push(record(
             Input::Payments,
@@ -614,7 +824,7 @@ async fn an_event_id_reused_under_another_payment_id_mid_stream_is_a_redelivery(
             "merchant_id": "m", "amount_minor": 500, "currency": "EUR", "occurred_at": at}),
         ));
     }
-    for (i, event_id) in stored_ids("settlement").into_iter().enumerate() {
+    for (i, event_id) in stored_ids(EventKind::Settlement).into_iter().enumerate() {
         let payment_id = format!("reused-s-{i}");
         reused.push(record(Input::Settlements, &payment_id, serde_json::json!({
             "event_id": event_id, "type": "settlement_line", "settlement_id": "po", "payment_id": payment_id,
@@ -1149,22 +1359,22 @@ async fn a_value_postgresql_refuses_rejects_its_message_and_the_partition_goes_o
             counterpart.map(str::to_owned),
         )
     };
-    let key = |kind: &str, id: &str| (kind.to_owned(), id.to_owned());
+    let key = |kind: EventKind, id: &str| (kind, id.to_owned());
     truth.outcomes.extend([
         (
-            key("payment", "enc-1-p"),
+            key(EventKind::Payment, "enc-1-p"),
             outcome("enc-1", Outcome::Matched, Some("enc-1-s")),
         ),
         (
-            key("settlement", "enc-1-s"),
+            key(EventKind::Settlement, "enc-1-s"),
             outcome("enc-1", Outcome::Matched, Some("enc-1-p")),
         ),
         (
-            key("settlement", "enc-2-s"),
+            key(EventKind::Settlement, "enc-2-s"),
             outcome("enc-2", Outcome::Pending, None),
         ),
         (
-            key("payment", "enc-3-p"),
+            key(EventKind::Payment, "enc-3-p"),
             outcome("enc-3", Outcome::Pending, None),
         ),
     ]);
@@ -1355,7 +1565,7 @@ async fn an_event_id_clash_while_the_topics_are_read_in_step_does_not_stall_the_
     let reused: Vec<_> = truth
         .outcomes
         .keys()
-        .filter(|(kind, _)| kind == "payment")
+        .filter(|(kind, _)| *kind == EventKind::Payment)
         .take(3)
         .enumerate()
         .map(|(i, (_, event_id))| {
@@ -1440,7 +1650,7 @@ async fn a_recreated_topic_is_read_from_its_start_and_nothing_is_lost(pool: PgPo
             "merchant_id": "m", "amount_minor": 500, "currency": "EUR", "occurred_at": at}),
         ));
         truth.outcomes.insert(
-            ("payment".into(), format!("{id}-p")),
+            (EventKind::Payment, format!("{id}-p")),
             (id, Outcome::Pending, None),
         );
     }

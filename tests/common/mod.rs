@@ -11,9 +11,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use recon_tools::loadgen::{self, GroundTruth, Mix, Plan, Record};
-use recon_worker::engine::Outcome;
-use recon_worker::event::Input;
+use recon_tools::loadgen::{self, DiscrepancyKey, GroundTruth, Mix, Plan, Record};
+use recon_worker::engine::{DiscrepancyKind, Outcome};
+use recon_worker::event::{EventKind, Input};
 use sqlx::{PgPool, Row};
 
 pub const SEC: i64 = 1_000_000;
@@ -231,7 +231,9 @@ impl World {
         }
     }
 
-    pub async fn outcomes(&self) -> BTreeMap<(String, String), (String, Outcome, Option<String>)> {
+    pub async fn outcomes(
+        &self,
+    ) -> BTreeMap<(EventKind, String), (String, Outcome, Option<String>)> {
         // Polling queries are not prepared once and cached: they start while the
         // worker migrates, and a statement prepared against an earlier migration's
         // tables fails on that connection ever after ("cached plan must not change
@@ -243,13 +245,63 @@ impl World {
             .unwrap_or_default()
             .into_iter()
             .map(|row| {
+                let kind: String = row.get(0);
                 let outcome: String = row.get(3);
                 (
-                    (row.get(0), row.get(1)),
+                    (
+                        EventKind::parse(&kind).expect("known event kind"),
+                        row.get(1),
+                    ),
                     (row.get(2), outcome.parse().expect("known outcome"), row.get(4)),
                 )
             })
             .collect()
+    }
+
+    /// Every row of `recon_discrepancies`.
+    pub async fn discrepancies(&self) -> Vec<DiscrepancyRow> {
+        sqlx::query(
+            "SELECT kind, payment_id, payment_event_id, settlement_event_id, resolved_at IS NOT NULL, resolution
+             FROM recon_discrepancies ORDER BY id",
+        )
+        .persistent(false)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|row| DiscrepancyRow {
+            kind: row.get(0),
+            payment_id: row.get(1),
+            payment_event_id: row.get(2),
+            settlement_event_id: row.get(3),
+            resolved: row.get(4),
+            resolution: row.get(5),
+        })
+        .collect()
+    }
+
+    /// Waits until `recon_discrepancies` holds exactly the truth's discrepancies (see
+    /// [`discrepancy_differences`]), or fails with the differences.
+    pub async fn await_discrepancies(&self, truth: &GroundTruth, within: Duration) {
+        let started = Instant::now();
+        loop {
+            let rows = self.discrepancies().await;
+            let differences = discrepancy_differences(truth, &rows);
+            if differences.is_empty() {
+                return;
+            }
+            if started.elapsed() > within {
+                panic!(
+                    "recon_discrepancies did not reach the ground truth within {within:?}: \
+                     {} rows, {} expected; {} differences, the first: {:#?}",
+                    rows.len(),
+                    truth.discrepancies.len(),
+                    differences.len(),
+                    &differences[..differences.len().min(20)]
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// (topic, reason_class) of every rejected row, sorted.
@@ -419,18 +471,102 @@ impl Drop for Worker {
 pub fn full_mix() -> Mix {
     Mix {
         matched: 10,
-        matched_late: 3,
-        currency_mismatch: 3,
-        amount_mismatch: 3,
-        fee_mismatch: 3,
-        duplicate_payment: 3,
-        duplicate_settlement: 3,
-        missing_settlement: 3,
-        orphan_settlement: 3,
-        pending: 3,
-        redelivery: 3,
         poison_every: 3,
+        ..Mix::uniform(3)
     }
+}
+
+/// A row of `recon_discrepancies`, as the contract's columns say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscrepancyRow {
+    pub kind: String,
+    pub payment_id: Option<String>,
+    pub payment_event_id: Option<String>,
+    pub settlement_event_id: Option<String>,
+    pub resolved: bool,
+    pub resolution: Option<String>,
+}
+
+/// What differs between `rows` (of `recon_discrepancies`) and the truth's
+/// discrepancies: each expected one must be there once, open or resolved as the truth
+/// says (with its resolution), and nothing else may be — except a `missing_settlement`
+/// or `orphan_settlement` that fired because of the order events were read in (its
+/// counterpart came after the watermark passed the deadline) and was resolved by it:
+/// contract §2 keeps it as history, resolved with the final outcome of its subject.
+pub fn discrepancy_differences(truth: &GroundTruth, rows: &[DiscrepancyRow]) -> Vec<String> {
+    let kinds: BTreeMap<&str, DiscrepancyKind> =
+        DiscrepancyKind::all().map(|k| (k.as_str(), k)).collect();
+    let mut differences = Vec::new();
+    let mut seen: BTreeMap<DiscrepancyKey, usize> = BTreeMap::new();
+    for row in rows {
+        let Some(&kind) = kinds.get(row.kind.as_str()) else {
+            differences.push(format!("unknown kind: {row:?}"));
+            continue;
+        };
+        if row.resolved != row.resolution.is_some() {
+            differences.push(format!("resolved_at and resolution disagree: {row:?}"));
+        }
+        let key: DiscrepancyKey = (
+            kind,
+            row.payment_event_id.clone(),
+            row.settlement_event_id.clone(),
+        );
+        *seen.entry(key.clone()).or_default() += 1;
+        match truth.discrepancies.get(&key) {
+            Some((payment_id, resolution)) => {
+                if row.payment_id.as_deref() != Some(payment_id.as_str())
+                    || row.resolution != *resolution
+                {
+                    differences.push(format!(
+                        "{row:?}: expected payment {payment_id}, {}",
+                        resolution
+                            .as_deref()
+                            .map_or("open".to_owned(), |r| format!("resolved {r}"))
+                    ));
+                }
+            }
+            None if resolved_in_passing(truth, kind, row) => {}
+            None => differences.push(format!("unexpected: {row:?}")),
+        }
+    }
+    for (key, (payment_id, resolution)) in &truth.discrepancies {
+        match seen.get(key) {
+            None => differences.push(format!(
+                "missing: {key:?} of payment {payment_id} ({})",
+                resolution
+                    .as_deref()
+                    .map_or("open".to_owned(), |r| format!("resolved {r}"))
+            )),
+            Some(1) => {}
+            Some(n) => differences.push(format!("{n} rows for {key:?}")),
+        }
+    }
+    differences
+}
+
+/// A deadline discrepancy on an event whose final outcome is its resolution.
+fn resolved_in_passing(truth: &GroundTruth, kind: DiscrepancyKind, row: &DiscrepancyRow) -> bool {
+    let subject = match kind {
+        DiscrepancyKind::Outcome(Outcome::MissingSettlement) => row
+            .payment_event_id
+            .as_ref()
+            .filter(|_| row.settlement_event_id.is_none())
+            .and_then(|id| {
+                [EventKind::Payment, EventKind::Refund]
+                    .into_iter()
+                    .find_map(|k| truth.outcomes.get(&(k, id.clone())))
+            }),
+        DiscrepancyKind::Outcome(Outcome::OrphanSettlement) => row
+            .settlement_event_id
+            .as_ref()
+            .filter(|_| row.payment_event_id.is_none())
+            .and_then(|id| truth.outcomes.get(&(EventKind::Settlement, id.clone()))),
+        _ => None,
+    };
+    subject.is_some_and(|(payment_id, outcome, _)| {
+        row.payment_id.as_deref() == Some(payment_id.as_str())
+            && row.resolution.as_deref() == Some(outcome.as_str())
+    })
 }
 
 pub fn generate(plan: &Plan) -> (Vec<Record>, GroundTruth) {

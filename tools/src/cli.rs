@@ -43,7 +43,8 @@ pub struct LoadgenArgs {
     /// Target rate in messages per second (0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
-    /// Scenario weights, e.g. `matched=70,late=3,currency=2,amount=3,fee=2,dup_payment=2,dup_settlement=2,missing=3,orphan=3,pending=0,redelivery=5`.
+    /// Scenario weights over the defaults, e.g. `matched=70,late=3,currency=2,amount=3,fee=2,dup_payment=2,dup_settlement=2,missing=3,orphan=3,pending=0,redelivery=5`;
+    /// contract §6: `refund=3,refund_late=1,refund_currency=1,refund_amount=1,refund_fee=1,refund_missing=1,refund_orphan=1,dup_refund=1,dup_refund_line=1,chargeback=1,chargeback_reversed=1,orphan_reversal=1,over_refunded=1,over_refunded_recovered=1`.
     #[arg(long)]
     mix: Option<String>,
     /// After the mix, this many duplicates of one payment id, each with a fresh event
@@ -133,7 +134,7 @@ async fn produce_load(config: &Config, args: LoadgenArgs) -> anyhow::Result<()> 
     if args.duplicate_storm > 0 {
         let (storm, storm_truth) = loadgen::duplicate_storm(&plan, args.duplicate_storm);
         records.extend(storm);
-        truth.outcomes.extend(storm_truth.outcomes);
+        truth.extend(storm_truth);
     }
     let producer = admin::producer(&config.brokers).context("creating the producer")?;
     let started = Instant::now();
@@ -151,8 +152,18 @@ async fn produce_load(config: &Config, args: LoadgenArgs) -> anyhow::Result<()> 
         truth.rejected.len(),
         started.elapsed().as_secs_f64()
     );
-    for (outcome, count) in truth.outcome_counts() {
-        println!("  {outcome:<22} {count}");
+    for ((kind, outcome), count) in truth.outcome_counts_by_kind() {
+        // (as_str: the types' Display writes the name without padding)
+        println!("  {:<10} {:<22} {count}", kind.as_str(), outcome.as_str());
+    }
+    println!("expected discrepancies (besides deadlines that fire and resolve in passing):");
+    for ((kind, resolution), count) in truth.discrepancy_counts() {
+        let state = resolution.map_or_else(|| "open".to_owned(), |r| format!("resolved {r}"));
+        println!("  {:<22} {state:<20} {count}", kind.as_str());
+    }
+    println!("scenarios:");
+    for (name, count) in &truth.scenarios {
+        println!("  {name:<24} {count}");
     }
     Ok(())
 }
