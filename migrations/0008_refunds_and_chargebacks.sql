@@ -70,3 +70,25 @@ CREATE INDEX recon_events_open_items_v2 ON recon_events (kafka_partition, event_
     WHERE outcome IN ('pending', 'missing_settlement', 'orphan_settlement');
 DROP INDEX recon_events_open_items;
 ALTER INDEX recon_events_open_items_v2 RENAME TO recon_events_open_items;
+
+-- An over_refunded discrepancy that the lines, once all read, say never existed (a
+-- line settled earlier than those read before it lifts every prefix of the position
+-- back to zero or above) is removed: arrival order changes neither whether it exists
+-- nor whether it is open (contract §6). The runtime role has no DELETE on any table
+-- (SECURITY.md), so the worker removes such rows through this function, which runs
+-- with its owner's rights and deletes exactly those rows and nothing else. Its
+-- search_path is fixed to this schema (then pg_temp, last), so no object of the
+-- caller's can stand in for the table. EXECUTE is revoked from PUBLIC and granted to
+-- the runtime role by deploy/sql/runtime-role.sql.
+DO $migration$
+BEGIN
+    EXECUTE format(
+        $create$
+        CREATE FUNCTION recon_withdraw_over_refunds(payment_ids text[]) RETURNS void
+        LANGUAGE sql SECURITY DEFINER SET search_path = %I, pg_temp
+        AS 'DELETE FROM recon_discrepancies WHERE kind = ''over_refunded'' AND payment_id = ANY(payment_ids)'
+        $create$,
+        current_schema());
+END
+$migration$;
+REVOKE EXECUTE ON FUNCTION recon_withdraw_over_refunds(text[]) FROM PUBLIC;

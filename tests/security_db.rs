@@ -346,10 +346,39 @@ async fn the_runtime_role_reconciles_with_rows_only_after_the_owner_migrated(poo
         ("DROP TABLE recon_partition_pairs", "42501"),
         ("INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (99, 'x', true, '', 0)", "42501"),
         ("UPDATE recon_outcomes SET outcome = 'matched'", "42501"),
+        ("DELETE FROM recon_discrepancies", "42501"),
     ] {
         let result = sqlx::query(statement).execute(&runtime_pool).await;
         assert_eq!(sqlstate(result), code, "{statement}");
     }
+    // The one removal it may make, through migration 0008's function: over_refunded
+    // rows of the payments named, and nothing else.
+    sqlx::query(
+        "INSERT INTO recon_discrepancies (kind, payment_id, kafka_partition, settlement_event_id)
+         VALUES ('over_refunded', 'p1', 0, 'l1'), ('chargeback', 'p1', 0, 'l1'),
+                ('over_refunded', 'p2', 0, 'l2')",
+    )
+    .execute(&runtime_pool)
+    .await
+    .expect("the runtime role inserts discrepancies");
+    sqlx::query("SELECT recon_withdraw_over_refunds($1)")
+        .bind(vec!["p1"])
+        .execute(&runtime_pool)
+        .await
+        .expect("the runtime role withdraws an over_refunded discrepancy");
+    let left: Vec<(String, String)> = sqlx::query_as(
+        "SELECT kind, payment_id FROM recon_discrepancies ORDER BY kind, payment_id",
+    )
+    .fetch_all(&runtime_pool)
+    .await
+    .expect("read back");
+    assert_eq!(
+        left,
+        vec![
+            ("chargeback".to_owned(), "p1".to_owned()),
+            ("over_refunded".to_owned(), "p2".to_owned()),
+        ]
+    );
     runtime_pool.close().await;
 
     // A table a later migration creates (as the owner) is covered by the defaults.

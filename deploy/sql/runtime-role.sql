@@ -73,6 +73,13 @@ ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" IN SCHEMA public
     GRANT SELECT, INSERT, UPDATE ON TABLES TO :"runtime_role";
 ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" IN SCHEMA public
     GRANT USAGE ON SEQUENCES TO :"runtime_role";
+-- The one function the worker calls (migration 0008): it removes over_refunded
+-- discrepancies the lines say never existed, with the owner's rights, since this
+-- role has no DELETE. EXECUTE is revoked from PUBLIC there; functions later
+-- migrations create are granted by the default privileges.
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO :"runtime_role";
+ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" IN SCHEMA public
+    GRANT EXECUTE ON FUNCTIONS TO :"runtime_role";
 -- The output view is read only (a simple view is updatable: the grant above gave the
 -- same writes as on recon_events, nothing more, but no code writes through it).
 REVOKE INSERT, UPDATE ON public.recon_outcomes FROM :"runtime_role";

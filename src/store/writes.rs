@@ -393,7 +393,8 @@ pub(super) async fn write_discrepancies(
 
 /// Makes each payment's one `over_refunded` row (migration 0008 keys it by payment id)
 /// say what the engine says: present, about its first line below zero, open or
-/// resolved (`recovered`, keeping the time it was first resolved); or absent.
+/// resolved (`recovered`, keeping the time it was first resolved); or absent (removed
+/// through `recon_withdraw_over_refunds`, migration 0008).
 async fn write_over_refunds(
     tx: &mut sqlx::PgConnection,
     over: OverRefundColumns<'_>,
@@ -421,12 +422,12 @@ async fn write_over_refunds(
         .await?;
     }
     if !over.absent.is_empty() {
-        sqlx::query(&format!(
-            "DELETE FROM recon_discrepancies WHERE kind = '{kind}' AND payment_id = ANY($1)"
-        ))
-        .bind(over.absent)
-        .execute(&mut *tx)
-        .await?;
+        // The runtime role has no DELETE: migration 0008's function removes exactly
+        // these rows with its owner's rights.
+        sqlx::query("SELECT recon_withdraw_over_refunds($1)")
+            .bind(over.absent)
+            .execute(&mut *tx)
+            .await?;
     }
     Ok(())
 }
