@@ -12,7 +12,10 @@
 #   - the worker's peak RSS,
 #   - CPU seconds of broker, PostgreSQL and worker during the raw consume and the drain,
 # and ends with one `bench:` line (its ratios compare figures of the same run: the
-# machine is shared and its speed varies between runs). BENCH_SCENARIOS sets the backlog size (≈2.1
+# machine is shared and its speed varies between runs). Every stream is the version-1
+# mix (`--mix v1`, as in earlier sessions) except in the refunds phase, which compares
+# the pipeline on a capture-only stream with the same stream plus 10% refunds and 1%
+# chargebacks (contract §6), in alternating runs. BENCH_SCENARIOS sets the backlog size (≈2.1
 # messages per scenario); BENCH_LATENCY_RATE fixes the latency phase's rate (msg/s).
 # Uses the services from scripts/dev-services.sh. Figures are
 # echoed with `tee -a /dev/stderr`: without -a, a log file given as stderr is truncated.
@@ -87,7 +90,7 @@ trap cleanup EXIT
 
 "$tools" create-topics --partitions $PARTITIONS >/dev/null
 echo "== backlog: $SCENARIOS scenarios"
-"$tools" loadgen --scenarios "$SCENARIOS" --seed "$id" --poison-every 200 --id-prefix "b$id-" >"$work/loadgen.txt"
+"$tools" loadgen --scenarios "$SCENARIOS" --seed "$id" --poison-every 200 --mix v1 --id-prefix "b$id-" >"$work/loadgen.txt"
 messages=$(awk '/^produced/ {print $2}' "$work/loadgen.txt")
 echo "produced $messages messages"
 
@@ -121,10 +124,34 @@ kill -TERM "$worker"; wait "$worker" || true; worker=""
 quiesce bench_e2e
 
 echo "== pipeline only (no broker)"
-pipe=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pipe "$tools" bench pipeline --scenarios "$SCENARIOS" --partitions $PARTITIONS | tee -a /dev/stderr)
+pipe=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pipe "$tools" bench pipeline --scenarios "$SCENARIOS" --partitions $PARTITIONS --mix v1 | tee -a /dev/stderr)
 pipeline_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$pipe")
 psql_ -c "DROP DATABASE bench_pipe WITH (FORCE)"
 quiesce
+
+echo "== refunds and chargebacks: the pipeline on a capture-only stream and with 10% refunds, 1% chargebacks"
+# 11 refund and 1 chargeback scenarios per 95 version-1 ones: 10.3% and 0.9% of the
+# payment ids. Alternating runs, so the machine's drift falls on both alike; the
+# figure is messages per second (a refund scenario has four messages, not two).
+refunds_mix="v1,refund=11,chargeback=1"
+capture_sum=0; refunds_sum=0
+for round in 1 2; do
+    for mix in v1 "$refunds_mix"; do
+        psql_ -c "DROP DATABASE IF EXISTS bench_pipe WITH (FORCE)" -c "CREATE DATABASE bench_pipe" >/dev/null
+        run=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pipe "$tools" bench pipeline --scenarios "$SCENARIOS" --partitions $PARTITIONS --mix "$mix")
+        echo "mix=$mix $run" >&2
+        eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$run")
+        if [ "$mix" = v1 ]; then capture_sum=$((capture_sum + eps)); else refunds_sum=$((refunds_sum + eps)); fi
+        quiesce bench_pipe
+    done
+done
+psql_ -c "DROP DATABASE bench_pipe WITH (FORCE)"
+refunds_ratio=$(awk -v r="$refunds_sum" -v c="$capture_sum" 'BEGIN {printf "%.2f", r / c}')
+echo "refunds: capture_only_eps=$((capture_sum / 2)) with_refunds_eps=$((refunds_sum / 2)) ratio=$refunds_ratio"
+echo "== bytes per open item in the window, by kind (200,000 items each)"
+for item in payment refund refund-line chargeback reversal; do
+    DATABASE_URL=postgres://unused@127.0.0.1/unused "$tools" bench window-memory --items 200000 --item "$item"
+done
 
 echo "== live maximum: the load generator producing as fast as it can, the worker reading as it goes"
 # The latency below is measured live: the broker takes the generator's writes and
@@ -137,7 +164,7 @@ echo "== live maximum: the load generator producing as fast as it can, the worke
 worker=$!
 for _ in $(seq 100); do curl -sf "http://$RECON_METRICS_ADDR/readyz" >/dev/null && break; sleep 0.2; done
 before=$(stored_offsets)
-"$tools" loadgen --scenarios "$SCENARIOS" --seed $((id + 3)) --poison-every 200 --id-prefix "m$id-" >"$work/live.txt" 2>/dev/null
+"$tools" loadgen --scenarios "$SCENARIOS" --seed $((id + 3)) --poison-every 200 --mix v1 --id-prefix "m$id-" >"$work/live.txt" 2>/dev/null
 produced_at=$(date +%s.%N)
 live_messages=$(awk '/^produced/ {print $2}' "$work/live.txt")
 produce_seconds=$(sed -nE 's/^produced .* in ([0-9.]+)s.*/\1/p' "$work/live.txt")
@@ -161,7 +188,7 @@ echo "== the broker's share of latency at the same load: a consumer with the wor
     "$tools" bench broker-latency --messages $((latency_scenarios * 2)) >"$work/broker-latency.txt" &
     probe=$!
     sleep 2
-    "$tools" loadgen --scenarios "$latency_scenarios" --seed $((id + 2)) --poison-every 0 --id-prefix "k$id-" --rate "$rate" >/dev/null 2>&1
+    "$tools" loadgen --scenarios "$latency_scenarios" --seed $((id + 2)) --poison-every 0 --mix v1 --id-prefix "k$id-" --rate "$rate" >/dev/null 2>&1
     wait "$probe"
 )
 cat "$work/broker-latency.txt" >&2
@@ -171,7 +198,7 @@ echo "== latency at 50% load: $rate msg/s for ${LATENCY_SECONDS}s"
 "$bin" run >"$work/worker2.log" 2>&1 &
 worker=$!
 for _ in $(seq 100); do curl -sf "http://$RECON_METRICS_ADDR/readyz" >/dev/null && break; sleep 0.2; done
-"$tools" loadgen --scenarios "$latency_scenarios" --seed $((id + 1)) --poison-every 0 --id-prefix "l$id-" --rate "$rate" >/dev/null
+"$tools" loadgen --scenarios "$latency_scenarios" --seed $((id + 1)) --poison-every 0 --mix v1 --id-prefix "l$id-" --rate "$rate" >/dev/null
 sleep 2
 curl -s "http://$RECON_METRICS_ADDR/metrics" >"$work/metrics.txt"
 peak2_kb=$(awk '/VmHWM/ {print $2}' "/proc/$worker/status")
@@ -202,4 +229,4 @@ echo "latency: p50_ms=$p50 p99_ms=$p99 (histogram interpolation) peak_rss_mb=$((
 peak_mb=$(( (peak_rss_kb > peak2_kb ? peak_rss_kb : peak2_kb) / 1024 ))
 ratio=$(awk -v e="$e2e_eps" -v r="$raw_eps" 'BEGIN {printf "%.2f", e / r}')
 pipeline_ratio=$(awk -v e="$pipeline_eps" -v r="$pg_rps" 'BEGIN {printf "%.2f", e / r}')
-echo "bench: e2e_eps=$e2e_eps raw_consume_eps=$raw_eps e2e_ratio=$ratio pipeline_eps=$pipeline_eps pg_raw_rows_per_s=$pg_rps pipeline_ratio=$pipeline_ratio p50_ms=$p50 p99_ms=$p99 peak_rss_mb=$peak_mb"
+echo "bench: e2e_eps=$e2e_eps raw_consume_eps=$raw_eps e2e_ratio=$ratio pipeline_eps=$pipeline_eps pg_raw_rows_per_s=$pg_rps pipeline_ratio=$pipeline_ratio refunds_ratio=$refunds_ratio p50_ms=$p50 p99_ms=$p99 peak_rss_mb=$peak_mb"

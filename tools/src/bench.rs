@@ -288,13 +288,14 @@ pub async fn pipeline_only(
     store: Store,
     scenarios: usize,
     partitions: i32,
+    mix: Mix,
 ) -> anyhow::Result<(usize, Duration)> {
     store.migrate().await?;
     let engine = EngineConfig::new(&config.matching, config.window);
     let plan = Plan {
         seed: 1,
         scenarios,
-        mix: Mix::default(),
+        mix,
         base_time: chrono::Utc::now().timestamp_micros(),
         deadline: engine.deadline,
         orphan_timeout: engine.orphan_timeout,

@@ -88,6 +88,10 @@ pub enum BenchCommand {
         scenarios: usize,
         #[arg(long, default_value_t = 4)]
         partitions: i32,
+        /// The stream's mix, as `loadgen --mix` takes it (`v1` first: the version-1
+        /// stream, then entries turning scenarios on, e.g. `v1,refund=11,chargeback=1`).
+        #[arg(long, default_value = "")]
+        mix: String,
     },
 }
 
@@ -206,9 +210,11 @@ async fn run_bench(command: BenchCommand, config: Config) -> anyhow::Result<()> 
         BenchCommand::Pipeline {
             scenarios,
             partitions,
+            mix,
         } => {
+            let mix = loadgen::parse_mix(&mix).map_err(anyhow::Error::msg)?;
             let (count, elapsed) =
-                bench::pipeline_only(&config, store(&config), scenarios, partitions).await?;
+                bench::pipeline_only(&config, store(&config), scenarios, partitions, mix).await?;
             println!(
                 "pipeline: messages={count} seconds={:.2} eps={:.0} peak_rss_mb={:.1}",
                 elapsed.as_secs_f64(),

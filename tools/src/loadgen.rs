@@ -140,6 +140,18 @@ impl Mix {
         mix
     }
 
+    /// The default mix without the refund and chargeback scenarios (contract §6): the
+    /// version-1 stream, bad messages included.
+    pub fn version_1_only() -> Self {
+        let mut mix = Mix::default();
+        for (name, scenario) in SCENARIOS {
+            if let (true, Some(slot)) = (scenario.is_version_2(), mix.weight_mut(name)) {
+                *slot = 0;
+            }
+        }
+        mix
+    }
+
     /// The weight of the scenario named `name` (its `--mix` name).
     pub fn weight_mut(&mut self, name: &str) -> Option<&mut u32> {
         Some(match name {
@@ -185,6 +197,12 @@ impl Mix {
 pub fn parse_mix(text: &str) -> Result<Mix, String> {
     let mut mix = Mix::default();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        // `v1`: the version-1 stream, every refund and chargeback scenario off (the
+        // entries after it may turn some on again).
+        if part == "v1" {
+            mix = Mix::version_1_only();
+            continue;
+        }
         let (name, value) = part
             .split_once('=')
             .ok_or_else(|| format!("mix entry {part:?}: expected name=weight"))?;
