@@ -165,13 +165,14 @@ impl KeyState {
             }
             _ => {
                 if self.unit(unit).is_none() {
-                    self.extra
-                        .get_or_insert_with(Box::default)
-                        .units
-                        .push(UnitItem {
-                            unit: unit.clone(),
-                            sides: [None, None],
-                        });
+                    let units = &mut self.extra.get_or_insert_with(Box::default).units;
+                    // One more, not the four a first push reserves: most keys have
+                    // one refund or dispute, and each unit is about 200 bytes.
+                    units.reserve_exact(1);
+                    units.push(UnitItem {
+                        unit: unit.clone(),
+                        sides: [None, None],
+                    });
                 }
                 if let Some(found) = self.unit_mut(unit) {
                     found.sides[side_index(side)] = Some(item);
