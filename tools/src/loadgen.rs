@@ -599,6 +599,31 @@ impl Writer<'_> {
 
     /// A version-2 settlement line: `line_type` always written (also `capture`),
     /// `payout_id` when given.
+    /// The reversal `cr` of the chargeback `cb` (for `amount`, its fee given back):
+    /// both lines `chargeback_reversed`, each the other's counterpart, and the
+    /// chargeback's discrepancy resolved `reversed`.
+    fn reversal(
+        &mut self,
+        cb: &str,
+        cr: &str,
+        reversal: &Line,
+        reversed_at: Micros,
+        amount: i64,
+        currency: &str,
+    ) {
+        let reversed = Outcome::ChargebackReversed;
+        self.line(
+            cr,
+            reversal,
+            reversed_at,
+            Amounts::of(amount, -CHARGEBACK_FEE),
+            currency,
+        );
+        self.expect(EventKind::Settlement, cb, reversed, Some(cr));
+        self.expect(EventKind::Settlement, cr, reversed, Some(cb));
+        self.discrepancy(DiscrepancyKind::Chargeback, None, Some(cb), Some(REVERSED));
+    }
+
     fn line(&mut self, event_id: &str, line: &Line, at: Micros, amounts: Amounts, currency: &str) {
         let payout_id = line
             .refund_id()
@@ -719,6 +744,9 @@ impl Writer<'_> {
 }
 
 /// gross, fee and net of a settlement line.
+/// A chargeback costs a fixed fee; a won dispute gives it back.
+const CHARGEBACK_FEE: i64 = 1_500;
+
 #[derive(Debug, Clone, Copy)]
 struct Amounts {
     gross: i64,
@@ -901,8 +929,6 @@ fn version_2(
     let quarter = (plan.deadline / 4).max(2 * MINUTE);
     // A refund line's fee: the PSP gives back its share of the fee (negative).
     let fee_back = |r: i64| -(r / 100);
-    // A chargeback costs a fixed fee; a won dispute gives it back.
-    const CHARGEBACK_FEE: i64 = 1_500;
     let chargeback = Line::Chargeback {
         dispute_id: dispute_id.clone(),
     };
@@ -1050,26 +1076,7 @@ fn version_2(
                 Amounts::of(-amount, CHARGEBACK_FEE),
                 currency,
             );
-            w.line(
-                &cr,
-                &reversal,
-                reversed_at,
-                Amounts::of(amount, -CHARGEBACK_FEE),
-                currency,
-            );
-            w.expect(
-                EventKind::Settlement,
-                &cb,
-                Outcome::ChargebackReversed,
-                Some(&cr),
-            );
-            w.expect(
-                EventKind::Settlement,
-                &cr,
-                Outcome::ChargebackReversed,
-                Some(&cb),
-            );
-            w.discrepancy(DiscrepancyKind::Chargeback, None, Some(&cb), Some(REVERSED));
+            w.reversal(&cb, &cr, &reversal, reversed_at, amount, currency);
         }
         Scenario::OrphanReversal => {
             // A reversal of a dispute this stream never saw open: no capture either.
@@ -1113,26 +1120,7 @@ fn version_2(
             if scenario == Scenario::OverRefundedRecovered {
                 // The dispute won after both: the position is back at amount − refunded.
                 let reversed_at = settled.max(at) + rng.random_range(MINUTE..quarter);
-                w.line(
-                    &cr,
-                    &reversal,
-                    reversed_at,
-                    Amounts::of(amount, -CHARGEBACK_FEE),
-                    currency,
-                );
-                w.expect(
-                    EventKind::Settlement,
-                    &cb,
-                    Outcome::ChargebackReversed,
-                    Some(&cr),
-                );
-                w.expect(
-                    EventKind::Settlement,
-                    &cr,
-                    Outcome::ChargebackReversed,
-                    Some(&cb),
-                );
-                w.discrepancy(DiscrepancyKind::Chargeback, None, Some(&cb), Some(REVERSED));
+                w.reversal(&cb, &cr, &reversal, reversed_at, amount, currency);
                 lines.push((reversed_at, cr.as_str(), amount));
             } else {
                 w.expect(EventKind::Settlement, &cb, Outcome::ChargebackOpen, None);
