@@ -5,7 +5,8 @@
 #     reversal; 200,000 each),
 #   - the worker's peak RSS (VmHWM) draining backlogs of ~100k and ~5M messages with
 #     default settings, and whether they are within 10% of each other.
-# Set BENCH_BIG_SCENARIOS to change the large backlog (≈2.1 messages per scenario).
+# Set BENCH_BIG_SCENARIOS to change the large backlog (≈2.1 messages per scenario), and
+# BENCH_MIX to give the load generator a mix (e.g. `v1`: no refunds or chargebacks).
 # Uses the services from scripts/dev-services.sh; takes several minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ drain() {
     export DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_mem
     export RECON_PAYMENTS_TOPIC="$id-p" RECON_SETTLEMENTS_TOPIC="$id-s" RECON_GROUP_ID="$id" RECON_METRICS_ADDR=127.0.0.1:0
     "$tools" create-topics --partitions 4 >/dev/null
-    "$tools" loadgen --scenarios "$scenarios" --seed 5 --id-prefix "$id-" >"$work/loadgen.txt"
+    "$tools" loadgen --scenarios "$scenarios" --seed 5 --mix "${BENCH_MIX:-}" --id-prefix "$id-" >"$work/loadgen.txt"
     local messages started seconds
     messages=$(awk '/^produced/ {print $2}' "$work/loadgen.txt")
     started=$(date +%s.%N)
