@@ -109,23 +109,6 @@ impl Unit {
         self.kind(side).input()
     }
 
-    /// The settlement line's type and id of an event on `side` (a refund request's
-    /// refund id for the opening side of a refund), as stored.
-    pub fn line(&self, side: Side) -> Line {
-        match (self, side) {
-            (Unit::Capture, _) => Line::Capture,
-            (Unit::Refund(id), _) => Line::Refund {
-                refund_id: id.to_string(),
-            },
-            (Unit::Dispute(id), Side::Opening) => Line::Chargeback {
-                dispute_id: id.to_string(),
-            },
-            (Unit::Dispute(id), Side::Closing) => Line::ChargebackReversal {
-                dispute_id: id.to_string(),
-            },
-        }
-    }
-
     /// What both sides are once they meet. Captures follow rules 1–5 of §2; refunds
     /// too, the request in the payment's role and the line's gross negated (a refund
     /// line is money leaving the merchant); a dispute is reversed.
@@ -140,7 +123,10 @@ impl Unit {
                 classify_refund(request, line, deadline, tolerance)
             }
             // Sides with the other shape of terms do not occur (see `place`).
-            _ => Outcome::Pending,
+            _ => {
+                debug_assert!(false, "a unit's sides have a request's and a line's terms");
+                Outcome::Pending
+            }
         }
     }
 
