@@ -308,6 +308,16 @@ fn currency_field(wild: bool) -> BoxedStrategy<String> {
 const EVENT_IDS: &[&str] = &["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7", "e8", "e9"];
 const PAYMENT_IDS: &[&str] = &["p0", "p1", "p2", "p3"];
 const REFERENCES: &[&str] = &["m0", "m1", "s0"];
+/// Refund and dispute ids (contract §6); also used as payout ids.
+const UNIT_IDS: &[&str] = &["r0", "r1", "d0"];
+/// `line_type` values: the four of contract §6 and one it does not know.
+const LINE_TYPES: &[&str] = &[
+    "capture",
+    "refund",
+    "chargeback",
+    "chargeback_reversal",
+    "adjustment",
+];
 
 /// A JSON object of the right shape for `input`, with hostile values and hostile
 /// syntax around them; and the Kafka key that goes with it.
@@ -317,6 +327,58 @@ fn json_message(input: Input) -> BoxedStrategy<(Vec<u8>, Option<Vec<u8>>)> {
     prop_oneof![1 => Just(None), 1 => (0usize..12).prop_map(Some)]
         .prop_flat_map(move |wild| json_message_with(input, wild))
         .boxed()
+}
+
+/// What turns a message into a version-2 one (contract §6): a variant (0: none; on
+/// payments odd ones make a `refund_requested`, on settlements 1..=5 pick a
+/// `line_type`), the id of its refund or dispute (also its payout id), and whether a
+/// line's gross is negated (refunds and chargebacks are negative).
+type Version2 = (u8, String, bool);
+
+fn version_2(wild: bool) -> BoxedStrategy<Version2> {
+    (
+        0u8..6,
+        string_field(id(UNIT_IDS, wild), wild),
+        any::<bool>(),
+    )
+        .boxed()
+}
+
+/// Rewrites a version-1 message's fields into the version-2 one `version_2` says. The
+/// type is left alone when it is the wild field.
+fn add_version_2(
+    input: Input,
+    fields: &mut Vec<(String, String)>,
+    (variant, unit_id, negative): Version2,
+    wild_type: bool,
+) {
+    match input {
+        Input::Payments if variant % 2 == 1 => {
+            for (name, value) in fields.iter_mut() {
+                match name.as_str() {
+                    "type" if !wild_type => *value = quoted("refund_requested"),
+                    "occurred_at" => *name = "requested_at".into(),
+                    _ => {}
+                }
+            }
+            fields.push(("refund_id".into(), unit_id));
+        }
+        Input::Settlements if variant > 0 => {
+            let line_type = LINE_TYPES[usize::from(variant - 1) % LINE_TYPES.len()];
+            fields.push(("line_type".into(), quoted(line_type)));
+            for name in ["refund_id", "dispute_id", "payout_id"] {
+                fields.push((name.into(), unit_id.clone()));
+            }
+            if negative {
+                for (name, value) in fields.iter_mut() {
+                    if name == "gross_minor" && value.parse::<i64>().is_ok_and(|n| n > 0) {
+                        *value = format!("-{value}");
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 fn json_message_with(
@@ -375,7 +437,7 @@ fn json_message_with(
         currency_field(wild(4)),
         timestamp_field(wild(5)),
         (Just(wild(2)), any::<bool>().prop_map(move |b| b && wild(6))),
-        mutations,
+        (mutations, version_2(wild(3))),
         key,
     )
         .prop_map(
@@ -388,7 +450,7 @@ fn json_message_with(
                 currency,
                 at,
                 (pid_raw, bom),
-                mutations,
+                (mutations, version_2),
                 key,
             )| {
                 let reference_name = match input {
@@ -416,6 +478,7 @@ fn json_message_with(
                 for (name, value) in amount_names.iter().zip(amounts) {
                     fields.push(((*name).to_owned(), value));
                 }
+                add_version_2(input, &mut fields, version_2, wild(0));
                 for (what, n) in mutations {
                     let i = usize::from(n) % fields.len();
                     match what {
@@ -940,7 +1003,7 @@ async fn account(
     .await
     .map_err(|e| fail(format!("reading rejections: {e}")))?;
     let input_of_kind = |kind: &str| match kind {
-        "payment" => Input::Payments,
+        "payment" | "refund" => Input::Payments,
         _ => Input::Settlements,
     };
     let input_of_topic = |topic: &str| match topic {
