@@ -91,6 +91,16 @@ pub enum LogFormat {
 
 pub use crate::engine::{MatchConfig, WindowConfig};
 
+/// Payout control totals (contract §7), on when `RECON_PAYOUTS_TOPIC` is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayoutsConfig {
+    /// The payouts topic, co-partitioned with the other two.
+    pub topic: String,
+    /// `RECON_PAYOUT_GRACE`: how long after `paid_at` a payout may stay unbalanced
+    /// before its discrepancy opens (on the global watermark).
+    pub grace: Duration,
+}
+
 /// The whole worker configuration.
 #[derive(Clone)]
 pub struct Config {
@@ -101,6 +111,8 @@ pub struct Config {
     pub group_id: String,
     pub payments_topic: String,
     pub settlements_topic: String,
+    /// `RECON_PAYOUTS_TOPIC` and `RECON_PAYOUT_GRACE` (contract §7); `None`: off.
+    pub payouts: Option<PayoutsConfig>,
     pub matching: MatchConfig,
     pub window: WindowConfig,
     pub metrics_addr: SocketAddr,
@@ -147,6 +159,7 @@ impl fmt::Debug for Config {
             .field("group_id", &self.group_id)
             .field("payments_topic", &self.payments_topic)
             .field("settlements_topic", &self.settlements_topic)
+            .field("payouts", &self.payouts)
             .field("matching", &self.matching)
             .field("window", &self.window)
             .field("metrics_addr", &self.metrics_addr)
@@ -237,6 +250,7 @@ impl Config {
             group_id: env.text("RECON_GROUP_ID", "recon-worker")?,
             payments_topic: env.text("RECON_PAYMENTS_TOPIC", "payments")?,
             settlements_topic: env.text("RECON_SETTLEMENTS_TOPIC", "settlements")?,
+            payouts: payouts(&env)?,
             matching,
             window,
             metrics_addr,
@@ -298,6 +312,15 @@ impl Config {
                 "a topic different from RECON_PAYMENTS_TOPIC",
             ));
         }
+        if let Some(payouts) = &self.payouts {
+            if payouts.topic == self.payments_topic || payouts.topic == self.settlements_topic {
+                return Err(invalid(
+                    "RECON_PAYOUTS_TOPIC",
+                    &payouts.topic,
+                    "a topic different from RECON_PAYMENTS_TOPIC and RECON_SETTLEMENTS_TOPIC",
+                ));
+            }
+        }
         if self.matching.idle_timeout.is_zero() {
             return Err(invalid("RECON_IDLE_TIMEOUT", "0s", "a positive duration"));
         }
@@ -321,6 +344,25 @@ fn matching(env: &Env<'_>) -> Result<MatchConfig, ConfigError> {
             "a whole number of minor units, 0 or more",
         )?,
     })
+}
+
+/// Longest accepted `RECON_PAYOUT_GRACE`, ten years: beyond it a payout never falls due.
+const MAX_PAYOUT_GRACE: Duration = Duration::from_secs(3650 * 24 * 3600);
+
+/// `RECON_PAYOUTS_TOPIC` (unset or empty: off) and `RECON_PAYOUT_GRACE` (read, and
+/// checked, only when the topic is set).
+fn payouts(env: &Env<'_>) -> Result<Option<PayoutsConfig>, ConfigError> {
+    let topic = match env.get("RECON_PAYOUTS_TOPIC") {
+        None | Some("") => return Ok(None),
+        Some(_) => env.text("RECON_PAYOUTS_TOPIC", "")?,
+    };
+    let grace = env.bounded_duration(
+        "RECON_PAYOUT_GRACE",
+        Duration::from_secs(24 * 3600),
+        Duration::ZERO..=MAX_PAYOUT_GRACE,
+        "a duration from 0s to 3650d such as 24h",
+    )?;
+    Ok(Some(PayoutsConfig { topic, grace }))
 }
 
 /// `RECON_WINDOW_MAX_ITEMS` and `RECON_WINDOW_MAX_BYTES`: the in-memory window's bounds.

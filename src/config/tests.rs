@@ -38,6 +38,59 @@ fn defaults_follow_the_contract() {
 }
 
 #[test]
+fn payouts_are_off_unless_their_topic_is_set() {
+    let off = Config::from_vars(vars(&[URL])).expect("valid");
+    assert_eq!(off.payouts, None);
+    let empty = Config::from_vars(vars(&[URL, ("RECON_PAYOUTS_TOPIC", "")])).expect("valid");
+    assert_eq!(empty.payouts, None);
+    // The grace is only read with the topic: a stale value cannot stop a worker
+    // that does not reconcile payouts.
+    let stale = Config::from_vars(vars(&[URL, ("RECON_PAYOUT_GRACE", "soon")])).expect("valid");
+    assert_eq!(stale.payouts, None);
+    let on = Config::from_vars(vars(&[URL, ("RECON_PAYOUTS_TOPIC", "payouts")])).expect("valid");
+    assert_eq!(
+        on.payouts,
+        Some(PayoutsConfig {
+            topic: "payouts".into(),
+            grace: Duration::from_secs(24 * 3600),
+        })
+    );
+    let graced = Config::from_vars(vars(&[
+        URL,
+        ("RECON_PAYOUTS_TOPIC", "payouts"),
+        ("RECON_PAYOUT_GRACE", "90m"),
+    ]))
+    .expect("valid");
+    assert_eq!(
+        graced.payouts.map(|p| p.grace),
+        Some(Duration::from_secs(5400))
+    );
+}
+
+#[test]
+fn payout_settings_are_checked() {
+    for (variable, value, payouts_topic) in [
+        ("RECON_PAYOUT_GRACE", "soon", "payouts"),
+        ("RECON_PAYOUT_GRACE", "3651d", "payouts"),
+        ("RECON_PAYOUTS_TOPIC", " payouts", " payouts"),
+        ("RECON_PAYOUTS_TOPIC", "payments", "payments"),
+        ("RECON_PAYOUTS_TOPIC", "settlements", "settlements"),
+    ] {
+        let mut given = vec![URL, ("RECON_PAYOUTS_TOPIC", payouts_topic)];
+        if variable == "RECON_PAYOUT_GRACE" {
+            given.push((variable, value));
+        }
+        let error = Config::from_vars(vars(&given))
+            .expect_err(value)
+            .to_string();
+        assert!(
+            error.starts_with(&format!("{variable}={value:?} is invalid")),
+            "{error}"
+        );
+    }
+}
+
+#[test]
 fn the_future_skew_is_a_duration() {
     let config = Config::from_vars(vars(&[URL, ("RECON_MAX_FUTURE_SKEW", "90m")])).expect("valid");
     assert_eq!(config.max_future_skew, Duration::from_secs(5400));

@@ -77,6 +77,75 @@ impl Input {
     }
 }
 
+/// Every topic the worker reads: the two inputs of matching and, when configured, the
+/// payouts topic (contract §7). Positions, rewinds and rejects are per topic; matching
+/// and the watermark are per [`Input`] (announcements never reach the engine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Topic {
+    Payments,
+    Settlements,
+    Payouts,
+}
+
+impl Topic {
+    pub const ALL: [Topic; 3] = [Topic::Payments, Topic::Settlements, Topic::Payouts];
+
+    /// The `topic` label of metrics: the topic's role, whatever it is named.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Topic::Payments => "payments",
+            Topic::Settlements => "settlements",
+            Topic::Payouts => "payouts",
+        }
+    }
+
+    /// The matching input this topic is, if it is one.
+    pub const fn input(self) -> Option<Input> {
+        match self {
+            Topic::Payments => Some(Input::Payments),
+            Topic::Settlements => Some(Input::Settlements),
+            Topic::Payouts => None,
+        }
+    }
+
+    /// The event types this topic carries.
+    pub fn types(self) -> &'static [&'static str] {
+        match self {
+            Topic::Payments => Input::Payments.types(),
+            Topic::Settlements => Input::Settlements.types(),
+            Topic::Payouts => &["payout_announced"],
+        }
+    }
+}
+
+impl From<Input> for Topic {
+    fn from(input: Input) -> Self {
+        match input {
+            Input::Payments => Topic::Payments,
+            Input::Settlements => Topic::Settlements,
+        }
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// `payout_announced` (contract §7): a PSP paid these lines out as one transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    pub event_id: String,
+    pub payout_id: String,
+    pub currency: Currency,
+    /// What reaches the merchant's bank; signed.
+    pub net: i64,
+    /// How many lines the payout has, when the PSP says.
+    pub line_count: Option<i64>,
+    pub paid_at: Micros,
+}
+
 /// What an accepted event is stored as: `recon_outcomes.event_kind`. The payments
 /// topic carries two kinds (a payment, or a refund we requested), the settlements
 /// topic one (a settlement line of any [`LineType`]).
