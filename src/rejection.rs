@@ -5,7 +5,7 @@
 //! apply whichever path rejected the message: the decoder, PostgreSQL refusing values,
 //! or a tool replaying a plan.
 
-use crate::event::Input;
+use crate::event::Topic;
 
 /// At most this many bytes of a rejected message are kept in `rejected_events.payload`;
 /// `payload_size` keeps the original length.
@@ -20,7 +20,7 @@ pub const DATA_ERROR_CLASS: &str = "data_error";
 /// A rejected message, ready to store.
 #[derive(Debug, Clone)]
 pub struct RejectedMessage {
-    pub input: Input,
+    pub topic: Topic,
     pub partition: i32,
     pub offset: i64,
     pub reason: String,
@@ -36,7 +36,7 @@ pub struct RejectedMessage {
 /// Where a rejected message was read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageAt {
-    pub input: Input,
+    pub topic: Topic,
     pub partition: i32,
     pub offset: i64,
 }
@@ -53,7 +53,7 @@ impl RejectedMessage {
     ) -> Self {
         let prefix = |bytes: &[u8], cap: usize| bytes[..bytes.len().min(cap)].to_vec();
         Self {
-            input: at.input,
+            topic: at.topic,
             partition: at.partition,
             offset: at.offset,
             reason,
@@ -74,7 +74,7 @@ mod tests {
         let payload = vec![b'x'; REJECTED_PAYLOAD_CAP + 10];
         let key = vec![b'k'; REJECTED_KEY_CAP * 2];
         let at = MessageAt {
-            input: Input::Settlements,
+            topic: Topic::Settlements,
             partition: 3,
             offset: 9,
         };

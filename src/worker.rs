@@ -253,7 +253,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
         config.database.clone(),
         &config.payments_topic,
         &config.settlements_topic,
-    );
+    )
+    .with_payouts_topic(config.payouts.as_ref().map(|p| p.topic.as_str()));
     let mut signal = std::pin::pin!(shutdown);
     let schema = prepare_schema(
         &store,

@@ -314,6 +314,8 @@ fn one_pair_batch(rows: Vec<RowWrite>, next_offset: i64) -> Vec<PairCheckpoint> 
             generation: 1,
         },
         rejected: Vec::new(),
+        announcements: Vec::new(),
+        watermark: None,
     }]
 }
 

@@ -60,7 +60,7 @@ fn checkpoint(
             generation: 1,
         },
         rejected: vec![RejectedMessage {
-            input: Input::Payments,
+            topic: Input::Payments.into(),
             partition: pair,
             offset: 9,
             reason: "bad".into(),
@@ -69,6 +69,8 @@ fn checkpoint(
             payload_size: 1,
             key: None,
         }],
+        announcements: Vec::new(),
+        watermark: None,
     }
 }
 
@@ -353,6 +355,8 @@ async fn a_checkpoint_retried_after_a_commit_of_unknown_outcome_writes_nothing_t
             generation: 2,
         },
         rejected: Vec::new(),
+        announcements: Vec::new(),
+        watermark: None,
     };
     store
         .checkpoint(std::slice::from_ref(&fired))

@@ -74,7 +74,8 @@ pub fn client_config(config: &Config) -> ClientConfig {
     client
 }
 
-/// Checks both topics exist with the same partition count; returns that count.
+/// Checks every topic read (two, or three with payouts) exists, all with the same
+/// partition count; returns that count.
 pub fn check_co_partitioned(
     consumer: &KafkaConsumer,
     config: &Config,
@@ -94,17 +95,17 @@ pub fn check_co_partitioned(
         }
         Ok(partitions)
     };
-    let payments_partitions = count(&config.payments_topic)?;
-    let settlements_partitions = count(&config.settlements_topic)?;
-    if payments_partitions != settlements_partitions {
-        return Err(ConsumerError::NotCoPartitioned {
-            payments: config.payments_topic.clone(),
-            payments_partitions,
-            settlements: config.settlements_topic.clone(),
-            settlements_partitions,
-        });
+    let mut topics = vec![&config.payments_topic, &config.settlements_topic];
+    topics.extend(config.payouts.as_ref().map(|p| &p.topic));
+    let mut counts = Vec::with_capacity(topics.len());
+    for topic in topics {
+        counts.push((topic.clone(), count(topic)?));
     }
-    Ok(payments_partitions)
+    let partitions = counts[0].1;
+    if counts.iter().any(|&(_, n)| n != partitions) {
+        return Err(ConsumerError::NotCoPartitioned { counts });
+    }
+    Ok(partitions)
 }
 
 /// How long the start-up check waits for a broker to answer.

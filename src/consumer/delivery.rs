@@ -14,8 +14,8 @@ use std::sync::mpsc as std_mpsc;
 
 use tokio::sync::oneshot;
 
-use crate::event::{decode, Event, Input, Limits};
-use crate::pair::{PairPosition, PerInput};
+use crate::event::{decode, decode_announcement, Announcement, Event, Input, Limits, Topic};
+use crate::pair::{PairPosition, PerTopic};
 use crate::rejection::{MessageAt, RejectedMessage, DATA_ERROR_CLASS};
 
 /// One message as read, decoded or rejected.
@@ -32,6 +32,18 @@ pub struct ReadMessage {
     pub reset: Option<OffsetReset>,
 }
 
+/// One message of the payouts topic (contract §7) as read, decoded or rejected.
+/// Announcements never reach the engine: the pair's checkpoint stores them.
+#[derive(Debug)]
+pub struct ReadAnnouncement {
+    /// The pair whose payouts partition this is.
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub decoded: Result<Announcement, RejectedMessage>,
+    pub reset: Option<OffsetReset>,
+}
+
 /// A partition read from below where the consumer stood, without a seek of ours: the
 /// topic was recreated, an unclean leader election truncated the log, or the broker
 /// answered "offset out of range" and `auto.offset.reset` moved the consumer. What
@@ -45,10 +57,10 @@ pub struct OffsetReset {
     pub high_watermark: i64,
 }
 
-/// Whether one input partition has nothing left to read.
+/// Whether one partition has nothing left to read.
 #[derive(Debug, Clone, Copy)]
 pub struct PartitionProgress {
-    pub input: Input,
+    pub topic: Topic,
     pub partition: i32,
     pub caught_up: bool,
     /// High watermark last seen by the client (−1 when unknown).
@@ -66,6 +78,7 @@ pub enum Delivery {
 #[derive(Debug)]
 pub enum Data {
     Message(ReadMessage),
+    Announcement(ReadAnnouncement),
     Progress(Vec<PartitionProgress>),
     /// A [`Rewind`] of this pair took effect: its messages from here on are read from
     /// the requested offsets; any of its messages before this were read before.
@@ -109,10 +122,10 @@ impl From<Control> for Delivery {
     }
 }
 
-/// The next offset to read of one input partition, as committed to PostgreSQL.
+/// The next offset to read of one partition, as committed to PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoredOffset {
-    pub input: Input,
+    pub topic: Topic,
     pub partition: i32,
     pub next_offset: i64,
 }
@@ -127,11 +140,11 @@ pub enum Command {
 }
 
 /// The pipeline's request to read a partition pair again from these offsets (the
-/// beginning where `None`): both topics' partitions are sought there.
+/// beginning where `None`): every topic's partition of the pair is sought there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewind {
     pub pair: i32,
-    pub next_offsets: PerInput<Option<i64>>,
+    pub next_offsets: PerTopic<Option<i64>>,
     /// Messages PostgreSQL refused (a data error): when read again they are handed
     /// over as rejections with this reason, raw bytes and all, instead of decoded.
     pub refused: Vec<Refused>,
@@ -140,7 +153,7 @@ pub struct Rewind {
 /// A message whose values PostgreSQL refused, and its reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
-    pub input: Input,
+    pub topic: Topic,
     pub offset: i64,
     pub reason: String,
 }
@@ -172,11 +185,39 @@ pub fn decode_message(
     limits: Limits,
     refused: Option<String>,
 ) -> Result<Event, RejectedMessage> {
+    // The payouts topic's messages go to `decode_announcement_message`.
+    debug_assert!(at.topic.input().is_some(), "{at:?}");
+    let input = at.topic.input().unwrap_or(Input::Payments);
+    decode_or_refuse(at, key, payload, refused, || {
+        decode(input, key, payload, timestamp_ms, limits)
+    })
+}
+
+/// [`decode_message`] for the payouts topic.
+pub fn decode_announcement_message(
+    at: MessageAt,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    timestamp_ms: Option<i64>,
+    limits: Limits,
+    refused: Option<String>,
+) -> Result<Announcement, RejectedMessage> {
+    decode_or_refuse(at, key, payload, refused, || {
+        decode_announcement(key, payload, timestamp_ms, limits)
+    })
+}
+
+fn decode_or_refuse<T>(
+    at: MessageAt,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    refused: Option<String>,
+    decode: impl FnOnce() -> Result<T, crate::event::Rejection>,
+) -> Result<T, RejectedMessage> {
     let rejected =
         |reason: String, class: &'static str| RejectedMessage::new(at, reason, class, key, payload);
     match refused {
         Some(reason) => Err(rejected(reason, DATA_ERROR_CLASS)),
-        None => decode(at.input, key, payload, timestamp_ms, limits)
-            .map_err(|rejection| rejected(rejection.to_string(), rejection.class())),
+        None => decode().map_err(|rejection| rejected(rejection.to_string(), rejection.class())),
     }
 }

@@ -12,7 +12,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::client::{cached_watermarks, KafkaConsumer};
 use super::delivery::PartitionProgress;
 use super::poller::Reader;
-use crate::event::Input;
+use crate::event::{Input, Topic};
 
 /// How far (in Kafka timestamps) one topic of a pair is read ahead of the other while
 /// the other still has messages to read. librdkafka fetches partitions independently
@@ -24,12 +24,13 @@ const MAX_LEAD_MS: i64 = 1000;
 impl Reader {
     /// Whether this thread has read everything the broker last reported.
     fn caught_up(&self, consumer: &KafkaConsumer, input: Input, partition: i32) -> bool {
-        let watermarks = cached_watermarks(consumer, &self.topics[input], partition);
-        self.caught_up_to(input, partition, watermarks)
+        let name = self.topics.name(input.into()).unwrap_or_default();
+        let watermarks = cached_watermarks(consumer, name, partition);
+        self.caught_up_to(input.into(), partition, watermarks)
     }
 
-    fn caught_up_to(&self, input: Input, partition: i32, (low, high): (i64, i64)) -> bool {
-        match self.positions.get(&(input, partition)) {
+    fn caught_up_to(&self, topic: Topic, partition: i32, (low, high): (i64, i64)) -> bool {
+        match self.positions.get(&(topic, partition)) {
             Some(&position) => high >= 0 && position >= high,
             // Nothing read since assignment: caught up only if the partition is empty.
             None => high >= 0 && low >= 0 && high == low,
@@ -51,7 +52,10 @@ impl Reader {
             let Offset::Offset(offset) = element.offset() else {
                 continue;
             };
-            let key = (self.input_of(element.topic()), element.partition());
+            let Some(topic) = self.topic_of(element.topic()) else {
+                continue;
+            };
+            let key = (topic, element.partition());
             let position = self.positions.entry(key).or_insert(offset);
             *position = (*position).max(offset);
         }
@@ -59,14 +63,15 @@ impl Reader {
 
     /// Pauses a topic's partition that runs more than [`MAX_LEAD_MS`] ahead of its
     /// co-partition while that one has a backlog; resumes it once the other has caught
-    /// up to half that lead, or has nothing left to read.
+    /// up to half that lead, or has nothing left to read. Only the two inputs are
+    /// kept in step: the payouts partition is sparse and never paused.
     pub(super) fn keep_in_step(&mut self, consumer: &KafkaConsumer, partition: i32) {
         for input in Input::ALL {
             let other = input.other();
-            let key = (input, partition);
+            let key = (Topic::from(input), partition);
             let (Some(&mine), Some(&theirs)) = (
                 self.last_timestamps.get(&key),
-                self.last_timestamps.get(&(other, partition)),
+                self.last_timestamps.get(&(other.into(), partition)),
             ) else {
                 continue;
             };
@@ -107,11 +112,11 @@ impl Reader {
     pub(super) fn pause_or_resume(
         &self,
         consumer: &KafkaConsumer,
-        (input, partition): (Input, i32),
+        (topic, partition): (Topic, i32),
         pause: bool,
     ) -> bool {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topics[input], partition);
+        tpl.add_partition(self.topics.name(topic).unwrap_or_default(), partition);
         let result = if pause {
             consumer.pause(&tpl)
         } else {
@@ -119,11 +124,11 @@ impl Reader {
         };
         match result {
             Ok(()) => {
-                tracing::debug!(%input, partition, pause, "keeping the pair's topics in step");
+                tracing::debug!(%topic, partition, pause, "keeping the pair's topics in step");
                 true
             }
             Err(error) => {
-                tracing::warn!(%error, %input, partition, pause, "pause/resume failed");
+                tracing::warn!(%error, %topic, partition, pause, "pause/resume failed");
                 false
             }
         }
@@ -137,13 +142,15 @@ impl Reader {
         self.merge_client_positions(consumer);
         let mut progress = Vec::new();
         for element in assignment.elements() {
-            let input = self.input_of(element.topic());
+            let Some(topic) = self.topic_of(element.topic()) else {
+                continue;
+            };
             let partition = element.partition();
             let watermarks = cached_watermarks(consumer, element.topic(), partition);
             progress.push(PartitionProgress {
-                input,
+                topic,
                 partition,
-                caught_up: self.caught_up_to(input, partition, watermarks),
+                caught_up: self.caught_up_to(topic, partition, watermarks),
                 high_watermark: watermarks.1,
             });
         }

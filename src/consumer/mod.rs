@@ -32,15 +32,16 @@ use tokio::sync::mpsc;
 
 pub use client::{check_co_partitioned, client_config, KafkaConsumer};
 pub use delivery::{
-    decode_message, Command, ConsumerHandle, Control, Data, Delivery, OffsetReset,
-    PartitionProgress, ReadMessage, Refused, Rewind, StoredOffset,
+    decode_announcement_message, decode_message, Command, ConsumerHandle, Control, Data,
+    Delivery, OffsetReset, PartitionProgress, ReadAnnouncement, ReadMessage, Refused, Rewind,
+    StoredOffset,
 };
 use poller::{Poller, Reader};
 use rebalance::RebalanceContext;
 pub use security::TlsCause;
 
 use crate::config::Config;
-use crate::pair::PerInput;
+use crate::pair::TopicNames;
 use crate::telemetry::Health;
 
 /// A Kafka failure at start, saying whether retrying can help
@@ -74,16 +75,9 @@ pub enum ConsumerError {
     Tls { cause: TlsCause, reason: String },
     #[error("topic {topic:?} does not exist on {brokers}")]
     MissingTopic { topic: String, brokers: String },
-    #[error(
-        "topics are not co-partitioned: {payments:?} has {payments_partitions} partitions, \
-         {settlements:?} has {settlements_partitions}; both must have the same count"
-    )]
-    NotCoPartitioned {
-        payments: String,
-        payments_partitions: usize,
-        settlements: String,
-        settlements_partitions: usize,
-    },
+    /// The topics' partition counts, in the order payments, settlements (, payouts).
+    #[error("topics are not co-partitioned: {}; all must have the same count", partition_counts(.counts))]
+    NotCoPartitioned { counts: Vec<(String, usize)> },
 }
 
 impl ConsumerError {
@@ -98,6 +92,14 @@ impl ConsumerError {
     }
 }
 
+fn partition_counts(counts: &[(String, usize)]) -> String {
+    let counts: Vec<String> = counts
+        .iter()
+        .map(|(topic, partitions)| format!("{topic:?} has {partitions} partitions"))
+        .collect();
+    counts.join(", ")
+}
+
 fn last_error_text(last_error: &Option<String>) -> String {
     last_error
         .as_ref()
@@ -110,6 +112,9 @@ pub struct PollThread {
     handle: thread::JoinHandle<()>,
     /// True once the consumer failed for good (an assignment could not be taken).
     pub failed: Arc<AtomicBool>,
+    /// The topics' partition count (all the same: checked at start), so the number of
+    /// partition pairs.
+    pub partitions: usize,
 }
 
 impl PollThread {
@@ -132,10 +137,11 @@ pub fn start(
     health: Arc<Health>,
 ) -> Result<(PollThread, ConsumerHandle), ConsumerError> {
     let failed = Arc::new(AtomicBool::new(false));
-    let topics = PerInput::new(
-        config.payments_topic.clone(),
-        config.settlements_topic.clone(),
-    );
+    let topics = TopicNames {
+        payments: config.payments_topic.clone(),
+        settlements: config.settlements_topic.clone(),
+        payouts: config.payouts.as_ref().map(|p| p.topic.clone()),
+    };
     let context = RebalanceContext::new(
         deliveries.clone(),
         topics.clone(),
@@ -150,10 +156,12 @@ pub fn start(
     tracing::info!(
         payments = %config.payments_topic,
         settlements = %config.settlements_topic,
+        payouts = ?topics.payouts,
         partitions,
         "topics are co-partitioned"
     );
-    consumer.subscribe(&[&config.payments_topic, &config.settlements_topic])?;
+    let names: Vec<&str> = topics.active().filter_map(|t| topics.name(t)).collect();
+    consumer.subscribe(&names)?;
     let (commands, command_receiver) = std_mpsc::channel();
     let poller = Poller {
         consumer,
@@ -167,5 +175,12 @@ pub fn start(
         .name("kafka-poll".into())
         .spawn(move || poller.run())
         .map_err(|e| ConsumerError::Kafka(KafkaError::ClientCreation(e.to_string())))?;
-    Ok((PollThread { handle, failed }, ConsumerHandle { commands }))
+    Ok((
+        PollThread {
+            handle,
+            failed,
+            partitions,
+        },
+        ConsumerHandle { commands },
+    ))
 }

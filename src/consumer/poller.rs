@@ -21,11 +21,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::client::{cached_watermarks, KafkaConsumer};
 use super::delivery::{
-    decode_message, Command, Control, Data, Delivery, OffsetReset, ReadMessage, Rewind,
-    StoredOffset,
+    decode_announcement_message, decode_message, Command, Control, Data, Delivery, OffsetReset,
+    ReadAnnouncement, ReadMessage, Rewind, StoredOffset,
 };
-use crate::event::{Input, Limits};
-use crate::pair::PerInput;
+use crate::event::{Limits, Topic};
+use crate::pair::TopicNames;
 use crate::rejection::MessageAt;
 use crate::telemetry::Health;
 
@@ -46,17 +46,17 @@ pub(super) struct Poller {
 /// What the poll thread knows of each partition it reads. Kept apart from the consumer
 /// so that a message borrowed from the consumer can be read into it.
 pub(super) struct Reader {
-    pub topics: PerInput<String>,
+    pub topics: TopicNames,
     pub limits: Limits,
-    /// Next offset to read per (input, partition), as far as this thread has read.
-    pub positions: HashMap<(Input, i32), i64>,
-    /// Kafka timestamp of the last message read per (input, partition).
-    pub last_timestamps: HashMap<(Input, i32), i64>,
+    /// Next offset to read per (topic, partition), as far as this thread has read.
+    pub positions: HashMap<(Topic, i32), i64>,
+    /// Kafka timestamp of the last message read per (topic, partition).
+    pub last_timestamps: HashMap<(Topic, i32), i64>,
     /// Partitions paused for running ahead of their co-partition.
-    pub paused: HashSet<(Input, i32)>,
-    /// Messages PostgreSQL refused, by (input, partition, offset): read again after a
+    pub paused: HashSet<(Topic, i32)>,
+    /// Messages PostgreSQL refused, by (topic, partition, offset): read again after a
     /// rewind, each becomes a rejection with PostgreSQL's reason.
-    pub refused: HashMap<(Input, i32, i64), String>,
+    pub refused: HashMap<(Topic, i32, i64), String>,
     /// Rewinds not yet done (a seek that failed is tried again on the next turn).
     pub rewinds_pending: Vec<Rewind>,
     pub health: Arc<Health>,
@@ -75,7 +75,7 @@ impl Poller {
                     let delivery = self.reader.read(&self.consumer, &message);
                     self.reader
                         .keep_in_step(&self.consumer, message.partition());
-                    Some(delivery)
+                    delivery
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "poll error");
@@ -132,7 +132,7 @@ impl Poller {
                     // revoke committed these partitions' offsets, and another worker
                     // may own them now.
                     if let Some(assigned) = self.reader.assigned(&self.consumer) {
-                        offsets.retain(|o| assigned.contains(&(o.input, o.partition)));
+                        offsets.retain(|o| assigned.contains(&(o.topic, o.partition)));
                     }
                     commit_advisory(&self.consumer, &self.reader.topics, &offsets)
                 }
@@ -144,7 +144,7 @@ impl Poller {
 }
 
 impl Reader {
-    pub fn new(topics: PerInput<String>, limits: Limits, health: Arc<Health>) -> Self {
+    pub fn new(topics: TopicNames, limits: Limits, health: Arc<Health>) -> Self {
         Self {
             topics,
             limits,
@@ -157,40 +157,62 @@ impl Reader {
         }
     }
 
-    pub fn input_of(&self, topic: &str) -> Input {
-        input_of(&self.topics, topic)
+    /// Which topic a name is; `None` for one this worker does not read.
+    pub fn topic_of(&self, name: &str) -> Option<Topic> {
+        self.topics.topic_of(name)
     }
 
-    fn read(&mut self, consumer: &KafkaConsumer, message: &BorrowedMessage<'_>) -> Delivery {
+    /// The delivery of one message; `None` for a message of a topic this worker does
+    /// not read (it subscribes to none such: a broker's mistake, logged and dropped
+    /// rather than handed to another topic's decoder).
+    fn read(
+        &mut self,
+        consumer: &KafkaConsumer,
+        message: &BorrowedMessage<'_>,
+    ) -> Option<Delivery> {
+        let Some(topic) = self.topic_of(message.topic()) else {
+            tracing::error!(topic = message.topic(), "message of a topic not subscribed to; dropped");
+            return None;
+        };
         let at = MessageAt {
-            input: self.input_of(message.topic()),
+            topic,
             partition: message.partition(),
             offset: message.offset(),
         };
-        let key = (at.input, at.partition);
+        let key = (at.topic, at.partition);
         let reset = self.check_offset(consumer, at);
         self.positions.insert(key, at.offset + 1);
         let timestamp_ms = message.timestamp().to_millis();
         if let Some(timestamp) = timestamp_ms {
             self.last_timestamps.insert(key, timestamp);
         }
-        let refused = self.refused.remove(&(at.input, at.partition, at.offset));
-        ReadMessage {
-            input: at.input,
-            partition: at.partition,
-            offset: at.offset,
-            timestamp_ms,
-            decoded: decode_message(
-                at,
-                message.key(),
-                message.payload(),
+        let refused = self.refused.remove(&(at.topic, at.partition, at.offset));
+        let (payload_key, payload) = (message.key(), message.payload());
+        let data = match topic.input() {
+            Some(input) => Data::Message(ReadMessage {
+                input,
+                partition: at.partition,
+                offset: at.offset,
                 timestamp_ms,
-                self.limits,
-                refused,
-            ),
-            reset,
-        }
-        .into()
+                decoded: decode_message(at, payload_key, payload, timestamp_ms, self.limits, refused),
+                reset,
+            }),
+            None => Data::Announcement(ReadAnnouncement {
+                partition: at.partition,
+                offset: at.offset,
+                timestamp_ms,
+                decoded: decode_announcement_message(
+                    at,
+                    payload_key,
+                    payload,
+                    timestamp_ms,
+                    self.limits,
+                    refused,
+                ),
+                reset,
+            }),
+        };
+        Some(Delivery::Data(data))
     }
 
     /// Compares a message's offset with where this thread expected to read next. Below
@@ -201,15 +223,15 @@ impl Reader {
     /// markers, compaction).
     fn check_offset(&self, consumer: &KafkaConsumer, at: MessageAt) -> Option<OffsetReset> {
         let MessageAt {
-            input,
+            topic: role,
             partition,
             offset,
         } = at;
-        let &expected = self.positions.get(&(input, partition))?;
-        let topic = &self.topics[input];
+        let &expected = self.positions.get(&(role, partition))?;
+        let topic = self.topics.name(role).unwrap_or_default();
         if offset < expected {
             let (_, high) = cached_watermarks(consumer, topic, partition);
-            count_offset_reset(input, partition);
+            count_offset_reset(role, partition);
             tracing::error!(
                 topic = %topic,
                 partition,
@@ -227,7 +249,7 @@ impl Reader {
         if offset > expected {
             let (low, _) = cached_watermarks(consumer, topic, partition);
             if low > expected {
-                count_offset_reset(input, partition);
+                count_offset_reset(role, partition);
                 tracing::error!(
                     topic = %topic,
                     partition,
@@ -246,7 +268,7 @@ impl Reader {
     /// stored offsets, and nothing read before belongs to them any more.
     fn take_assigned(&mut self, consumer: &KafkaConsumer) {
         for a in consumer.context().take_assigned() {
-            let key = (a.input, a.partition);
+            let key = (a.topic, a.partition);
             match a.next_offset {
                 Some(offset) => self.positions.insert(key, offset),
                 None => self.positions.remove(&key),
@@ -255,7 +277,7 @@ impl Reader {
             // The assignment resumed it.
             self.paused.remove(&key);
             self.refused
-                .retain(|&(input, partition, _), _| (input, partition) != key);
+                .retain(|&(topic, partition, _), _| (topic, partition) != key);
         }
     }
 
@@ -279,13 +301,14 @@ impl Reader {
         let mut retry = Vec::new();
         for rewind in std::mem::take(&mut self.rewinds_pending) {
             let pair = rewind.pair;
-            if !Input::ALL.iter().all(|&i| assigned.contains(&(i, pair))) {
+            if !self.topics.active().all(|t| assigned.contains(&(t, pair))) {
                 tracing::info!(pair, "rewind skipped: the pair is no longer assigned");
                 continue;
             }
-            let sought = Input::ALL.iter().try_for_each(|&input| {
-                let offset = rewind.next_offsets[input].map_or(Offset::Beginning, Offset::Offset);
-                consumer.seek(&self.topics[input], pair, offset, REWIND_TIMEOUT)
+            let sought = self.topics.active().try_for_each(|topic| {
+                let offset = rewind.next_offsets[topic].map_or(Offset::Beginning, Offset::Offset);
+                let name = self.topics.name(topic).unwrap_or_default();
+                consumer.seek(name, pair, offset, REWIND_TIMEOUT)
             });
             if let Err(error) = sought {
                 tracing::warn!(%error, pair, "seek for a rewind failed; trying again");
@@ -306,24 +329,25 @@ impl Reader {
     /// the refused messages there will be rejected with PostgreSQL's reason.
     fn rewound(&mut self, consumer: &KafkaConsumer, rewind: &Rewind) {
         let pair = rewind.pair;
-        for input in Input::ALL {
-            self.last_timestamps.remove(&(input, pair));
-            match rewind.next_offsets[input] {
-                Some(offset) => self.positions.insert((input, pair), offset),
-                None => self.positions.remove(&(input, pair)),
+        let topics: Vec<Topic> = self.topics.active().collect();
+        for topic in topics {
+            self.last_timestamps.remove(&(topic, pair));
+            match rewind.next_offsets[topic] {
+                Some(offset) => self.positions.insert((topic, pair), offset),
+                None => self.positions.remove(&(topic, pair)),
             };
             // With its Kafka timestamps forgotten, the in-step rule has nothing to
             // resume a partition it paused by: left paused, it would not be read again
             // until the next rebalance.
-            if self.paused.remove(&(input, pair)) {
-                self.pause_or_resume(consumer, (input, pair), false);
+            if self.paused.remove(&(topic, pair)) {
+                self.pause_or_resume(consumer, (topic, pair), false);
             }
         }
         self.refused
             .retain(|&(_, partition, _), _| partition != pair);
         for refused in &rewind.refused {
             self.refused.insert(
-                (refused.input, pair, refused.offset),
+                (refused.topic, pair, refused.offset),
                 refused.reason.clone(),
             );
         }
@@ -342,31 +366,22 @@ impl Reader {
         }
     }
 
-    /// The (input, partition)s assigned to this consumer now.
-    pub fn assigned(&self, consumer: &KafkaConsumer) -> Option<HashSet<(Input, i32)>> {
+    /// The (topic, partition)s assigned to this consumer now.
+    pub fn assigned(&self, consumer: &KafkaConsumer) -> Option<HashSet<(Topic, i32)>> {
         let assignment = consumer.assignment().ok()?;
         Some(
             assignment
                 .elements()
                 .iter()
-                .map(|e| (self.input_of(e.topic()), e.partition()))
+                .filter_map(|e| Some((self.topic_of(e.topic())?, e.partition())))
                 .collect(),
         )
     }
 }
 
-/// Which input a topic name is (the consumer subscribes to these two only).
-pub(super) fn input_of(topics: &PerInput<String>, topic: &str) -> Input {
-    if topic == topics[Input::Payments] {
-        Input::Payments
-    } else {
-        Input::Settlements
-    }
-}
-
 /// One offset reset (or unread messages deleted) seen on this partition.
-fn count_offset_reset(input: Input, partition: i32) {
-    metrics::counter!(crate::telemetry::metrics::OFFSET_RESETS, "topic" => input.label(), "partition" => partition.to_string())
+fn count_offset_reset(topic: Topic, partition: i32) {
+    metrics::counter!(crate::telemetry::metrics::OFFSET_RESETS, "topic" => topic.label(), "partition" => partition.to_string())
         .increment(1);
 }
 
@@ -374,12 +389,14 @@ fn count_offset_reset(input: Input, partition: i32) {
 /// database commit. Asynchronous and advisory: PostgreSQL stays the source of truth.
 pub(super) fn commit_advisory(
     consumer: &KafkaConsumer,
-    topics: &PerInput<String>,
+    topics: &TopicNames,
     offsets: &[StoredOffset],
 ) {
     let mut tpl = TopicPartitionList::new();
     for stored in offsets {
-        let topic = &topics[stored.input];
+        let Some(topic) = topics.name(stored.topic) else {
+            continue;
+        };
         let offset = Offset::Offset(stored.next_offset);
         let _ = tpl.add_partition_offset(topic, stored.partition, offset);
     }

@@ -5,8 +5,10 @@
 //! stored offset; a revocation lets the partitions go only after the pipeline has
 //! finished the batch in hand and answered with the offsets to commit. Both wait on a
 //! `oneshot` answer, which is fine on the poll thread and would not be on a tokio
-//! worker. Under the next-generation protocol the two partitions of a pair may come
-//! and go in different callbacks; a pair is owned only while both are granted.
+//! worker. A pair is owned only while this worker holds its partition of every topic it
+//! reads (two, or three with payouts): under the next-generation protocol they may
+//! come and go in different callbacks, and a group whose members disagree on the
+//! payouts topic can hand one member a payouts partition without its inputs.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,24 +22,24 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
 use super::delivery::{Control, Delivery};
-use super::poller::{commit_advisory, input_of};
+use super::poller::commit_advisory;
 use super::security::ConnectionErrors;
 use crate::config::Scrubber;
-use crate::event::Input;
-use crate::pair::{PairPosition, PerInput};
+use crate::event::Topic;
+use crate::pair::{PairPosition, PerTopic, TopicNames};
 use crate::telemetry::Health;
 
 /// Callbacks librdkafka runs on the poll thread.
 pub struct RebalanceContext {
     pub(super) deliveries: mpsc::Sender<Delivery>,
-    pub(super) topics: PerInput<String>,
+    pub(super) topics: TopicNames,
     /// Set when an assignment could not be taken: the worker must stop.
     pub(super) failed: Arc<AtomicBool>,
     pub(super) health: Arc<Health>,
     /// Next-generation protocol only: which of each pair's partitions the coordinator
-    /// has granted (payments, settlements). Only librdkafka's callbacks on the poll
-    /// thread touch it; the lock satisfies the context's `Sync` bound.
-    pub(super) granted: Mutex<HashMap<i32, PerInput<bool>>>,
+    /// has granted, per topic. Only librdkafka's callbacks on the poll thread touch
+    /// it; the lock satisfies the context's `Sync` bound.
+    pub(super) granted: Mutex<HashMap<i32, PerTopic<bool>>>,
     /// Where each newly assigned partition starts, for the poll thread (the callback
     /// runs inside its `poll`, which cannot lend it the poller itself).
     pub(super) assigned: Mutex<Vec<Assigned>>,
@@ -50,7 +52,7 @@ pub struct RebalanceContext {
 /// A partition just assigned, and the offset it is read from (`None`: the beginning).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Assigned {
-    pub input: Input,
+    pub topic: Topic,
     pub partition: i32,
     pub next_offset: Option<i64>,
 }
@@ -102,10 +104,18 @@ impl ConsumerContext for RebalanceContext {
         ) {
             return self.rebalance_incrementally(consumer, err, tpl);
         }
-        let pairs = pairs_of(tpl);
+        let (pairs, lone) = self.pairs_of(tpl);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 tracing::info!(?pairs, "partition pairs assigned");
+                if !lone.is_empty() {
+                    tracing::error!(
+                        partitions = ?lone,
+                        "assigned partitions whose pair is not whole here (do all workers of the \
+                         group read the same topics? RECON_PAYOUTS_TOPIC must be the same on \
+                         every worker); they are not read"
+                    );
+                }
                 match self.take_ownership(&pairs) {
                     Ok(positions) => {
                         let assignment = self.assignment(&positions);
@@ -145,7 +155,7 @@ impl ConsumerContext for RebalanceContext {
 impl RebalanceContext {
     pub(super) fn new(
         deliveries: mpsc::Sender<Delivery>,
-        topics: PerInput<String>,
+        topics: TopicNames,
         failed: Arc<AtomicBool>,
         health: Arc<Health>,
         scrubber: Scrubber,
@@ -170,8 +180,8 @@ impl RebalanceContext {
         }
     }
 
-    pub(super) fn input_of(&self, topic: &str) -> Input {
-        input_of(&self.topics, topic)
+    pub(super) fn topic_of(&self, name: &str) -> Option<Topic> {
+        self.topics.topic_of(name)
     }
 
     /// Has the pipeline finish the batch in hand and drop the pairs' state, waits for
@@ -205,14 +215,14 @@ impl RebalanceContext {
             .map_err(|_| "pipeline has stopped".to_owned())?
     }
 
-    /// Both topics' partitions of each pair, at the offsets stored in PostgreSQL, or
+    /// Every topic's partition of each pair, at the offsets stored in PostgreSQL, or
     /// from the beginning when nothing was stored: nothing may be skipped.
     pub(super) fn assignment(&self, positions: &[PairPosition]) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         for position in positions {
-            for input in Input::ALL {
-                let offset = position.next_offsets[input].map_or(Offset::Beginning, Offset::Offset);
-                let topic = self.topic(input);
+            for role in self.topics.active() {
+                let offset = position.next_offsets[role].map_or(Offset::Beginning, Offset::Offset);
+                let topic = self.topic(role);
                 if let Err(error) = tpl.add_partition_offset(topic, position.pair, offset) {
                     tracing::error!(%error, topic, partition = position.pair, "bad partition offset");
                 }
@@ -221,8 +231,9 @@ impl RebalanceContext {
         tpl
     }
 
-    pub(super) fn topic(&self, input: Input) -> &str {
-        &self.topics[input]
+    /// The name of a topic this worker reads.
+    pub(super) fn topic(&self, topic: Topic) -> &str {
+        self.topics.name(topic).unwrap_or_default()
     }
 
     /// Hands the poll thread the offsets the pairs resume from. Without them a
@@ -234,20 +245,35 @@ impl RebalanceContext {
             return;
         };
         for position in positions {
-            for input in Input::ALL {
+            for topic in self.topics.active() {
                 assigned.push(Assigned {
-                    input,
+                    topic,
                     partition: position.pair,
-                    next_offset: position.next_offsets[input],
+                    next_offset: position.next_offsets[topic],
                 });
             }
         }
     }
-}
 
-fn pairs_of(tpl: &TopicPartitionList) -> Vec<i32> {
-    let mut pairs: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-    pairs.sort_unstable();
-    pairs.dedup();
-    pairs
+    /// The pairs of which `tpl` holds every topic's partition, and the partitions
+    /// left over (whose pair is not whole in it).
+    fn pairs_of(&self, tpl: &TopicPartitionList) -> (Vec<i32>, Vec<(Topic, i32)>) {
+        let mut held: HashMap<i32, PerTopic<bool>> = HashMap::new();
+        for element in tpl.elements() {
+            if let Some(topic) = self.topic_of(element.topic()) {
+                held.entry(element.partition()).or_default()[topic] = true;
+            }
+        }
+        let (mut pairs, mut lone) = (Vec::new(), Vec::new());
+        for (pair, held) in held {
+            if self.topics.active().all(|topic| held[topic]) {
+                pairs.push(pair);
+            } else {
+                lone.extend(self.topics.active().filter(|&t| held[t]).map(|t| (t, pair)));
+            }
+        }
+        pairs.sort_unstable();
+        lone.sort_unstable();
+        (pairs, lone)
+    }
 }

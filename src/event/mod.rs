@@ -10,9 +10,11 @@ use std::fmt;
 
 use crate::money::{Currency, MinorUnits};
 
+mod announce_stub;
 mod decode;
 mod reason;
 
+pub use announce_stub::decode_announcement;
 pub use decode::decode;
 pub use reason::Rejection;
 

@@ -7,23 +7,32 @@ use std::collections::BTreeMap;
 
 use hashbrown::HashMap;
 
-use crate::consumer::{Data, OffsetReset, ReadMessage, Refused, StoredOffset};
+use std::time::Instant;
+
+use crate::consumer::{Data, OffsetReset, ReadAnnouncement, ReadMessage, Refused, StoredOffset};
 use crate::engine::{Applied, EngineConfig, PairEngine, WindowConfig};
-use crate::event::{Input, Micros};
-use crate::pair::{PairPosition, PerInput};
+use crate::event::{Micros, Topic};
+use crate::pair::{PairPosition, PerInput, PerTopic};
 use crate::rejection::RejectedMessage;
-use crate::store::RefusedMessage;
+use crate::store::{AnnouncementAt, RefusedMessage};
 
 pub(super) struct OwnedPair {
     pub epoch: i64,
     pub engine: PairEngine,
-    /// Next offset to read per input, as far as this pipeline has processed.
-    pub read: PerInput<Option<i64>>,
-    /// Next offset per input as last committed to PostgreSQL.
-    pub committed: PerInput<Option<i64>>,
-    /// Next offset per input as last handed to a commit (committed or in flight).
-    pub sent: PerInput<Option<i64>>,
-    pub high_watermarks: PerInput<i64>,
+    /// Next offset to read per topic, as far as this pipeline has processed.
+    pub read: PerTopic<Option<i64>>,
+    /// Next offset per topic as last committed to PostgreSQL.
+    pub committed: PerTopic<Option<i64>>,
+    /// Next offset per topic as last handed to a commit (committed or in flight).
+    pub sent: PerTopic<Option<i64>>,
+    pub high_watermarks: PerTopic<i64>,
+    /// Payout announcements read since the last checkpoint, in partition order, for
+    /// the next one to store (contract §7: committed by the pair's owner).
+    pub announcements: Vec<AnnouncementAt>,
+    /// The pair's watermark as last handed to a checkpoint, and when: an idle pair's
+    /// watermark moves with the clock, and the global watermark over all pairs is made
+    /// of what the checkpoints stored.
+    pub watermark_sent: (Option<Micros>, Instant),
     /// Rewound, and waiting for the poll thread's marker: the pair's messages before
     /// it were read before the rewind and are dropped.
     pub rewinding: bool,
@@ -43,8 +52,8 @@ pub(super) struct OwnedPair {
 /// must not be counted twice.
 #[derive(Debug, Default)]
 pub(super) struct ReadCounts {
-    pub consumed: PerInput<u64>,
-    pub redelivered: PerInput<u64>,
+    pub consumed: PerTopic<u64>,
+    pub redelivered: PerTopic<u64>,
 }
 
 /// A pair whose insert clashed, or whose values PostgreSQL refused, to be rebuilt
@@ -53,7 +62,7 @@ pub(super) struct Replay {
     pub pair: i32,
     pub epoch: i64,
     /// How far the pair had read when it was dropped.
-    pub read: PerInput<Option<i64>>,
+    pub read: PerTopic<Option<i64>>,
     /// Check every event id against storage until past `read` (after a clash).
     pub probe: bool,
     /// Messages to reject when read again.
@@ -87,7 +96,9 @@ impl OwnedPair {
             read: position.next_offsets,
             committed: position.next_offsets,
             sent: position.next_offsets,
-            high_watermarks: PerInput::new(-1, -1),
+            high_watermarks: PerTopic::from_fn(|_| -1),
+            announcements: Vec::new(),
+            watermark_sent: (None, Instant::now()),
             rewinding: false,
             probe_until: None,
             refused: Vec::new(),
@@ -99,15 +110,19 @@ impl OwnedPair {
     /// [`OffsetReset`]): what comes from here is read as new, and every event id is
     /// checked against storage up to the log's end as it was then, so messages read
     /// before come out as redeliveries whatever their payment id.
-    fn reset(&mut self, input: Input, offset: i64, reset: OffsetReset) {
+    fn reset(&mut self, topic: Topic, offset: i64, reset: OffsetReset) {
         tracing::warn!(
-            topic = %input,
+            %topic,
             offset,
             expected = reset.expected,
-            read = ?self.read[input],
+            read = ?self.read[topic],
             "reading the partition again from below its position; checking every event id"
         );
-        self.read[input] = Some(offset);
+        self.read[topic] = Some(offset);
+        // Announcements need no probe: a redelivered one is skipped by its event id.
+        let Some(input) = topic.input() else {
+            return;
+        };
         let until = if reset.high_watermark >= 0 {
             reset.high_watermark
         } else {
@@ -125,7 +140,7 @@ impl OwnedPair {
             return Read::Stale;
         }
         if let Some(reset) = message.reset {
-            self.reset(input, message.offset, reset);
+            self.reset(input.into(), message.offset, reset);
         }
         // Read again after a rewind that a reassignment overtook (a reset of the log
         // itself came flagged, and moved the read position).
@@ -145,6 +160,32 @@ impl OwnedPair {
                 self.engine.observe_activity(input);
                 Read::Rejected(rejection)
             }
+        }
+    }
+
+    /// Takes one message of the payouts topic: kept for the next checkpoint, or
+    /// rejected. Stale ones are dropped as for the inputs.
+    fn announce(&mut self, message: ReadAnnouncement) -> Read {
+        if self.rewinding {
+            return Read::Stale;
+        }
+        if let Some(reset) = message.reset {
+            self.reset(Topic::Payouts, message.offset, reset);
+        }
+        if self.read[Topic::Payouts].is_some_and(|next| message.offset < next) {
+            return Read::Stale;
+        }
+        self.read[Topic::Payouts] = Some(message.offset + 1);
+        self.counts.consumed[Topic::Payouts] += 1;
+        match message.decoded {
+            Ok(announcement) => {
+                self.announcements.push(AnnouncementAt {
+                    offset: message.offset,
+                    announcement,
+                });
+                Read::Applied
+            }
+            Err(rejection) => Read::Rejected(rejection),
         }
     }
 }
@@ -214,7 +255,7 @@ impl Pairs {
     pub fn take_for_replay(&mut self, position: &PairPosition, replay: Replay) {
         let mut owned = OwnedPair::new(position, self.engine_config);
         owned.rewinding = true;
-        owned.probe_until = replay.probe.then_some(replay.read);
+        owned.probe_until = replay.probe.then_some(replay.read.inputs());
         owned.refused = replay.refused;
         self.owned.insert(replay.pair, owned);
     }
@@ -246,7 +287,7 @@ impl Pairs {
         let mut by_pair: BTreeMap<i32, Vec<Refused>> = BTreeMap::new();
         for message in refused {
             by_pair.entry(message.pair).or_default().push(Refused {
-                input: message.input,
+                topic: message.topic,
                 offset: message.offset,
                 reason: message.reason,
             });
@@ -317,11 +358,35 @@ impl Pairs {
                         applied.timestamps.push(ts);
                     }
                 }
+                Data::Announcement(message) => {
+                    let partition = message.partition;
+                    let Some(owned) = self.owned.get_mut(&partition) else {
+                        tracing::debug!(partition, "announcement for a pair not owned; dropped");
+                        continue;
+                    };
+                    let timestamp = message.timestamp_ms;
+                    match owned.announce(message) {
+                        Read::Stale => continue,
+                        Read::Applied => {}
+                        Read::Rejected(rejection) => applied
+                            .rejected
+                            .entry(partition)
+                            .or_default()
+                            .push(rejection),
+                    }
+                    if let Some(ts) = timestamp {
+                        applied.timestamps.push(ts);
+                    }
+                }
                 Data::Progress(progress) => {
                     for p in progress {
                         if let Some(owned) = self.owned.get_mut(&p.partition) {
-                            owned.engine.observe_caught_up(p.input, p.caught_up, now);
-                            owned.high_watermarks[p.input] = p.high_watermark;
+                            // The payouts partition holds back no watermark (§2 makes
+                            // a pair's watermark of its two inputs).
+                            if let Some(input) = p.topic.input() {
+                                owned.engine.observe_caught_up(input, p.caught_up, now);
+                            }
+                            owned.high_watermarks[p.topic] = p.high_watermark;
                         }
                     }
                 }
@@ -339,10 +404,10 @@ impl Pairs {
     pub fn committed_offsets(&self, which: impl Fn(i32) -> bool) -> Vec<StoredOffset> {
         let mut offsets = Vec::new();
         for (&pair, owned) in self.owned.iter().filter(|(&pair, _)| which(pair)) {
-            for (input, committed) in owned.committed.iter() {
+            for (topic, committed) in owned.committed.iter() {
                 if let Some(next_offset) = *committed {
                     offsets.push(StoredOffset {
-                        input,
+                        topic,
                         partition: pair,
                         next_offset,
                     });

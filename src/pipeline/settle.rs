@@ -10,8 +10,8 @@ use hashbrown::HashMap;
 use super::pairs::{Pairs, ReadCounts};
 use super::{Pipeline, PipelineError};
 use crate::consumer::Command;
-use crate::event::Input;
-use crate::pair::PerInput;
+use crate::event::{Input, Topic};
+use crate::pair::PerTopic;
 use crate::rejection::RejectedMessage;
 use crate::store::{PairCheckpoint, RefusedMessage};
 use crate::telemetry::metrics as m;
@@ -21,6 +21,12 @@ use crate::telemetry::metrics as m;
 /// write to `__consumer_offsets` 50 times a second under load for a lag figure that
 /// nobody reads more often than every few seconds.
 const ADVISORY_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a pair with nothing else to write checkpoints its moved watermark. The
+/// global watermark (contract §7) is the smallest pair watermark PostgreSQL holds, so
+/// an idle pair must store its watermark as it follows the clock, or payout deadlines
+/// would wait for traffic on every partition.
+const WATERMARK_EVERY: Duration = Duration::from_secs(1);
 
 impl Pipeline {
     /// Waits for the batch being committed, then acts on it: fenced pairs are
@@ -111,7 +117,7 @@ fn refuse(pairs: &mut Pairs, refused: Vec<RefusedMessage>) {
     for message in &refused {
         tracing::error!(
             partition = message.pair,
-            topic = %message.input,
+            topic = %message.topic,
             offset = message.offset,
             reason = %message.reason,
             "PostgreSQL refused a message's values; rejecting it and re-reading its partition pair"
@@ -121,8 +127,10 @@ fn refuse(pairs: &mut Pairs, refused: Vec<RefusedMessage>) {
     metrics::counter!(m::PAIR_REPLAYS).increment(replayed as u64);
 }
 
-/// What each pair's part of the batch writes: its changes, its rejections and the
-/// offsets it moved; a pair with none of them has nothing to commit.
+/// What each pair's part of the batch writes: its changes, its rejections, its payout
+/// announcements, the offsets it moved, and its watermark; a pair with none of them
+/// has nothing to commit. A moved watermark alone is written at most every
+/// [`WATERMARK_EVERY`].
 pub(super) fn checkpoints(
     pairs: &mut Pairs,
     mut rejected: HashMap<i32, Vec<RejectedMessage>>,
@@ -131,21 +139,34 @@ pub(super) fn checkpoints(
     for (pair, owned) in pairs.iter_mut() {
         let changes = owned.engine.take_changes();
         let rejected = rejected.remove(&pair).unwrap_or_default();
-        if changes.is_empty() && rejected.is_empty() && owned.read == owned.sent {
+        let watermark = owned.engine.watermark();
+        let (watermark_sent, sent_at) = owned.watermark_sent;
+        let watermark_due = watermark > watermark_sent && sent_at.elapsed() >= WATERMARK_EVERY;
+        if changes.is_empty()
+            && rejected.is_empty()
+            && owned.announcements.is_empty()
+            && owned.read == owned.sent
+            && !watermark_due
+        {
             continue;
         }
-        let next_offsets = PerInput::from_fn(|input| {
-            (owned.read[input] != owned.sent[input])
-                .then_some(owned.read[input])
+        let next_offsets = PerTopic::from_fn(|topic| {
+            (owned.read[topic] != owned.sent[topic])
+                .then_some(owned.read[topic])
                 .flatten()
         });
         owned.sent = owned.read;
+        if watermark > watermark_sent {
+            owned.watermark_sent = (watermark, std::time::Instant::now());
+        }
         checkpoints.push(PairCheckpoint {
             pair,
             epoch: owned.epoch,
             next_offsets,
             changes,
             rejected,
+            announcements: std::mem::take(&mut owned.announcements),
+            watermark,
         });
     }
     checkpoints
@@ -166,9 +187,9 @@ fn acknowledge(
             continue;
         };
         owned.engine.checkpointed(checkpoint.changes.generation);
-        for input in Input::ALL {
-            if let Some(offset) = checkpoint.next_offsets[input] {
-                owned.committed[input] = Some(offset);
+        for topic in Topic::ALL {
+            if let Some(offset) = checkpoint.next_offsets[topic] {
+                owned.committed[topic] = Some(offset);
                 moved = true;
             }
         }
@@ -176,7 +197,7 @@ fn acknowledge(
             let committed = owned.committed;
             owned
                 .refused
-                .retain(|r| committed[r.input].is_none_or(|next| r.offset >= next));
+                .retain(|r| committed[r.topic].is_none_or(|next| r.offset >= next));
         }
         if let Some(until) = owned.probe_until {
             let past = |input: Input| {
@@ -201,15 +222,19 @@ fn count_committed(checkpoint: &PairCheckpoint, counts: Option<ReadCounts>) {
         metrics::counter!(m::OUTCOMES, "outcome" => row.outcome.as_str()).increment(1);
     }
     for rejection in &checkpoint.rejected {
-        metrics::counter!(m::EVENTS_REJECTED, "topic" => rejection.input.label(), "reason" => rejection.class)
+        metrics::counter!(m::EVENTS_REJECTED, "topic" => rejection.topic.label(), "reason" => rejection.class)
             .increment(1);
     }
     if let Some(counts) = counts {
-        for input in Input::ALL {
-            metrics::counter!(m::EVENTS_CONSUMED, "topic" => input.label())
-                .increment(counts.consumed[input]);
-            metrics::counter!(m::EVENTS_REDELIVERED, "topic" => input.label())
-                .increment(counts.redelivered[input]);
+        for topic in Topic::ALL {
+            if topic == Topic::Payouts && counts.consumed[topic] == 0 {
+                // No series for a topic this worker may not read.
+                continue;
+            }
+            metrics::counter!(m::EVENTS_CONSUMED, "topic" => topic.label())
+                .increment(counts.consumed[topic]);
+            metrics::counter!(m::EVENTS_REDELIVERED, "topic" => topic.label())
+                .increment(counts.redelivered[topic]);
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The checkpoint: the one transaction every batch ends in.
 //!
 //! In order: the pairs' offsets advance (fenced by epoch, see `ownership`), new events
-//! are inserted, changed outcomes updated, discrepancies opened and resolved, rejected
-//! messages kept (the statements are in `writes`). All of a batch or none of it is
+//! are inserted, changed outcomes updated, discrepancies opened and resolved, payout
+//! partial sums and announcements written (`payout_rows`), rejected messages kept (the
+//! other statements are in `writes`). All of a batch or none of it is
 //! written, so the stored offsets never run ahead of the rows they cover. This file
 //! owns that transaction and the failures specific to it: an event id already stored
 //! ([`StoreError::EventIdsClash`], traced to the pairs here) and values PostgreSQL
@@ -11,11 +12,12 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::engine::PairChanges;
-use crate::event::Input;
-use crate::pair::PerInput;
+use crate::event::{Announcement, Input, Micros};
+use crate::pair::PerTopic;
 use crate::rejection::RejectedMessage;
 
 use super::error::is_data_error;
+use super::payout_rows::{insert_announcements, payout_lines, write_payout_parts};
 use super::writes::{insert_events, update_events, write_discrepancies};
 use super::{Store, StoreError};
 
@@ -24,10 +26,29 @@ use super::{Store, StoreError};
 pub struct PairCheckpoint {
     pub pair: i32,
     pub epoch: i64,
-    /// Next offset per input after this batch; `None` when the batch read nothing there.
-    pub next_offsets: PerInput<Option<i64>>,
+    /// Next offset per topic after this batch; `None` when the batch read nothing there.
+    pub next_offsets: PerTopic<Option<i64>>,
     pub changes: PairChanges,
     pub rejected: Vec<RejectedMessage>,
+    /// Payout announcements read from the pair's payouts partition, in order.
+    pub announcements: Vec<AnnouncementAt>,
+    /// The pair's watermark (contract §2) after this batch; stored only forward.
+    pub watermark: Option<Micros>,
+}
+
+/// An accepted payout announcement and the offset it was read at.
+#[derive(Debug, Clone)]
+pub struct AnnouncementAt {
+    pub offset: i64,
+    pub announcement: Announcement,
+}
+
+impl PairCheckpoint {
+    /// Whether this checkpoint writes payout rows (announcements, or lines that name
+    /// a payout), which bumps the pair's payout sequence.
+    pub fn writes_payout_rows(&self) -> bool {
+        !self.announcements.is_empty() || payout_lines(&self.changes.rows).next().is_some()
+    }
 }
 
 impl Store {
@@ -67,7 +88,7 @@ impl Store {
         let mut connection = self.connection().await?;
         let mut tx = sqlx::Connection::begin(&mut *connection).await?;
         // First, so a zombie is fenced before it writes anything else.
-        self.advance_pairs(&mut tx, batch).await?;
+        let seqs = self.advance_pairs(&mut tx, batch).await?;
         let mut new_rows = Vec::new();
         for pair in batch {
             for row in pair.changes.rows.iter().filter(|row| row.new.is_some()) {
@@ -77,6 +98,12 @@ impl Store {
         insert_events(&mut tx, "recon_events", &new_rows).await?;
         update_events(&mut tx, batch).await?;
         write_discrepancies(&mut tx, batch).await?;
+        write_payout_parts(&mut tx, batch, &seqs).await?;
+        let announcements: Vec<(i32, &AnnouncementAt)> = batch
+            .iter()
+            .flat_map(|p| p.announcements.iter().map(move |a| (p.pair, a)))
+            .collect();
+        insert_announcements(&mut tx, "recon_payout_announcements", &announcements, &seqs).await?;
         let rejected: Vec<&RejectedMessage> = batch.iter().flat_map(|p| &p.rejected).collect();
         self.insert_rejected(&mut tx, "rejected_events", &rejected)
             .await?;

@@ -7,7 +7,7 @@
 //! connections must be replaced (see `pool`), because that is the one place
 //! every failing statement passes through.
 
-use crate::event::Input;
+use crate::event::Topic;
 
 use super::pool::replace_connections;
 
@@ -83,7 +83,7 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefusedMessage {
     pub pair: i32,
-    pub input: Input,
+    pub topic: Topic,
     pub offset: i64,
     pub reason: String,
 }

@@ -15,6 +15,7 @@
 //! - `checkpoint`: the one transaction a batch ends in (advancing pairs, then
 //!   events, outcomes, discrepancies, rejects) and what its failures mean;
 //! - `writes`: the statements of that transaction, one per kind of change;
+//! - `payout_rows`: the payout partial sums and announcements a checkpoint writes;
 //! - `refusals`: tracing a data error PostgreSQL raised to the messages carrying it;
 //! - `rows`: typed rows and the text mappings of event kind, outcome and currency.
 //!
@@ -29,20 +30,21 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use crate::event::Input;
+use crate::event::Topic;
 
 mod checkpoint;
 mod error;
 mod lookups;
 mod migrations;
 mod ownership;
+mod payout_rows;
 mod pool;
 mod refusals;
 mod rows;
 mod sweeps;
 mod writes;
 
-pub use checkpoint::PairCheckpoint;
+pub use checkpoint::{AnnouncementAt, PairCheckpoint};
 pub use error::{
     is_transient, is_transient_sqlstate, is_transient_tls, RefusedMessage, StoreError,
 };
@@ -58,6 +60,8 @@ pub struct Store {
     pool: PgPool,
     payments_topic: String,
     settlements_topic: String,
+    /// The payouts topic (contract §7), when this worker reads one.
+    payouts_topic: Option<String>,
 }
 
 impl Store {
@@ -91,7 +95,14 @@ impl Store {
             pool,
             payments_topic: payments_topic.to_owned(),
             settlements_topic: settlements_topic.to_owned(),
+            payouts_topic: None,
         }
+    }
+
+    /// The same store reading payout announcements from `topic` too (contract §7).
+    pub fn with_payouts_topic(mut self, topic: Option<&str>) -> Self {
+        self.payouts_topic = topic.map(str::to_owned);
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -112,11 +123,13 @@ impl Store {
         Ok(())
     }
 
-    /// The topic an input is read from, as `rejected_events.topic` names it.
-    fn topic(&self, input: Input) -> &str {
-        match input {
-            Input::Payments => &self.payments_topic,
-            Input::Settlements => &self.settlements_topic,
+    /// A topic's name, as `rejected_events.topic` names it. Nothing is read from a
+    /// payouts topic that is not configured; its role name stands in.
+    fn topic(&self, topic: Topic) -> &str {
+        match topic {
+            Topic::Payments => &self.payments_topic,
+            Topic::Settlements => &self.settlements_topic,
+            Topic::Payouts => self.payouts_topic.as_deref().unwrap_or("payouts"),
         }
     }
 }

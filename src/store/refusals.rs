@@ -29,13 +29,13 @@ impl Unit<'_> {
         match self {
             Unit::Event(pair, row, offset) => RefusedMessage {
                 pair: *pair,
-                input: row.kind.input(),
+                topic: row.kind.input().into(),
                 offset: *offset,
                 reason,
             },
             Unit::Rejected(rejected) => RefusedMessage {
                 pair: rejected.partition,
-                input: rejected.input,
+                topic: rejected.topic,
                 offset: rejected.offset,
                 reason,
             },
@@ -88,7 +88,7 @@ impl Store {
             }
         }
         tx.rollback().await?;
-        refused.sort_by_key(|r| (r.pair, r.input, r.offset));
+        refused.sort_by_key(|r| (r.pair, r.topic, r.offset));
         Ok(refused)
     }
 

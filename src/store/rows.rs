@@ -22,7 +22,7 @@ use sqlx::{Decode, Encode, Postgres, Type};
 use crate::engine::{Outcome, StoredEvent};
 use crate::event::{EventKind, Input, Line, Micros};
 use crate::money::Currency;
-use crate::pair::{PairPosition, PerInput};
+use crate::pair::{PairPosition, PerInput, PerTopic};
 
 /// An `event_kind` the crate does not know.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +137,8 @@ pub struct PairRow {
     epoch: i64,
     payments_next_offset: Option<i64>,
     settlements_next_offset: Option<i64>,
+    /// NULL unless stored for the payouts topic this worker reads.
+    payouts_next_offset: Option<i64>,
     payments_high_mark: Option<DateTime<Utc>>,
     settlements_high_mark: Option<DateTime<Utc>>,
 }
@@ -147,7 +149,11 @@ impl From<PairRow> for PairPosition {
         PairPosition {
             pair: row.kafka_partition,
             epoch: row.epoch,
-            next_offsets: PerInput::new(row.payments_next_offset, row.settlements_next_offset),
+            next_offsets: PerTopic {
+                payments: row.payments_next_offset,
+                settlements: row.settlements_next_offset,
+                payouts: row.payouts_next_offset,
+            },
             high_marks: PerInput::new(
                 micros(row.payments_high_mark),
                 micros(row.settlements_high_mark),

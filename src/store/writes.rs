@@ -41,7 +41,7 @@ impl Store {
             .bind(
                 rejected
                     .iter()
-                    .map(|r| self.topic(r.input))
+                    .map(|r| self.topic(r.topic))
                     .collect::<Vec<_>>(),
             )
             .bind(rejected.iter().map(|r| r.partition).collect::<Vec<_>>())

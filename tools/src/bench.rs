@@ -16,7 +16,7 @@ use recon_worker::config::{Config, WindowConfig};
 use recon_worker::consumer::{Control, Delivery, ReadMessage};
 use recon_worker::engine::{EngineConfig, PairEngine, StoredEvent};
 use recon_worker::event::{decode, EventKind, Line};
-use recon_worker::pair::PerInput;
+use recon_worker::pair::{PerInput, PerTopic};
 use recon_worker::pipeline::Pipeline;
 use recon_worker::rejection::{MessageAt, RejectedMessage};
 use recon_worker::store::{PairCheckpoint, Store};
@@ -269,12 +269,17 @@ pub async fn raw_pg_write(
         let checkpoint = PairCheckpoint {
             pair: 0,
             epoch,
-            next_offsets: PerInput::new(Some(end as i64), None),
+            next_offsets: PerTopic {
+                payments: Some(end as i64),
+                ..Default::default()
+            },
             changes: recon_worker::engine::PairChanges {
                 rows: writes,
                 ..Default::default()
             },
             rejected: Vec::new(),
+            announcements: Vec::new(),
+            watermark: None,
         };
         store.checkpoint(&[checkpoint]).await?;
     }
@@ -322,7 +327,7 @@ pub async fn pipeline_only(
             )
             .map_err(|r| {
                 let at = MessageAt {
-                    input: record.input,
+                    topic: record.input.into(),
                     partition,
                     offset: *offset - 1,
                 };
