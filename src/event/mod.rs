@@ -13,7 +13,7 @@ use crate::money::{Currency, MinorUnits};
 mod decode;
 mod reason;
 
-pub use decode::decode;
+pub use decode::{decode, decode_announcement};
 pub use reason::Rejection;
 
 /// Microseconds since the Unix epoch (UTC).
