@@ -1,9 +1,11 @@
-//! Decoding (contract §1): every rejection class, the accepted shapes, and a property
-//! test that no input — arbitrary bytes or mutated valid events — makes decoding panic.
+//! Decoding (contract §1, §6, §7): every rejection class, the accepted shapes, and
+//! property tests that no input — arbitrary bytes or mutated valid events and payout
+//! announcements — makes decoding panic.
 
 use proptest::prelude::*;
 use recon_worker::event::{
-    decode, parse_timestamp, Event, EventKind, Input, Limits, Line, Rejection,
+    decode, decode_announcement, parse_timestamp, Announcement, Event, EventKind, Input, Limits,
+    Line, Rejection,
 };
 use serde_json::{json, Value};
 
@@ -1570,6 +1572,679 @@ proptest! {
             Err(rejection) => {
                 let reason = rejection.to_string();
                 prop_assert!(!reason.contains('\0'), "{:?}", reason);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Payout announcements (§7): `payout_announced` on the payouts topic, keyed by
+// `payout_id`. Every reason is asserted as the exact text stored in `rejected_events`.
+
+fn announcement() -> Value {
+    json!({
+        "event_id": "evt-po-1", "type": "payout_announced", "payout_id": "po-1",
+        "currency": "EUR", "net_minor": 123_456, "line_count": 3,
+        "paid_at": "2026-11-25T06:00:00+01:00"
+    })
+}
+
+/// Decodes an announcement keyed `key`, without a Kafka timestamp.
+fn announce(key: &str, value: &Value) -> Result<Announcement, Rejection> {
+    announce_at(key, value, None)
+}
+
+fn announce_at(
+    key: &str,
+    value: &Value,
+    timestamp_ms: Option<i64>,
+) -> Result<Announcement, Rejection> {
+    decode_announcement(
+        Some(key.as_bytes()),
+        Some(value.to_string().as_bytes()),
+        timestamp_ms,
+        LIMITS,
+    )
+}
+
+/// Asserts the rejection's class and its exact reason (the stored text).
+fn assert_reason<T: std::fmt::Debug>(
+    result: Result<T, Rejection>,
+    expected_class: &str,
+    expected_reason: &str,
+) {
+    let err = result.expect_err(expected_reason);
+    assert_eq!(
+        (err.class(), err.to_string().as_str()),
+        (expected_class, expected_reason)
+    );
+    assert!(Rejection::CLASSES.contains(&err.class()));
+}
+
+/// The announcement with `field` set to `value` (removed when `value` is null).
+fn announcement_with(field: &str, value: Value) -> Value {
+    with(announcement(), field, value)
+}
+
+#[test]
+fn a_valid_announcement_decodes_with_every_field() {
+    let a = announce("po-1", &announcement()).expect("valid announcement");
+    assert_eq!(
+        (
+            a.event_id.as_str(),
+            a.payout_id.as_str(),
+            a.currency.code(),
+            a.net,
+            a.line_count
+        ),
+        ("evt-po-1", "po-1", "EUR", 123_456, Some(3))
+    );
+    // The offset is applied: 06:00+01:00 is 05:00Z.
+    assert_eq!(Some(a.paid_at), parse_timestamp("2026-11-25T05:00:00Z"));
+    // Unknown fields are ignored, as on every message.
+    let extra = announcement_with("bank_reference", json!("SEPA-42"));
+    assert_eq!(announce("po-1", &extra), Ok(a));
+}
+
+#[test]
+fn an_announcement_without_line_count_decodes() {
+    let absent =
+        announce("po-1", &announcement_with("line_count", Value::Null)).expect("line_count absent");
+    assert_eq!(absent.line_count, None);
+    let mut null = announcement();
+    null["line_count"] = Value::Null;
+    assert_eq!(
+        announce("po-1", &null).expect("line_count null").line_count,
+        None
+    );
+    // Both bounds of a given count.
+    for count in [0, i64::MAX] {
+        let value = announcement_with("line_count", json!(count));
+        assert_eq!(
+            announce("po-1", &value).expect("in range").line_count,
+            Some(count)
+        );
+    }
+}
+
+#[test]
+fn an_announcement_with_a_negative_or_zero_net_decodes() {
+    // Refunds and chargebacks can outweigh captures: the payout takes money back.
+    for net in [-5, 0, i64::MIN, i64::MAX] {
+        let value = announcement_with("net_minor", json!(net));
+        assert_eq!(announce("po-1", &value).expect("any i64").net, net);
+    }
+}
+
+#[test]
+fn announcement_bytes_level_rejections_are_those_of_every_message() {
+    let big = announcement_with("padding", json!("x".repeat(MAX))).to_string();
+    let values: [Option<&[u8]>; 7] = [
+        None,
+        Some(b""),
+        Some(&[0xff, 0xfe, 0x7b]),
+        Some(b"{\"event_id\":"),
+        Some(b"[1,2]"),
+        Some(b"\"text\""),
+        Some(big.as_bytes()),
+    ];
+    let classes = [
+        "empty",
+        "empty",
+        "not_utf8",
+        "not_json",
+        "not_object",
+        "not_object",
+        "too_large",
+    ];
+    for (value, expected) in values.into_iter().zip(classes) {
+        let err = decode_announcement(Some(b"po-1"), value, None, LIMITS).expect_err(expected);
+        assert_eq!(err.class(), expected);
+        // The same steps, the same reason, whichever topic the bytes came from.
+        let on_payments =
+            decode(Input::Payments, Some(b"po-1"), value, None, LIMITS).expect_err(expected);
+        assert_eq!(err, on_payments);
+    }
+    assert_reason(
+        decode_announcement(Some(b"po-1"), Some(b"[1,2]"), None, LIMITS),
+        "not_object",
+        "value is JSON but not an object",
+    );
+    assert_reason(
+        decode_announcement(Some(b"po-1"), Some(big.as_bytes()), None, LIMITS),
+        "too_large",
+        &format!("value is {} bytes, over the 65536-byte maximum", big.len()),
+    );
+}
+
+#[test]
+fn an_announcement_must_have_type_payout_announced() {
+    assert_reason(
+        announce("po-1", &announcement_with("type", Value::Null)),
+        "missing_field",
+        "missing field `type`",
+    );
+    assert_reason(
+        announce("po-1", &announcement_with("type", json!(7))),
+        "wrong_type",
+        "field `type` must be a string",
+    );
+    // Near misses are unknown types, not wrong-topic ones.
+    for found in ["payout_announce", "Payout_Announced", "payout_settled", ""] {
+        assert_reason(
+            announce("po-1", &announcement_with("type", json!(found))),
+            "unknown_type",
+            &format!("unknown event type {found:?}"),
+        );
+    }
+}
+
+#[test]
+fn payments_and_settlements_types_on_the_payouts_topic_are_wrong_topic() {
+    for found in ["payment_captured", "refund_requested", "settlement_line"] {
+        assert_reason(
+            announce("po-1", &announcement_with("type", json!(found))),
+            "wrong_topic_type",
+            &format!(
+                "event type \"{found}\" does not belong on this topic (expected \"payout_announced\")"
+            ),
+        );
+    }
+    // A whole payment produced to the payouts topic: the type is read first.
+    assert_reason(
+        announce("pay-1", &payment()),
+        "wrong_topic_type",
+        "event type \"payment_captured\" does not belong on this topic (expected \"payout_announced\")",
+    );
+}
+
+#[test]
+fn payout_announced_on_the_payments_or_settlements_topic_is_wrong_topic() {
+    assert_reason(
+        run(Input::Payments, "po-1", &announcement()),
+        "wrong_topic_type",
+        "event type \"payout_announced\" does not belong on this topic (expected \"payment_captured\" or \"refund_requested\")",
+    );
+    assert_reason(
+        run(Input::Settlements, "po-1", &announcement()),
+        "wrong_topic_type",
+        "event type \"payout_announced\" does not belong on this topic (expected \"settlement_line\")",
+    );
+    // The texts of the cases that existed before payouts are unchanged.
+    assert_reason(
+        run(Input::Payments, "pay-1", &settlement()),
+        "wrong_topic_type",
+        "event type \"settlement_line\" does not belong on this topic (expected \"payment_captured\" or \"refund_requested\")",
+    );
+    assert_reason(
+        run(Input::Settlements, "pay-1", &payment()),
+        "wrong_topic_type",
+        "event type \"payment_captured\" does not belong on this topic (expected \"settlement_line\")",
+    );
+    assert_reason(
+        run(
+            Input::Settlements,
+            "pay-1",
+            &with(settlement(), "type", json!("payout")),
+        ),
+        "unknown_type",
+        "unknown event type \"payout\"",
+    );
+}
+
+#[test]
+fn announcement_ids_follow_the_id_rules() {
+    for field in ["event_id", "payout_id"] {
+        // The key follows the payout_id, so only the rule under test can fail.
+        let key_for = |id: &str| {
+            if field == "payout_id" {
+                id.to_owned()
+            } else {
+                "po-1".to_owned()
+            }
+        };
+        let longest = "i".repeat(128);
+        let value = announcement_with(field, json!(longest));
+        let a = announce(&key_for(&longest), &value).expect("128 characters");
+        assert_eq!(
+            if field == "payout_id" {
+                a.payout_id
+            } else {
+                a.event_id
+            },
+            longest
+        );
+        assert_reason(
+            announce("po-1", &announcement_with(field, Value::Null)),
+            "missing_field",
+            &format!("missing field `{field}`"),
+        );
+        assert_reason(
+            announce("po-1", &announcement_with(field, json!(42))),
+            "wrong_type",
+            &format!("field `{field}` must be a string"),
+        );
+        assert_reason(
+            announce(&key_for(""), &announcement_with(field, json!(""))),
+            "out_of_range",
+            &format!("field `{field}` is out of range: 0 characters, expected 1..=128"),
+        );
+        let too_long = "\u{e9}".repeat(129);
+        assert_reason(
+            announce(
+                &key_for(&too_long),
+                &announcement_with(field, json!(too_long)),
+            ),
+            "out_of_range",
+            &format!("field `{field}` is out of range: 129 characters, expected 1..=128"),
+        );
+        for (c, code) in [('\0', "U+0000"), ('\n', "U+000A"), ('\u{7f}', "U+007F")] {
+            let id = format!("po{c}1");
+            assert_reason(
+                announce(&key_for(&id), &announcement_with(field, json!(id))),
+                "control_character",
+                &format!("field `{field}` contains the control character {code} at character 3"),
+            );
+        }
+    }
+}
+
+#[test]
+fn an_announcement_currency_must_be_an_active_iso_4217_code() {
+    for code in ["XYZ", "eur", "HRK", "EURO", "EU\u{0}R"] {
+        let err = announce("po-1", &announcement_with("currency", json!(code)))
+            .expect_err("unknown currency");
+        assert_eq!(err.class(), "unknown_currency");
+        assert_eq!(
+            err.to_string(),
+            format!("field `currency` is not an active ISO 4217 code: {code:?}")
+        );
+        assert!(!err.to_string().contains('\0'));
+    }
+    assert_reason(
+        announce("po-1", &announcement_with("currency", Value::Null)),
+        "missing_field",
+        "missing field `currency`",
+    );
+    assert_reason(
+        announce("po-1", &announcement_with("currency", json!(978))),
+        "wrong_type",
+        "field `currency` must be a string",
+    );
+    let jpy = announce("po-1", &announcement_with("currency", json!("JPY"))).expect("JPY");
+    assert_eq!(jpy.currency.code(), "JPY");
+}
+
+#[test]
+fn an_announcement_net_minor_is_a_required_i64() {
+    assert_reason(
+        announce("po-1", &announcement_with("net_minor", Value::Null)),
+        "missing_field",
+        "missing field `net_minor`",
+    );
+    for value in [json!("123456"), json!(12.5), json!(true)] {
+        assert_reason(
+            announce("po-1", &announcement_with("net_minor", value)),
+            "wrong_type",
+            "field `net_minor` must be an integer",
+        );
+    }
+    assert_reason(
+        announce("po-1", &announcement_with("net_minor", json!(u64::MAX))),
+        "out_of_range",
+        "field `net_minor` is out of range: 18446744073709551615, expected -9223372036854775808..=9223372036854775807",
+    );
+    // Beyond i64 written as a float: out of range, not silently rounded.
+    let below = decode_announcement(
+        Some(b"po-1"),
+        Some(
+            announcement()
+                .to_string()
+                .replace("123456", "-1e19")
+                .as_bytes(),
+        ),
+        None,
+        LIMITS,
+    );
+    assert_reason(
+        below,
+        "out_of_range",
+        "field `net_minor` is out of range: -1e+19, expected -9223372036854775808..=9223372036854775807",
+    );
+}
+
+#[test]
+fn an_announcement_line_count_when_given_is_a_non_negative_integer() {
+    assert_reason(
+        announce("po-1", &announcement_with("line_count", json!(-1))),
+        "out_of_range",
+        "field `line_count` is out of range: -1, expected 0..=9223372036854775807",
+    );
+    assert_reason(
+        announce("po-1", &announcement_with("line_count", json!(i64::MIN))),
+        "out_of_range",
+        "field `line_count` is out of range: -9223372036854775808, expected 0..=9223372036854775807",
+    );
+    assert_reason(
+        announce("po-1", &announcement_with("line_count", json!(u64::MAX))),
+        "out_of_range",
+        "field `line_count` is out of range: 18446744073709551615, expected 0..=9223372036854775807",
+    );
+    for value in [json!(2.5), json!(3.0), json!("3"), json!(true), json!([3])] {
+        assert_reason(
+            announce("po-1", &announcement_with("line_count", value)),
+            "wrong_type",
+            "field `line_count` must be an integer",
+        );
+    }
+}
+
+#[test]
+fn an_announcement_paid_at_must_be_rfc_3339_with_offset() {
+    assert_reason(
+        announce("po-1", &announcement_with("paid_at", Value::Null)),
+        "missing_field",
+        "missing field `paid_at`",
+    );
+    assert_reason(
+        announce("po-1", &announcement_with("paid_at", json!(1_800_000_000))),
+        "wrong_type",
+        "field `paid_at` must be a string",
+    );
+    for text in [
+        "2026-11-25T06:00:00",
+        "2026-11-25 06:00",
+        "2026-13-01T00:00:00Z",
+    ] {
+        assert_reason(
+            announce("po-1", &announcement_with("paid_at", json!(text))),
+            "bad_timestamp",
+            &format!("field `paid_at` is not an RFC 3339 timestamp with offset: {text:?}"),
+        );
+    }
+}
+
+#[test]
+fn an_announcement_paid_before_1970_is_rejected() {
+    assert_reason(
+        announce_at(
+            "po-1",
+            &announcement_with("paid_at", json!("1969-12-31T23:59:59.999999Z")),
+            Some(i64::MAX),
+        ),
+        "event_time_out_of_range",
+        "field `paid_at` is 1969-12-31T23:59:59.999999Z: before 1970-01-01T00:00:00Z",
+    );
+    assert_reason(
+        announce(
+            "po-1",
+            &announcement_with("paid_at", json!("0001-01-01T00:00:00Z")),
+        ),
+        "event_time_out_of_range",
+        "field `paid_at` is 0001-01-01T00:00:00Z: before 1970-01-01T00:00:00Z",
+    );
+    let epoch = announcement_with("paid_at", json!("1970-01-01T00:00:00Z"));
+    assert_eq!(announce("po-1", &epoch).expect("the epoch").paid_at, 0);
+}
+
+#[test]
+fn an_announcement_paid_after_the_year_9999_is_rejected() {
+    let last = announcement_with("paid_at", json!("9999-12-31T23:59:59.999999Z"));
+    assert_eq!(
+        announce("po-1", &last)
+            .expect("the last instant of 9999")
+            .paid_at,
+        recon_worker::event::MAX_EVENT_TIME
+    );
+    // Valid text for an instant in the year 10000, with or without a Kafka timestamp.
+    let after = announcement_with("paid_at", json!("9999-12-31T23:59:59-23:59"));
+    for timestamp_ms in [None, Some(i64::MAX)] {
+        assert_reason(
+            announce_at("po-1", &after, timestamp_ms),
+            "event_time_out_of_range",
+            "field `paid_at` is +10000-01-01T23:58:59Z: after 9999-12-31T23:59:59.999999Z, the latest time stored",
+        );
+    }
+}
+
+#[test]
+fn an_announcement_paid_too_far_ahead_of_the_kafka_timestamp_is_rejected() {
+    let kafka_ms = 1_800_000_000_000i64; // 2027-01-15T08:00:00Z
+    let kafka_micros = kafka_ms * 1000;
+    let at = |micros: i64| {
+        announcement_with(
+            "paid_at",
+            json!(recon_worker::event::format_timestamp(micros)),
+        )
+    };
+    assert!(
+        announce_at("po-1", &at(kafka_micros + DAY_MICROS), Some(kafka_ms)).is_ok(),
+        "exactly the skew ahead is accepted"
+    );
+    assert_reason(
+        announce_at("po-1", &at(kafka_micros + DAY_MICROS + 1), Some(kafka_ms)),
+        "event_time_out_of_range",
+        "field `paid_at` is 2027-01-16T08:00:00.000001Z: more than 1day ahead of the message's Kafka timestamp 2027-01-15T08:00:00Z",
+    );
+    // Without a Kafka timestamp there is nothing to compare with; the past is ordinary.
+    assert!(announce_at("po-1", &at(kafka_micros + 400 * DAY_MICROS), None).is_ok());
+    assert!(announce_at("po-1", &at(kafka_micros - 400 * DAY_MICROS), Some(kafka_ms)).is_ok());
+    // The bound is the configured one.
+    let hour = Limits {
+        max_future_skew: 3600 * 1_000_000,
+        ..LIMITS
+    };
+    let two_hours = at(kafka_micros + 2 * 3600 * 1_000_000).to_string();
+    assert_reason(
+        decode_announcement(Some(b"po-1"), Some(two_hours.as_bytes()), Some(kafka_ms), hour),
+        "event_time_out_of_range",
+        "field `paid_at` is 2027-01-15T10:00:00Z: more than 1h ahead of the message's Kafka timestamp 2027-01-15T08:00:00Z",
+    );
+}
+
+#[test]
+fn the_kafka_key_of_an_announcement_must_be_its_payout_id() {
+    assert_reason(
+        announce("pay-1", &announcement()),
+        "key_mismatch",
+        "Kafka key \"pay-1\" differs from payout_id \"po-1\"",
+    );
+    // Keyed by the event id instead: still the wrong partition.
+    assert_reason(
+        announce("evt-po-1", &announcement()),
+        "key_mismatch",
+        "Kafka key \"evt-po-1\" differs from payout_id \"po-1\"",
+    );
+    assert_reason(
+        decode_announcement(
+            None,
+            Some(announcement().to_string().as_bytes()),
+            None,
+            LIMITS,
+        ),
+        "key_mismatch",
+        "Kafka key \"<none>\" differs from payout_id \"po-1\"",
+    );
+    // A key that is not UTF-8 is shown lossily, and a stored reason holds no NUL.
+    let err = decode_announcement(
+        Some(b"po-\xff\x001"),
+        Some(announcement().to_string().as_bytes()),
+        None,
+        LIMITS,
+    )
+    .expect_err("key mismatch");
+    assert_eq!(
+        err.to_string(),
+        "Kafka key \"po-\u{fffd}\\01\" differs from payout_id \"po-1\""
+    );
+}
+
+/// Stored reasons of `key_mismatch` on the matching topics predate payouts: the
+/// generalised rejection must keep their text byte for byte.
+#[test]
+fn the_key_mismatch_reason_for_payment_id_is_unchanged() {
+    assert_reason(
+        run(Input::Payments, "pay-2", &payment()),
+        "key_mismatch",
+        "Kafka key \"pay-2\" differs from payment_id \"pay-1\"",
+    );
+    assert_reason(
+        run(Input::Settlements, "po-1", &settlement()),
+        "key_mismatch",
+        "Kafka key \"po-1\" differs from payment_id \"pay-1\"",
+    );
+    assert_reason(
+        decode(
+            Input::Payments,
+            None,
+            Some(refund().to_string().as_bytes()),
+            None,
+            LIMITS,
+        ),
+        "key_mismatch",
+        "Kafka key \"<none>\" differs from payment_id \"pay-1\"",
+    );
+}
+
+/// Ids made of characters the contract allows (no control characters), 1..=128 of them.
+fn valid_id() -> impl Strategy<Value = String> {
+    "[^\u{0}-\u{1f}\u{7f}]{1,128}"
+}
+
+/// A valid announcement, as the JSON a producer sends, with the Kafka timestamp it was
+/// sent at and the [`Announcement`] it must decode to.
+fn valid_announcement() -> impl Strategy<Value = (Value, Option<i64>, Announcement)> {
+    (
+        (valid_id(), valid_id()),
+        prop::sample::select(vec!["EUR", "USD", "JPY", "GBP", "KWD", "CHF"]),
+        any::<i64>(),
+        prop::option::of(0..=i64::MAX),
+        any::<bool>(),
+        0..=recon_worker::event::MAX_EVENT_TIME,
+        prop::option::of(-(DAY_MICROS / 1000) + 1..=1_000_000_000_000i64),
+    )
+        .prop_map(
+            |((event_id, payout_id), currency, net, line_count, null_count, paid_at, delay_ms)| {
+                let mut value = json!({
+                    "event_id": event_id, "type": "payout_announced", "payout_id": payout_id,
+                    "currency": currency, "net_minor": net,
+                    "paid_at": recon_worker::event::format_timestamp(paid_at),
+                });
+                match (line_count, null_count) {
+                    (Some(count), _) => value["line_count"] = json!(count),
+                    (None, true) => value["line_count"] = Value::Null,
+                    (None, false) => {}
+                }
+                // A Kafka timestamp at most the skew before paid_at (or none).
+                let timestamp_ms = delay_ms.map(|d| paid_at.div_euclid(1000).saturating_add(d));
+                let expected = Announcement {
+                    event_id,
+                    payout_id,
+                    currency: recon_worker::money::Currency::from_code(currency)
+                        .expect("active code"),
+                    net,
+                    line_count,
+                    paid_at,
+                };
+                (value, timestamp_ms, expected)
+            },
+        )
+}
+
+fn mutated_announcement() -> impl Strategy<Value = Vec<u8>> {
+    let field = prop::sample::select(vec![
+        "event_id",
+        "type",
+        "payout_id",
+        "currency",
+        "net_minor",
+        "line_count",
+        "paid_at",
+    ]);
+    let value = prop_oneof![
+        Just(Value::Null),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        prop::sample::select(vec![
+            "payout_announced",
+            "payment_captured",
+            "settlement_line",
+            "EUR",
+            "po-1",
+            "1969-12-31T23:59:59Z",
+            "9999-12-31T23:59:59-23:59",
+        ])
+        .prop_map(Value::from),
+        id_with_controls().prop_map(Value::from),
+        ".{0,40}".prop_map(Value::from),
+        Just(json!([])),
+        Just(json!(true)),
+    ];
+    (
+        prop::collection::vec((field, value), 0..4),
+        any::<prop::sample::Index>(),
+        any::<u8>(),
+    )
+        .prop_map(|(edits, at, byte)| {
+            let mut base = announcement();
+            for (field, value) in edits {
+                base = with(base, field, value);
+            }
+            let mut bytes = base.to_string().into_bytes();
+            if byte % 3 == 0 && !bytes.is_empty() {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+            bytes
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(5_000))]
+
+    #[test]
+    fn decode_announcement_never_panics_on_arbitrary_bytes(
+        bytes in prop::collection::vec(any::<u8>(), 0..512),
+        key in prop::option::of(prop::collection::vec(any::<u8>(), 0..16)),
+        timestamp_ms in prop::option::of(any::<i64>()),
+    ) {
+        let limits = Limits { max_bytes: 256, ..LIMITS };
+        if let Err(rejection) = decode_announcement(key.as_deref(), Some(&bytes), timestamp_ms, limits) {
+            prop_assert!(Rejection::CLASSES.contains(&rejection.class()));
+        }
+    }
+
+    #[test]
+    fn valid_announcements_round_trip((value, timestamp_ms, expected) in valid_announcement()) {
+        let bytes = value.to_string();
+        let decoded = decode_announcement(
+            Some(expected.payout_id.as_bytes()),
+            Some(bytes.as_bytes()),
+            timestamp_ms,
+            LIMITS,
+        );
+        prop_assert_eq!(decoded, Ok(expected));
+    }
+
+    /// Whatever an announcement is mutated into, decoding yields one within §7's rules
+    /// or a rejection with a storable reason.
+    #[test]
+    fn mutated_announcements_are_decoded_within_the_rules_or_rejected(bytes in mutated_announcement()) {
+        match decode_announcement(Some(b"po-1"), Some(&bytes), None, LIMITS) {
+            Ok(a) => {
+                prop_assert_eq!(a.payout_id.as_str(), "po-1");
+                let chars = a.event_id.chars().count();
+                prop_assert!((1..=128).contains(&chars));
+                prop_assert!(!a.event_id.chars().any(is_forbidden), "{:?}", a.event_id);
+                prop_assert!(a.line_count.is_none_or(|count| count >= 0));
+                prop_assert!((0..=recon_worker::event::MAX_EVENT_TIME).contains(&a.paid_at));
+            }
+            Err(rejection) => {
+                let reason = rejection.to_string();
+                prop_assert!(!reason.is_empty());
+                prop_assert!(!reason.contains('\0'), "{:?}", reason);
+                prop_assert!(Rejection::CLASSES.contains(&rejection.class()));
             }
         }
     }

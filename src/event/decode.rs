@@ -1,11 +1,16 @@
-//! Decoding one Kafka message into an [`Event`], or the [`Rejection`] saying why not.
+//! Decoding one Kafka message into an [`Event`] (payments and settlements topics) or an
+//! [`Announcement`] (payouts topic, contract §7), or the [`Rejection`] saying why not.
 //! Total: every byte sequence yields one or the other, and nothing here panics.
+//!
+//! Both decoders share the byte-level steps (`object`), the field rules (`Fields`),
+//! the §1 time rules (`check_time`) and the key rule (`check_key`), so a rule
+//! tightened for one topic is tightened for all.
 
 use serde_json::{Map, Value};
 
 use super::{
-    format_timestamp, parse_timestamp, Event, Input, Limits, Line, Micros, Payment, Refund,
-    Rejection, Settlement, MAX_EVENT_TIME, MAX_ID_CHARS, MIN_EVENT_TIME,
+    format_timestamp, parse_timestamp, Announcement, Event, Input, Limits, Line, Micros, Payment,
+    Refund, Rejection, Settlement, Topic, MAX_EVENT_TIME, MAX_ID_CHARS, MIN_EVENT_TIME,
 };
 use crate::money::{Currency, MinorUnits, MAX_MINOR};
 
@@ -19,7 +24,64 @@ pub fn decode(
     timestamp_ms: Option<i64>,
     limits: Limits,
 ) -> Result<Event, Rejection> {
-    let max_bytes = limits.max_bytes;
+    let object = object(value, limits.max_bytes)?;
+    let fields = Fields(&object);
+    let event_type = fields.string("type")?;
+    let event = match (input, event_type) {
+        (Input::Payments, "payment_captured") => Event::Payment(payment(&fields)?),
+        (Input::Payments, "refund_requested") => Event::Refund(refund(&fields)?),
+        (Input::Settlements, "settlement_line") => Event::Settlement(settlement(&fields)?),
+        (_, found) => return Err(type_rejection(Topic::from(input), found)),
+    };
+    check_time(
+        event.event_time_field(),
+        event.event_time(),
+        timestamp_ms,
+        limits.max_future_skew,
+    )?;
+    check_key(key, "payment_id", event.payment_id())?;
+    Ok(event)
+}
+
+/// Decodes one message of the payouts topic (contract §7): a `payout_announced`, keyed
+/// by its `payout_id`. Arguments as for [`decode`].
+pub fn decode_announcement(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    timestamp_ms: Option<i64>,
+    limits: Limits,
+) -> Result<Announcement, Rejection> {
+    let object = object(value, limits.max_bytes)?;
+    let fields = Fields(&object);
+    match fields.string("type")? {
+        "payout_announced" => {}
+        found => return Err(type_rejection(Topic::Payouts, found)),
+    }
+    let announcement = Announcement {
+        event_id: fields.id("event_id")?,
+        payout_id: fields.id("payout_id")?,
+        currency: fields.currency()?,
+        // Signed and unbounded within i64, as a line's `net_minor`: a payout can be
+        // negative (refunds and chargebacks exceeding captures) and is a sum of lines.
+        net: fields.integer("net_minor", i64::MIN, i64::MAX)?,
+        line_count: fields.optional_integer("line_count", 0, i64::MAX)?,
+        paid_at: fields.timestamp("paid_at")?,
+    };
+    // `paid_at` is what the payout's deadline counts from: the same §1 bounds keep one
+    // absurd announcement from sitting overdue or never due.
+    check_time(
+        "paid_at",
+        announcement.paid_at,
+        timestamp_ms,
+        limits.max_future_skew,
+    )?;
+    check_key(key, "payout_id", &announcement.payout_id)?;
+    Ok(announcement)
+}
+
+/// The byte-level rules every message shares: not empty (a tombstone), within the size
+/// limit, UTF-8, JSON, an object.
+fn object(value: Option<&[u8]>, max_bytes: usize) -> Result<Map<String, Value>, Rejection> {
     let bytes = match value {
         None | Some([]) => return Err(Rejection::Empty),
         Some(bytes) => bytes,
@@ -36,47 +98,55 @@ pub fn decode(
     let value: Value = serde_json::from_str(text).map_err(|e| Rejection::NotJson {
         detail: e.to_string(),
     })?;
-    let Value::Object(object) = value else {
-        return Err(Rejection::NotObject);
-    };
-    let fields = Fields(&object);
-    let event_type = fields.string("type")?;
-    let event = match (input, event_type) {
-        (Input::Payments, "payment_captured") => Event::Payment(payment(&fields)?),
-        (Input::Payments, "refund_requested") => Event::Refund(refund(&fields)?),
-        (Input::Settlements, "settlement_line") => Event::Settlement(settlement(&fields)?),
-        (_, found) if input.other().types().contains(&found) => {
-            return Err(Rejection::WrongTopicType {
-                found: found.to_owned(),
-                expected: input.types().join("\" or \""),
-            })
-        }
-        (_, found) => {
-            return Err(Rejection::UnknownType {
-                found: truncate_chars(found, MAX_ID_CHARS),
-            })
-        }
-    };
-    check_event_time(&event, timestamp_ms, limits.max_future_skew)?;
-    if key != Some(event.payment_id().as_bytes()) {
-        return Err(Rejection::KeyMismatch {
-            key: key
-                .map(|k| truncate_chars(&String::from_utf8_lossy(k), MAX_ID_CHARS))
-                .unwrap_or_else(|| "<none>".to_owned()),
-            payment_id: event.payment_id().to_owned(),
-        });
+    match value {
+        Value::Object(object) => Ok(object),
+        _ => Err(Rejection::NotObject),
     }
-    Ok(event)
 }
 
-/// Contract §1: no event time before 1970, none more than the configured skew ahead of
-/// the message's Kafka timestamp, none after the year 9999.
-fn check_event_time(
-    event: &Event,
+/// Why `found` is not a type `topic` carries: another topic's type is a message
+/// produced to the wrong topic (worth telling apart from a typo or a new type);
+/// anything else is unknown.
+fn type_rejection(topic: Topic, found: &str) -> Rejection {
+    let elsewhere = Topic::ALL
+        .into_iter()
+        .filter(|other| *other != topic)
+        .any(|other| other.types().contains(&found));
+    if elsewhere {
+        Rejection::WrongTopicType {
+            found: found.to_owned(),
+            expected: topic.types().join("\" or \""),
+        }
+    } else {
+        Rejection::UnknownType {
+            found: truncate_chars(found, MAX_ID_CHARS),
+        }
+    }
+}
+
+/// The Kafka key must be the id the message is partitioned by, `field`'s `value`:
+/// otherwise the message may sit on another partition than its counterparts.
+fn check_key(key: Option<&[u8]>, field: &'static str, value: &str) -> Result<(), Rejection> {
+    if key == Some(value.as_bytes()) {
+        return Ok(());
+    }
+    Err(Rejection::KeyMismatch {
+        key: key
+            .map(|k| truncate_chars(&String::from_utf8_lossy(k), MAX_ID_CHARS))
+            .unwrap_or_else(|| "<none>".to_owned()),
+        field,
+        value: value.to_owned(),
+    })
+}
+
+/// Contract §1: no event time (`field`, at `at`) before 1970, none more than the
+/// configured skew ahead of the message's Kafka timestamp, none after the year 9999.
+fn check_time(
+    field: &'static str,
+    at: Micros,
     timestamp_ms: Option<i64>,
     max_future_skew: Micros,
 ) -> Result<(), Rejection> {
-    let (field, at) = (event.event_time_field(), event.event_time());
     let out_of_range = |detail: String| Rejection::EventTimeOutOfRange {
         field,
         value: format_timestamp(at),
@@ -247,6 +317,20 @@ impl<'a> Fields<'a> {
         match self.0.get(field) {
             None | Some(Value::Null) => Ok(None),
             Some(_) => self.id(field).map(Some),
+        }
+    }
+
+    /// An integer that may be absent (or null); when present, the rules of
+    /// [`Fields::integer`] apply.
+    fn optional_integer(
+        &self,
+        field: &'static str,
+        min: i64,
+        max: i64,
+    ) -> Result<Option<i64>, Rejection> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => self.integer(field, min, max).map(Some),
         }
     }
 

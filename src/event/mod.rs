@@ -1,4 +1,4 @@
-//! The input contract (contract §1, and §6 for version 2): the events, decoding and validating Kafka
+//! The input contract (contract §1, §6 for version 2, §7 for payout announcements): the events, decoding and validating Kafka
 //! messages into them (`decode`), and the reasons a message is rejected (`reason`).
 //!
 //! Decoding is total: every byte sequence yields either an [`Event`] or a
@@ -10,12 +10,10 @@ use std::fmt;
 
 use crate::money::{Currency, MinorUnits};
 
-mod announce_stub;
 mod decode;
 mod reason;
 
-pub use announce_stub::decode_announcement;
-pub use decode::decode;
+pub use decode::{decode, decode_announcement};
 pub use reason::Rejection;
 
 /// Microseconds since the Unix epoch (UTC).

@@ -37,8 +37,17 @@ pub enum Rejection {
     /// Contract §6: amounts are signed in the merchant's direction.
     #[error("gross_minor {gross} contradicts line_type {line_type:?} (positive for capture and chargeback_reversal, negative for refund and chargeback)")]
     SignContradictsType { line_type: &'static str, gross: i64 },
-    #[error("Kafka key {key:?} differs from payment_id {payment_id:?}")]
-    KeyMismatch { key: String, payment_id: String },
+    /// The Kafka key is not the id the message is partitioned by (`payment_id`, or
+    /// `payout_id` on the payouts topic), so the message may sit on the wrong partition.
+    /// For `payment_id` the text is the one stored before payouts existed, so stored
+    /// reasons read alike.
+    #[error("Kafka key {key:?} differs from {field} {value:?}")]
+    KeyMismatch {
+        key: String,
+        /// The field the key must equal.
+        field: &'static str,
+        value: String,
+    },
     /// PostgreSQL cannot store U+0000 in text at all, and the other control characters
     /// make ids that no operator can read or type (contract §1).
     #[error("field `{field}` contains the control character {code} at character {position}")]
