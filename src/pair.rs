@@ -166,7 +166,9 @@ impl<T: Default> From<[T; 2]> for PerTopic<T> {
 /// Compares with `[payments, settlements]` and no payouts value.
 impl<T: PartialEq + Default> PartialEq<[T; 2]> for PerTopic<T> {
     fn eq(&self, [payments, settlements]: &[T; 2]) -> bool {
-        self.payments == *payments && self.settlements == *settlements && self.payouts == T::default()
+        self.payments == *payments
+            && self.settlements == *settlements
+            && self.payouts == T::default()
     }
 }
 
@@ -237,7 +239,10 @@ mod tests {
             settlements: "s".into(),
             payouts: None,
         };
-        assert_eq!(names.active().collect::<Vec<_>>(), [Topic::Payments, Topic::Settlements]);
+        assert_eq!(
+            names.active().collect::<Vec<_>>(),
+            [Topic::Payments, Topic::Settlements]
+        );
         assert_eq!(names.topic_of("s"), Some(Topic::Settlements));
         assert_eq!(names.topic_of("o"), None);
         names.payouts = Some("o".into());

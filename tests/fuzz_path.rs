@@ -774,7 +774,7 @@ fn config(db: &Database, case: &Case) -> Config {
 
 fn read(message: &Message, offset: i64, limits: Limits, refused: Option<String>) -> Delivery {
     let at = MessageAt {
-        input: message.input,
+        topic: message.input.into(),
         partition: message.pair,
         offset,
     };
@@ -881,7 +881,7 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
         (0..PAIRS)
             .flat_map(|pair| {
                 Input::ALL.map(|input| PartitionProgress {
-                    input,
+                    topic: input.into(),
                     partition: pair,
                     caught_up: true,
                     high_watermark: next.get(&(input, pair)).copied().unwrap_or(0),
@@ -928,7 +928,7 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
                 let refused = rewind
                     .refused
                     .iter()
-                    .find(|r| r.input == m.input && r.offset == offset)
+                    .find(|r| r.topic == m.input.into() && r.offset == offset)
                     .map(|r| r.reason.clone());
                 queue.push_back(read(m, offset, limits, refused));
             }

@@ -5,7 +5,7 @@ use recon_worker::engine::{
     DiscrepancyChange, DiscrepancyKind, NewEvent, Outcome, OverRefund, PairChanges, RowWrite,
     SweepRequest,
 };
-use recon_worker::event::{EventKind, Input, Line};
+use recon_worker::event::{EventKind, Input, Line, Topic};
 use recon_worker::money::Currency;
 use recon_worker::rejection::RejectedMessage;
 use recon_worker::store::{PairCheckpoint, Store, StoreError};
@@ -300,13 +300,13 @@ async fn values_postgresql_refuses_are_traced_to_their_messages(pool: PgPool) {
         Err(StoreError::DataErrors(refused)) => refused,
         other => panic!("expected the refused messages, got {other:?}"),
     };
-    let found: Vec<(i32, Input, i64)> = refused
+    let found: Vec<(i32, Topic, i64)> = refused
         .iter()
-        .map(|r| (r.pair, r.input, r.offset))
+        .map(|r| (r.pair, r.topic, r.offset))
         .collect();
     assert_eq!(
         found,
-        vec![(0, Input::Payments, 5), (0, Input::Payments, 7)]
+        vec![(0, Topic::Payments, 5), (0, Topic::Payments, 7)]
     );
     for r in &refused {
         assert!(

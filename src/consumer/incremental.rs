@@ -210,11 +210,20 @@ mod tests {
             regrant(&mut granted, &TWO, [(P, 0), (S, 0), (P, 1)], true),
             vec![0]
         );
-        assert_eq!(regrant(&mut granted, &TWO, [(P, 2)], true), Vec::<i32>::new());
-        assert_eq!(regrant(&mut granted, &TWO, [(S, 2), (S, 1)], true), vec![1, 2]);
+        assert_eq!(
+            regrant(&mut granted, &TWO, [(P, 2)], true),
+            Vec::<i32>::new()
+        );
+        assert_eq!(
+            regrant(&mut granted, &TWO, [(S, 2), (S, 1)], true),
+            vec![1, 2]
+        );
         // A half taken away breaks its pair; the other half alone changes nothing.
         assert_eq!(regrant(&mut granted, &TWO, [(S, 1)], false), vec![1]);
-        assert_eq!(regrant(&mut granted, &TWO, [(P, 1)], false), Vec::<i32>::new());
+        assert_eq!(
+            regrant(&mut granted, &TWO, [(P, 1)], false),
+            Vec::<i32>::new()
+        );
         assert!(!granted.contains_key(&1));
         assert_eq!(
             regrant(&mut granted, &TWO, [(P, 0), (S, 0), (P, 2)], false),
@@ -232,12 +241,21 @@ mod tests {
         use Topic::{Payments as P, Payouts as O, Settlements as S};
         let all = Topic::ALL;
         let mut granted = HashMap::new();
-        assert_eq!(regrant(&mut granted, &all, [(P, 0), (S, 0)], true), Vec::<i32>::new());
+        assert_eq!(
+            regrant(&mut granted, &all, [(P, 0), (S, 0)], true),
+            Vec::<i32>::new()
+        );
         assert_eq!(regrant(&mut granted, &all, [(O, 0), (O, 1)], true), vec![0]);
         // Losing only the payouts partition breaks the pair too.
         assert_eq!(regrant(&mut granted, &all, [(O, 0)], false), vec![0]);
-        assert_eq!(regrant(&mut granted, &all, [(O, 1)], false), Vec::<i32>::new());
+        assert_eq!(
+            regrant(&mut granted, &all, [(O, 1)], false),
+            Vec::<i32>::new()
+        );
         assert!(!granted.contains_key(&1));
-        assert!(granted.contains_key(&0), "the inputs of pair 0 stay granted, alone");
+        assert!(
+            granted.contains_key(&0),
+            "the inputs of pair 0 stay granted, alone"
+        );
     }
 }

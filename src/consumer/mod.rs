@@ -32,9 +32,8 @@ use tokio::sync::mpsc;
 
 pub use client::{check_co_partitioned, client_config, KafkaConsumer};
 pub use delivery::{
-    decode_announcement_message, decode_message, Command, ConsumerHandle, Control, Data,
-    Delivery, OffsetReset, PartitionProgress, ReadAnnouncement, ReadMessage, Refused, Rewind,
-    StoredOffset,
+    decode_announcement_message, decode_message, Command, ConsumerHandle, Control, Data, Delivery,
+    OffsetReset, PartitionProgress, ReadAnnouncement, ReadMessage, Refused, Rewind, StoredOffset,
 };
 use poller::{Poller, Reader};
 use rebalance::RebalanceContext;

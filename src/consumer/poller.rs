@@ -171,7 +171,10 @@ impl Reader {
         message: &BorrowedMessage<'_>,
     ) -> Option<Delivery> {
         let Some(topic) = self.topic_of(message.topic()) else {
-            tracing::error!(topic = message.topic(), "message of a topic not subscribed to; dropped");
+            tracing::error!(
+                topic = message.topic(),
+                "message of a topic not subscribed to; dropped"
+            );
             return None;
         };
         let at = MessageAt {
@@ -194,7 +197,14 @@ impl Reader {
                 partition: at.partition,
                 offset: at.offset,
                 timestamp_ms,
-                decoded: decode_message(at, payload_key, payload, timestamp_ms, self.limits, refused),
+                decoded: decode_message(
+                    at,
+                    payload_key,
+                    payload,
+                    timestamp_ms,
+                    self.limits,
+                    refused,
+                ),
                 reset,
             }),
             None => Data::Announcement(ReadAnnouncement {

@@ -1,5 +1,6 @@
-//! The input contract (contract §1, §6 for version 2, §7 for payout announcements): the events, decoding and validating Kafka
-//! messages into them (`decode`), and the reasons a message is rejected (`reason`).
+//! The input contract (contract §1, §6 for version 2, §7 for payout announcements): the
+//! events, decoding and validating Kafka messages into them (`decode`), and the reasons
+//! a message is rejected (`reason`).
 //!
 //! Decoding is total: every byte sequence yields either an [`Event`] or a
 //! [`Rejection`]; nothing here panics, so a poison message can never stop a partition.

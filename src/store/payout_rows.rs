@@ -82,7 +82,9 @@ pub(super) async fn write_payout_parts(
         columns.nets.push(part.net.to_string());
         columns.firsts.push(to_time(part.first));
         columns.lasts.push(to_time(part.last));
-        columns.seqs.push(seqs.get(&pair).copied().unwrap_or_default());
+        columns
+            .seqs
+            .push(seqs.get(&pair).copied().unwrap_or_default());
     }
     sqlx::query(
         "INSERT INTO recon_payout_parts AS t
@@ -144,7 +146,9 @@ pub(super) async fn insert_announcements(
         columns.paid_at.push(to_time(a.paid_at));
         columns.pairs.push(pair);
         columns.offsets.push(at.offset);
-        columns.seqs.push(seqs.get(&pair).copied().unwrap_or_default());
+        columns
+            .seqs
+            .push(seqs.get(&pair).copied().unwrap_or_default());
     }
     // The probe copy has no key to conflict on; `DO NOTHING` without a target means
     // the same for the real table, whose other key is its id.

@@ -3,17 +3,20 @@
 //! When PostgreSQL refuses a value of a batch (SQLSTATE class 22: a character the
 //! database encoding cannot hold, a time out of its range...) the whole checkpoint
 //! fails without saying which row. Every value a batch writes comes from its
-//! messages' rows (updates and discrepancies only repeat ids of those rows or of rows
-//! stored before), so the culprits are found by inserting the new event rows and the
-//! rejected rows again, into temporary copies of the tables without their keys,
+//! messages' rows (updates, discrepancies and payout partial sums only repeat values
+//! of those rows or of rows stored before), so the culprits are found by inserting the
+//! new event rows, payout announcements and rejected rows again, into temporary copies
+//! of the tables without their keys,
 //! inside a transaction that is rolled back. Kept apart from the checkpoint because it
 //! runs only after one failed, and writes nothing that stays.
 
 use crate::engine::RowWrite;
+use crate::event::Topic;
 use crate::rejection::RejectedMessage;
 
-use super::checkpoint::PairCheckpoint;
+use super::checkpoint::{AnnouncementAt, PairCheckpoint};
 use super::error::{is_data_error, RefusedMessage};
+use super::payout_rows::insert_announcements;
 use super::writes::insert_events;
 use super::{Store, StoreError};
 
@@ -21,6 +24,8 @@ use super::{Store, StoreError};
 enum Unit<'a> {
     /// A new event row: its pair, the row and the offset of its message.
     Event(i32, &'a RowWrite, i64),
+    /// A payout announcement and its pair.
+    Announcement(i32, &'a AnnouncementAt),
     Rejected(&'a RejectedMessage),
 }
 
@@ -31,6 +36,12 @@ impl Unit<'_> {
                 pair: *pair,
                 topic: row.kind.input().into(),
                 offset: *offset,
+                reason,
+            },
+            Unit::Announcement(pair, at) => RefusedMessage {
+                pair: *pair,
+                topic: Topic::Payouts,
+                offset: at.offset,
                 reason,
             },
             Unit::Rejected(rejected) => RefusedMessage {
@@ -58,6 +69,7 @@ impl Store {
                     units.push(Unit::Event(pair.pair, row, new.kafka_offset));
                 }
             }
+            units.extend((pair.announcements.iter()).map(|at| Unit::Announcement(pair.pair, at)));
             units.extend(pair.rejected.iter().map(Unit::Rejected));
         }
         let mut connection = self.connection().await?;
@@ -65,6 +77,7 @@ impl Store {
         for statement in [
             "CREATE TEMPORARY TABLE recon_probe_events (LIKE recon_events INCLUDING DEFAULTS) ON COMMIT DROP",
             "CREATE TEMPORARY TABLE recon_probe_rejected (LIKE rejected_events INCLUDING DEFAULTS) ON COMMIT DROP",
+            "CREATE TEMPORARY TABLE recon_probe_announcements (LIKE recon_payout_announcements INCLUDING DEFAULTS) ON COMMIT DROP",
         ] {
             sqlx::query(statement).execute(&mut *tx).await?;
         }
@@ -104,17 +117,34 @@ impl Store {
             .iter()
             .filter_map(|unit| match unit {
                 Unit::Event(pair, row, _) => Some((*pair, *row)),
-                Unit::Rejected(_) => None,
+                _ => None,
+            })
+            .collect();
+        let announcements: Vec<(i32, &AnnouncementAt)> = units
+            .iter()
+            .filter_map(|unit| match unit {
+                Unit::Announcement(pair, at) => Some((*pair, *at)),
+                _ => None,
             })
             .collect();
         let rejected: Vec<&RejectedMessage> = units
             .iter()
             .filter_map(|unit| match unit {
                 Unit::Rejected(rejected) => Some(*rejected),
-                Unit::Event(..) => None,
+                _ => None,
             })
             .collect();
         let mut result = insert_events(&mut *tx, "recon_probe_events", &events).await;
+        if result.is_ok() {
+            let no_seqs = Default::default();
+            result = insert_announcements(
+                &mut *tx,
+                "recon_probe_announcements",
+                &announcements,
+                &no_seqs,
+            )
+            .await;
+        }
         if result.is_ok() {
             result = self
                 .insert_rejected(&mut *tx, "recon_probe_rejected", &rejected)
