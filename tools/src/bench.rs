@@ -281,15 +281,30 @@ pub async fn raw_pg_write(
     Ok(started.elapsed())
 }
 
+/// What [`pipeline_only`] fed through the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineRun {
+    /// Payments and settlements messages delivered.
+    pub messages: usize,
+    /// Payout announcements generated but not delivered: the pipeline has no
+    /// payouts input to take them yet (contract §7 is being built), so a run with
+    /// payouts measures their lines' `payout_id` alone.
+    pub announcements_left_out: usize,
+    pub elapsed: Duration,
+}
+
 /// The worker's own ceiling: a generated stream, decoded up front, fed through the
 /// real pipeline (engine and PostgreSQL checkpoints) with no broker.
+/// `payout_every_line` > 0 puts every capture line in a payout of that many lines
+/// ([`Plan::payout_every_line`]): the same stream, with payouts.
 pub async fn pipeline_only(
     config: &Config,
     store: Store,
     scenarios: usize,
     partitions: i32,
     mix: Mix,
-) -> anyhow::Result<(usize, Duration)> {
+    payout_every_line: usize,
+) -> anyhow::Result<PipelineRun> {
     store.migrate().await?;
     let engine = EngineConfig::new(&config.matching, config.window);
     let plan = Plan {
@@ -301,20 +316,23 @@ pub async fn pipeline_only(
         orphan_timeout: engine.orphan_timeout,
         max_message_bytes: config.max_message_bytes,
         id_prefix: format!("bench{}-", std::process::id()),
+        payout_every_line,
     };
     let (records, _) = loadgen::generate(&plan);
     let mut offsets = vec![[0i64; 2]; partitions as usize];
+    let announcements_left_out = records.iter().filter(|r| r.input().is_none()).count();
     let messages: Vec<Delivery> = records
         .iter()
-        .map(|record| {
+        .filter_map(|record| Some((record, record.input()?)))
+        .map(|(record, input)| {
             let partition = record
                 .key
                 .as_deref()
                 .map_or(0, |k| partition_of(k, partitions));
-            let offset = &mut offsets[partition as usize][record.input.index()];
+            let offset = &mut offsets[partition as usize][input.index()];
             *offset += 1;
             let decoded = decode(
-                record.input,
+                input,
                 record.key.as_deref(),
                 record.value.as_deref(),
                 None,
@@ -322,7 +340,7 @@ pub async fn pipeline_only(
             )
             .map_err(|r| {
                 let at = MessageAt {
-                    input: record.input,
+                    input,
                     partition,
                     offset: *offset - 1,
                 };
@@ -330,7 +348,7 @@ pub async fn pipeline_only(
                 RejectedMessage::new(at, r.to_string(), r.class(), key, value)
             });
             Delivery::from(ReadMessage {
-                input: record.input,
+                input,
                 partition,
                 offset: *offset - 1,
                 timestamp_ms: None,
@@ -359,7 +377,11 @@ pub async fn pipeline_only(
     task.await??;
     let elapsed = started.elapsed();
     let _ = stopped.await;
-    Ok((count, elapsed))
+    Ok(PipelineRun {
+        messages: count,
+        announcements_left_out,
+        elapsed,
+    })
 }
 
 /// Any stable spread of keys over partitions will do without a broker.

@@ -1,4 +1,4 @@
-//! The JSON of each message type, as the contract defines it.
+//! The JSON of each message type, as the contract defines it (§1, §6 and §7).
 
 use serde_json::json;
 
@@ -27,6 +27,9 @@ pub(super) fn payment_json(
     .into_bytes()
 }
 
+/// A version-1 `settlement_line` (no `line_type`: a capture), with a `payout_id`
+/// when given (an optional field of contract §6 on any line).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn settlement_json(
     event_id: &str,
     payment_id: &str,
@@ -35,8 +38,9 @@ pub(super) fn settlement_json(
     net: i64,
     currency: &str,
     at: Micros,
+    payout_id: Option<&str>,
 ) -> Vec<u8> {
-    json!({
+    let mut value = json!({
         "event_id": event_id,
         "type": "settlement_line",
         "settlement_id": "payout-2026-11-23",
@@ -46,9 +50,11 @@ pub(super) fn settlement_json(
         "net_minor": net,
         "currency": currency,
         "settled_at": format_timestamp(at)
-    })
-    .to_string()
-    .into_bytes()
+    });
+    if let (Some(fields), Some(payout_id)) = (value.as_object_mut(), payout_id) {
+        fields.insert("payout_id".into(), payout_id.into());
+    }
+    value.to_string().into_bytes()
 }
 
 /// `refund_requested` (contract §6), with a field no version of the contract knows
@@ -108,6 +114,30 @@ pub(super) fn line_json(
         if let Some(payout_id) = payout_id {
             fields.insert("payout_id".into(), payout_id.into());
         }
+    }
+    value.to_string().into_bytes()
+}
+
+/// `payout_announced` (contract §7), keyed by `payout_id`; `line_count` only when
+/// given (it is optional).
+pub(super) fn announcement_json(
+    event_id: &str,
+    payout_id: &str,
+    currency: &str,
+    net: i64,
+    line_count: Option<i64>,
+    paid_at: Micros,
+) -> Vec<u8> {
+    let mut value = json!({
+        "type": "payout_announced",
+        "event_id": event_id,
+        "payout_id": payout_id,
+        "currency": currency,
+        "net_minor": net,
+        "paid_at": format_timestamp(paid_at)
+    });
+    if let (Some(fields), Some(line_count)) = (value.as_object_mut(), line_count) {
+        fields.insert("line_count".into(), line_count.into());
     }
     value.to_string().into_bytes()
 }

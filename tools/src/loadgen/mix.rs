@@ -42,13 +42,31 @@ pub struct Mix {
     /// The same, then the chargeback reversed: the position is back at zero
     /// (`over_refunded` resolved `recovered`).
     pub over_refunded_recovered: u32,
+    /// Contract §7 from here on, each a payout of 3 to 50 capture lines of fresh
+    /// payments (matched, on every partition), all with its `payout_id`. Announced
+    /// after its lines, and balanced.
+    pub payout_balanced: u32,
+    /// The announcement counts one line more than the stream has (`total_mismatch`).
+    pub payout_short: u32,
+    /// One line (and its payment) in another currency (`currency_mismatch`).
+    pub payout_currency: u32,
+    /// The right sum, a wrong `line_count` (`total_mismatch`).
+    pub payout_count: u32,
+    /// Lines with a `payout_id` that is never announced (`unannounced`).
+    pub payout_unannounced: u32,
+    /// Balanced, but announced before its first line.
+    pub payout_announced_first: u32,
+    /// Announced twice with different event ids, one right and one wrong: the first
+    /// counts (`balanced` or `total_mismatch`).
+    pub payout_reannounced: u32,
     /// One bad message every this many scenarios (0: none).
     pub poison_every: usize,
 }
 
 impl Default for Mix {
     /// The version-1 stream (95 parts) plus the refund and chargeback scenarios at one
-    /// or two parts each (16 parts: about one scenario in seven).
+    /// or two parts each (16 parts: about one scenario in seven). No payouts: a stream
+    /// for the two topics of contract §1.
     fn default() -> Self {
         Self {
             matched: 70,
@@ -76,20 +94,28 @@ impl Default for Mix {
             orphan_reversal: 1,
             over_refunded: 1,
             over_refunded_recovered: 1,
+            payout_balanced: 0,
+            payout_short: 0,
+            payout_currency: 0,
+            payout_count: 0,
+            payout_unannounced: 0,
+            payout_announced_first: 0,
+            payout_reannounced: 0,
             poison_every: 50,
         }
     }
 }
 
 impl Mix {
-    /// Every scenario at `weight`, no bad messages.
+    /// Every scenario of the two input topics (contract §1–§6) at `weight`, no bad
+    /// messages and no payouts.
     pub fn uniform(weight: u32) -> Self {
         let mut mix = Mix {
             poison_every: 0,
             ..Mix::default()
         };
-        for (name, _) in SCENARIOS {
-            if let Some(slot) = mix.weight_mut(name) {
+        for (name, scenario) in SCENARIOS {
+            if let (false, Some(slot)) = (scenario.is_payout(), mix.weight_mut(name)) {
                 *slot = weight;
             }
         }
@@ -106,6 +132,22 @@ impl Mix {
             }
         }
         mix
+    }
+
+    /// Only the payout scenarios (contract §7), each at `weight`, no bad messages.
+    pub fn payouts_only(weight: u32) -> Self {
+        Mix::uniform(0).with_payouts(weight)
+    }
+
+    /// This mix with every payout scenario (contract §7) at `weight`: the `payouts`
+    /// preset of `--mix` at 1.
+    pub fn with_payouts(mut self, weight: u32) -> Self {
+        for (name, scenario) in SCENARIOS {
+            if let (true, Some(slot)) = (scenario.is_payout(), self.weight_mut(name)) {
+                *slot = weight;
+            }
+        }
+        self
     }
 
     /// The default mix without the refund and chargeback scenarios (contract §6): the
@@ -148,6 +190,13 @@ impl Mix {
             "orphan_reversal" => &mut self.orphan_reversal,
             "over_refunded" => &mut self.over_refunded,
             "over_refunded_recovered" => &mut self.over_refunded_recovered,
+            "payout_balanced" => &mut self.payout_balanced,
+            "payout_short" => &mut self.payout_short,
+            "payout_currency" => &mut self.payout_currency,
+            "payout_count" => &mut self.payout_count,
+            "payout_unannounced" => &mut self.payout_unannounced,
+            "payout_announced_first" => &mut self.payout_announced_first,
+            "payout_reannounced" => &mut self.payout_reannounced,
             _ => return None,
         })
     }
@@ -161,7 +210,15 @@ impl Mix {
 /// fee, dup_payment, dup_settlement, missing, orphan, pending, redelivery; and for
 /// contract §6 refund, refund_late, refund_currency, refund_amount, refund_fee,
 /// refund_missing, refund_orphan, dup_refund, dup_refund_line, chargeback,
-/// chargeback_reversed, orphan_reversal, over_refunded, over_refunded_recovered.
+/// chargeback_reversed, orphan_reversal, over_refunded, over_refunded_recovered; and
+/// for contract §7 payout_balanced, payout_short, payout_currency, payout_count,
+/// payout_unannounced, payout_announced_first, payout_reannounced.
+///
+/// Presets, applied where they stand (later entries override them): `v1`, the
+/// version-1 stream (every refund, chargeback and payout scenario off); `payouts`,
+/// every payout scenario at weight 1 over what came before (alone: the default mix
+/// plus payouts, one scenario in about seventeen a payout; with 3 to 50 payments
+/// each, payouts then hold about three payments in five).
 pub fn parse_mix(text: &str) -> Result<Mix, String> {
     let mut mix = Mix::default();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -169,6 +226,10 @@ pub fn parse_mix(text: &str) -> Result<Mix, String> {
         // entries after it may turn some on again).
         if part == "v1" {
             mix = Mix::version_1_only();
+            continue;
+        }
+        if part == "payouts" {
+            mix = mix.with_payouts(1);
             continue;
         }
         let (name, value) = part
@@ -212,30 +273,54 @@ pub(super) enum Scenario {
     OrphanReversal,
     OverRefunded,
     OverRefundedRecovered,
+    PayoutBalanced,
+    PayoutShort,
+    PayoutCurrency,
+    PayoutCount,
+    PayoutUnannounced,
+    PayoutAnnouncedFirst,
+    PayoutReannounced,
 }
 
 impl Scenario {
+    /// A refund or chargeback scenario (contract §6).
     pub(super) fn is_version_2(self) -> bool {
-        !matches!(
+        !self.is_payout()
+            && !matches!(
+                self,
+                Scenario::Matched
+                    | Scenario::MatchedLate
+                    | Scenario::CurrencyMismatch
+                    | Scenario::AmountMismatch
+                    | Scenario::FeeMismatch
+                    | Scenario::DuplicatePayment
+                    | Scenario::DuplicateSettlement
+                    | Scenario::Missing
+                    | Scenario::Orphan
+                    | Scenario::Pending
+                    | Scenario::Redelivery
+            )
+    }
+
+    /// A payout scenario (contract §7): the only ones writing to the payouts topic.
+    pub(super) fn is_payout(self) -> bool {
+        matches!(
             self,
-            Scenario::Matched
-                | Scenario::MatchedLate
-                | Scenario::CurrencyMismatch
-                | Scenario::AmountMismatch
-                | Scenario::FeeMismatch
-                | Scenario::DuplicatePayment
-                | Scenario::DuplicateSettlement
-                | Scenario::Missing
-                | Scenario::Orphan
-                | Scenario::Pending
-                | Scenario::Redelivery
+            Scenario::PayoutBalanced
+                | Scenario::PayoutShort
+                | Scenario::PayoutCurrency
+                | Scenario::PayoutCount
+                | Scenario::PayoutUnannounced
+                | Scenario::PayoutAnnouncedFirst
+                | Scenario::PayoutReannounced
         )
     }
 }
 
 /// Every scenario by its `--mix` name, in the order weights are drawn from (the
-/// version-1 ones first, as they always were).
-pub(super) const SCENARIOS: [(&str, Scenario); 25] = [
+/// version-1 ones first, as they always were; new ones are only ever added at the end,
+/// so a mix without them draws what it always drew from a seed).
+pub(super) const SCENARIOS: [(&str, Scenario); 32] = [
     ("matched", Scenario::Matched),
     ("late", Scenario::MatchedLate),
     ("currency", Scenario::CurrencyMismatch),
@@ -261,6 +346,13 @@ pub(super) const SCENARIOS: [(&str, Scenario); 25] = [
     ("orphan_reversal", Scenario::OrphanReversal),
     ("over_refunded", Scenario::OverRefunded),
     ("over_refunded_recovered", Scenario::OverRefundedRecovered),
+    ("payout_balanced", Scenario::PayoutBalanced),
+    ("payout_short", Scenario::PayoutShort),
+    ("payout_currency", Scenario::PayoutCurrency),
+    ("payout_count", Scenario::PayoutCount),
+    ("payout_unannounced", Scenario::PayoutUnannounced),
+    ("payout_announced_first", Scenario::PayoutAnnouncedFirst),
+    ("payout_reannounced", Scenario::PayoutReannounced),
 ];
 
 /// The `--mix` names of every scenario.
@@ -273,5 +365,13 @@ pub fn version_2_scenario_names() -> impl Iterator<Item = &'static str> {
     SCENARIOS
         .into_iter()
         .filter(|(_, s)| s.is_version_2())
+        .map(|(name, _)| name)
+}
+
+/// The `--mix` names of the payout scenarios (contract §7).
+pub fn payout_scenario_names() -> impl Iterator<Item = &'static str> {
+    SCENARIOS
+        .into_iter()
+        .filter(|(_, s)| s.is_payout())
         .map(|(name, _)| name)
 }

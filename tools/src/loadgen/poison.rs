@@ -159,7 +159,7 @@ pub(super) fn poison(plan: &Plan, rng: &mut StdRng, n: usize) -> (Input, &'stati
         input,
         class,
         Record {
-            input,
+            topic: input.into(),
             key: key_bytes,
             value,
         },

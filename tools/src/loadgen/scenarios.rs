@@ -1,6 +1,8 @@
 //! Writing one scenario: its ids, its records on either topic and its truth; the
 //! version-1 scenarios (contract §1–§2) here, the refund and chargeback ones in
-//! `refunds`.
+//! `refunds`, the payout ones in `payouts`. Every settlement line goes through
+//! [`Writer::line_in_payout`], which tells the payout ledger about the lines that
+//! carry a `payout_id`, so no scenario can write a payout line the truth misses.
 
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -8,12 +10,32 @@ use rand::Rng;
 use recon_worker::engine::{DiscrepancyKind, Outcome, REVERSED};
 use recon_worker::event::{EventKind, Input, Line, Micros};
 
+use super::interleave::Placed;
 use super::messages::{line_json, payment_json, refund_json, settlement_json};
 use super::mix::Scenario;
+use super::payouts::Ledger;
 use super::refunds::version_2;
 use super::{GroundTruth, Plan, Record, HOUR, MINUTE};
 
-const CURRENCIES: [&str; 4] = ["EUR", "USD", "GBP", "JPY"];
+pub(super) const CURRENCIES: [&str; 4] = ["EUR", "USD", "GBP", "JPY"];
+
+/// The records of a stream being generated, per topic, before they are put in
+/// produced order.
+#[derive(Default)]
+pub(super) struct Streams {
+    /// Payments and settlements, by [`Input::index`].
+    pub(super) inputs: [Vec<Record>; 2],
+    /// Payout announcements, each payout's with the line they go next to.
+    pub(super) payouts: Vec<Placed>,
+}
+
+impl Streams {
+    /// How many settlement lines (bad ones included) are written so far: the next
+    /// line's index.
+    pub(super) fn lines(&self) -> usize {
+        self.inputs[Input::Settlements.index()].len()
+    }
+}
 
 pub(super) struct Ids {
     pub(super) payment_id: String,
@@ -34,17 +56,27 @@ pub(super) struct Writer<'a> {
     pub(super) amount: i64,
     pub(super) fee: i64,
     pub(super) occurred: Micros,
-    streams: &'a mut [Vec<Record>; 2],
-    truth: &'a mut GroundTruth,
+    pub(super) streams: &'a mut Streams,
+    pub(super) truth: &'a mut GroundTruth,
+    pub(super) ledger: &'a mut Ledger,
 }
 
 impl Writer<'_> {
     pub(super) fn push(&mut self, input: Input, value: Vec<u8>) {
-        self.streams[input.index()].push(Record {
-            input,
+        self.streams.inputs[input.index()].push(Record {
+            topic: input.into(),
             key: Some(self.ids.payment_id.clone().into_bytes()),
             value: Some(value),
         });
+    }
+
+    /// The last record of `input` sent again, byte for byte, as an at-least-once
+    /// producer resends it: a redelivery (it counts nowhere, payouts included).
+    pub(super) fn again(&mut self, input: Input) {
+        let stream = &mut self.streams.inputs[input.index()];
+        if let Some(last) = stream.last().cloned() {
+            stream.push(last);
+        }
     }
 
     pub(super) fn payment(&mut self, event_id: &str, at: Micros, amount: i64) {
@@ -52,7 +84,8 @@ impl Writer<'_> {
         self.push(Input::Payments, value);
     }
 
-    /// A version-1 settlement line (a capture without `line_type`).
+    /// A version-1 settlement line (a capture without `line_type`; with a
+    /// `payout_id` only under [`super::Plan::payout_every_line`]).
     pub(super) fn settlement(
         &mut self,
         event_id: &str,
@@ -62,6 +95,7 @@ impl Writer<'_> {
         net: i64,
         currency: &str,
     ) {
+        let payout_id = self.ledger.every_line_payout(currency);
         let value = settlement_json(
             event_id,
             &self.ids.payment_id,
@@ -70,8 +104,13 @@ impl Writer<'_> {
             net,
             currency,
             at,
+            payout_id.as_deref(),
         );
         self.push(Input::Settlements, value);
+        if let Some(payout_id) = payout_id {
+            self.ledger
+                .line(self.streams, &payout_id, currency, net, at);
+        }
     }
 
     pub(super) fn refund(&mut self, event_id: &str, refund_id: &str, at: Micros, amount: i64) {
@@ -86,8 +125,6 @@ impl Writer<'_> {
         self.push(Input::Payments, value);
     }
 
-    /// A version-2 settlement line: `line_type` always written (also `capture`),
-    /// `payout_id` when given.
     /// The reversal `cr` of the chargeback `cb` (for `amount`, its fee given back):
     /// both lines `chargeback_reversed`, each the other's counterpart, and the
     /// chargeback's discrepancy resolved `reversed`.
@@ -113,6 +150,10 @@ impl Writer<'_> {
         self.discrepancy(DiscrepancyKind::Chargeback, None, Some(cb), Some(REVERSED));
     }
 
+    /// A version-2 settlement line (`line_type` always written, also `capture`). A
+    /// refund line is in a payout of its scenario's own that is never announced (as
+    /// since contract §6: an `unannounced` payout in the truth); a capture line is in
+    /// a payout only under [`super::Plan::payout_every_line`].
     pub(super) fn line(
         &mut self,
         event_id: &str,
@@ -121,9 +162,26 @@ impl Writer<'_> {
         amounts: Amounts,
         currency: &str,
     ) {
-        let payout_id = line
-            .refund_id()
-            .map(|_| format!("{}-payout", self.ids.prefix));
+        let payout_id = match line {
+            Line::Refund { .. } => Some(format!("{}-payout", self.ids.prefix)),
+            Line::Capture => self.ledger.every_line_payout(currency),
+            _ => None,
+        };
+        self.line_in_payout(event_id, line, at, amounts, currency, payout_id.as_deref());
+    }
+
+    /// A version-2 settlement line in the payout `payout_id`, if any: the ledger
+    /// counts it there (every line written this way is accepted: none is a
+    /// redelivery, see [`Writer::again`]).
+    pub(super) fn line_in_payout(
+        &mut self,
+        event_id: &str,
+        line: &Line,
+        at: Micros,
+        amounts: Amounts,
+        currency: &str,
+        payout_id: Option<&str>,
+    ) {
         let value = line_json(
             event_id,
             &self.ids.payment_id,
@@ -131,9 +189,13 @@ impl Writer<'_> {
             amounts,
             currency,
             at,
-            payout_id.as_deref(),
+            payout_id,
         );
         self.push(Input::Settlements, value);
+        if let Some(payout_id) = payout_id {
+            self.ledger
+                .line(self.streams, payout_id, currency, amounts.net, at);
+        }
     }
 
     pub(super) fn expect(
@@ -218,6 +280,27 @@ impl Writer<'_> {
         self.expect(EventKind::Settlement, &s, Outcome::Matched, Some(&p));
     }
 
+    /// [`Writer::capture`] with its line in the payout `payout_id`: the line's net
+    /// and `settled_at`.
+    pub(super) fn capture_in_payout(&mut self, rng: &mut StdRng, payout_id: &str) -> (i64, Micros) {
+        let (p, s) = (self.ids.event("p"), self.ids.event("s"));
+        let settled = self.occurred + rng.random_range(MINUTE..HOUR);
+        self.payment(&p, self.occurred, self.amount);
+        let amounts = Amounts::of(self.amount, self.fee);
+        let currency = self.currency;
+        self.line_in_payout(
+            &s,
+            &Line::Capture,
+            settled,
+            amounts,
+            currency,
+            Some(payout_id),
+        );
+        self.expect(EventKind::Payment, &p, Outcome::Matched, Some(&s));
+        self.expect(EventKind::Settlement, &s, Outcome::Matched, Some(&p));
+        (amounts.net, settled)
+    }
+
     /// Refund request `r` of `amount` and its refund line `l` (gross, fee and net as
     /// given), both `outcome`; opens the outcome's discrepancy when it is one.
     #[allow(clippy::too_many_arguments)]
@@ -273,8 +356,9 @@ pub(super) fn generate_scenario(
     rng: &mut StdRng,
     i: usize,
     scenario: Scenario,
-    streams: &mut [Vec<Record>; 2],
+    streams: &mut Streams,
     truth: &mut GroundTruth,
+    ledger: &mut Ledger,
 ) {
     let ids = Ids {
         payment_id: format!("{}pay-{i:08}", plan.id_prefix),
@@ -300,6 +384,7 @@ pub(super) fn generate_scenario(
         occurred,
         streams,
         truth,
+        ledger,
     };
     let (p, s) = (w.ids.event("p"), w.ids.event("s"));
     match scenario {
@@ -379,8 +464,8 @@ pub(super) fn generate_scenario(
         Scenario::Redelivery => {
             w.pair(Outcome::Matched, on_time, amount, amount - fee, currency);
             // The same messages again, as an at-least-once producer would resend them.
-            w.payment(&p, occurred, amount);
-            w.settlement(&s, on_time, amount, fee, amount - fee, currency);
+            w.again(Input::Payments);
+            w.again(Input::Settlements);
         }
         _ => version_2(plan, rng, i, scenario, &mut w, now, stale, other_currency),
     }

@@ -23,7 +23,7 @@ pub fn duplicate_storm(plan: &Plan, duplicates: usize) -> (Vec<Record>, GroundTr
     let line = format!("{}storm-settlement-line", plan.id_prefix);
     let occurred = plan.event_now() - HOUR;
     let record = |input: Input, value: Vec<u8>| Record {
-        input,
+        topic: input.into(),
         key: Some(payment_id.clone().into_bytes()),
         value: Some(value),
     };
@@ -45,6 +45,7 @@ pub fn duplicate_storm(plan: &Plan, duplicates: usize) -> (Vec<Record>, GroundTr
                 9_800,
                 "EUR",
                 occurred + HOUR,
+                None,
             ),
         ),
     ];

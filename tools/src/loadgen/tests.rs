@@ -4,9 +4,9 @@
 use super::refunds::over_refund;
 use super::*;
 use recon_worker::engine::{DiscrepancyKind, Outcome, RECOVERED, REVERSED};
-use recon_worker::event::{decode, Event, EventKind, Limits};
+use recon_worker::event::{decode, Event, EventKind, Limits, Topic};
 
-fn plan(seed: u64, scenarios: usize, mix: Mix) -> Plan {
+pub(super) fn plan(seed: u64, scenarios: usize, mix: Mix) -> Plan {
     Plan {
         seed,
         scenarios,
@@ -16,17 +16,20 @@ fn plan(seed: u64, scenarios: usize, mix: Mix) -> Plan {
         orphan_timeout: 72 * HOUR,
         max_message_bytes: 64 * 1024,
         id_prefix: "t-".into(),
+        payout_every_line: 0,
     }
 }
 
-fn decoded(plan: &Plan, record: &Record) -> Result<Event, &'static str> {
+/// A payments or settlements record decoded as the worker decodes it.
+pub(super) fn decoded(plan: &Plan, record: &Record) -> Result<Event, &'static str> {
     let limits = Limits {
         max_bytes: plan.max_message_bytes,
         max_future_skew: 24 * HOUR,
     };
+    let input = record.input().expect("a payments or settlements record");
     // Produced at `base_time`, as the Kafka timestamp says.
     decode(
-        record.input,
+        input,
         record.key.as_deref(),
         record.value.as_deref(),
         Some(plan.base_time / 1000),
@@ -37,7 +40,8 @@ fn decoded(plan: &Plan, record: &Record) -> Result<Event, &'static str> {
 
 #[test]
 fn every_record_decodes_as_its_truth_says() {
-    let plan = plan(3, 2_000, Mix::uniform(1));
+    // (Payouts too: their lines are ordinary settlement lines.)
+    let plan = plan(3, 2_000, Mix::uniform(1).with_payouts(1));
     let mix = Mix {
         poison_every: 7,
         ..plan.mix.clone()
@@ -49,7 +53,8 @@ fn every_record_decodes_as_its_truth_says() {
     }
     let mut rejected = Vec::new();
     let mut accepted = std::collections::BTreeSet::new();
-    for record in &records {
+    // Announcements: see `payouts_tests`.
+    for record in records.iter().filter(|r| r.input().is_some()) {
         match decoded(&plan, record) {
             Ok(event) => {
                 let kind = event.kind();
@@ -63,7 +68,7 @@ fn every_record_decodes_as_its_truth_says() {
                 }
                 accepted.insert(key);
             }
-            Err(class) => rejected.push((record.input, class)),
+            Err(class) => rejected.push((record.input().expect("an input"), class)),
         }
     }
     // (The truth lists them in generation order, the records are interleaved.)
@@ -227,19 +232,20 @@ fn the_topics_never_drift_further_apart_than_the_skew_bound() {
         orphan_timeout: 72 * HOUR,
         max_message_bytes: 1 << 20,
         id_prefix: "t-".into(),
+        payout_every_line: 0,
     };
     let (records, _) = generate(&plan);
     let mut latest = [0usize; 2];
     let (mut widest, mut settlement_first) = (0usize, 0usize);
     let mut payments_seen = std::collections::HashSet::new();
     for record in &records {
-        let Some(scenario) = scenario_of(record) else {
+        let (Some(scenario), Some(input)) = (scenario_of(record), record.input()) else {
             continue;
         };
-        let k = record.input.index();
+        let k = input.index();
         latest[k] = latest[k].max(scenario);
         widest = widest.max(latest[0].abs_diff(latest[1]));
-        match record.input {
+        match input {
             Input::Payments => {
                 payments_seen.insert(scenario);
             }
@@ -269,7 +275,7 @@ fn the_topics_never_drift_further_apart_than_the_skew_bound() {
 
 /// FNV-1a over length-prefixed fields: a digest that stays the same across Rust
 /// versions and platforms (std's hasher promises neither).
-fn fnv(hash: &mut u64, bytes: &[u8]) {
+pub(super) fn fnv(hash: &mut u64, bytes: &[u8]) {
     for byte in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
         *hash ^= u64::from(*byte);
         *hash = hash.wrapping_mul(0x0100_0000_01b3);
@@ -278,11 +284,17 @@ fn fnv(hash: &mut u64, bytes: &[u8]) {
 
 /// Digests of a stream's records (topic, key, value, in order) and of its truth
 /// (outcomes, discrepancies, rejects, scenario counts), and its length.
-fn digest(records: &[Record], truth: &GroundTruth) -> (u64, u64, usize) {
+pub(super) fn digest(records: &[Record], truth: &GroundTruth) -> (u64, u64, usize) {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     let mut produced = OFFSET_BASIS;
     for record in records {
-        fnv(&mut produced, &[record.input.index() as u8]);
+        // (The two input topics as `Input::index` numbered them.)
+        let topic = match record.topic {
+            Topic::Payments => 0u8,
+            Topic::Settlements => 1,
+            Topic::Payouts => 2,
+        };
+        fnv(&mut produced, &[topic]);
         fnv(&mut produced, record.key.as_deref().unwrap_or(b"<none>"));
         fnv(&mut produced, record.value.as_deref().unwrap_or(b"<none>"));
     }
@@ -353,6 +365,18 @@ fn the_two_topic_mixes_produce_what_they_always_did() {
         };
         let (records, truth) = generate(&plan);
         assert_eq!(digest(&records, &truth), before, "{label} mix");
+        assert!(records.iter().all(|r| r.topic != Topic::Payouts), "{label}");
+        // Refund lines have carried a `payout_id` of their scenario's own since
+        // contract §6, never announced: version-1 streams have no payouts at all.
+        assert!(
+            truth
+                .payouts
+                .iter()
+                .all(|(id, payout)| id.ends_with("-payout")
+                    && payout.status == PayoutStatus::Unannounced),
+            "{label}"
+        );
+        assert_eq!(truth.payouts.is_empty(), label == "v1", "{label}");
     }
     let plan = Plan {
         id_prefix: "h-".into(),
