@@ -26,6 +26,7 @@ fn stream(engine: &EngineConfig) -> Vec<Record> {
         orphan_timeout: engine.orphan_timeout,
         max_message_bytes: MAX_MESSAGE_BYTES,
         id_prefix: "bench-".into(),
+        payout_every_line: 0,
     };
     loadgen::generate(&plan).0
 }
@@ -35,7 +36,8 @@ fn decode_all(records: &[Record]) -> Vec<Result<Event, recon_worker::event::Reje
         .iter()
         .map(|r| {
             decode(
-                r.input,
+                r.input()
+                    .expect("the default mix writes the two input topics"),
                 r.key.as_deref(),
                 r.value.as_deref(),
                 None,

@@ -2,8 +2,10 @@
 # The main job, end to end, on this machine: services up, co-partitioned topics,
 # the worker running, a sample stream of payments, refunds and settlement lines of every
 # type (with discrepancies, chargebacks, over-refunds, redeliveries and bad messages)
-# flowing through it, then a summary of the outcomes and discrepancies read from
-# PostgreSQL (compare with the expected counts loadgen prints) and a look at /metrics.
+# and payouts announced on a third topic (balanced, short, in a wrong currency, with a
+# wrong line count, unannounced, announced early or twice) flowing through it, then a
+# summary of the outcomes, discrepancies and payouts read from PostgreSQL (compare with
+# the expected counts loadgen prints) and a look at /metrics.
 #
 # Each run uses its own topics and a fresh `recon_demo` database, so it can be rerun.
 # KEEP_RUNNING=1 leaves the worker running afterwards (stop it with kill -TERM).
@@ -24,11 +26,22 @@ run_id=$(date +%s)
 export DATABASE_URL="postgres://postgres@127.0.0.1:5432/recon_demo"
 export RECON_PAYMENTS_TOPIC="demo-payments-$run_id"
 export RECON_SETTLEMENTS_TOPIC="demo-settlements-$run_id"
+# Contract §7: payout announcements, co-partitioned with the other two.
+export RECON_PAYOUTS_TOPIC="demo-payouts-$run_id"
 export RECON_GROUP_ID="recon-demo-$run_id"
 export RECON_METRICS_ADDR="${RECON_METRICS_ADDR:-127.0.0.1:9898}"
 # Deadlines stay at their 72h defaults; the sample's stale events are days old. A
 # short idle timeout lets the watermark follow the clock soon after the stream ends.
 export RECON_IDLE_TIMEOUT=3s
+# The sample's events are dated about 61h before the wall clock (loadgen moves its
+# timeline back so that no late line is ahead of its Kafka timestamp), and a payout is
+# paid within two hours of its payments. With a 12h grace every announced payout is
+# due once the stream goes quiet (the global watermark then follows the clock), and
+# none while it is still being read (the watermark is then about the stream's own
+# time): each ends balanced or in its mismatch, never pending. Unannounced payouts
+# fall due after their last line + O (72h), later than the demo: they show as
+# `unannounced` with no `unannounced_payout` open yet.
+export RECON_PAYOUT_GRACE=12h
 SCENARIOS=${SCENARIOS:-5000}
 
 psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS recon_demo" -c "CREATE DATABASE recon_demo" >/dev/null
@@ -42,13 +55,16 @@ RUST_LOG=info $bin run >target/demo-worker.log 2>&1 &
 worker=$!
 trap '[ "${KEEP_RUNNING:-0}" = 1 ] || kill -TERM $worker 2>/dev/null || true' EXIT
 
-echo "== producing a sample stream ($SCENARIOS payment ids)"
-$tools loadgen --scenarios "$SCENARIOS" --seed "$run_id" --poison-every 40 | tee target/demo-loadgen.txt
+echo "== producing a sample stream ($SCENARIOS scenarios, payouts included)"
+# `payouts`: the default mix plus every payout scenario (contract §7).
+$tools loadgen --scenarios "$SCENARIOS" --seed "$run_id" --poison-every 40 --mix payouts | tee target/demo-loadgen.txt
 produced=$(awk '/^produced/ {print $2}' target/demo-loadgen.txt)
+# The payouts loadgen expects, whatever their status.
+expected_payouts=$(awk '/^expected payouts/ {on = 1; next} on && /^  / {n += $2; next} {on = 0} END {print n + 0}' target/demo-loadgen.txt)
 
 echo "== waiting until all $produced messages are reconciled"
 for _ in $(seq 600); do
-    done_count=$(sql -tAc "SELECT COALESCE(SUM(payments_next_offset + settlements_next_offset), 0) FROM recon_partition_pairs" 2>/dev/null || echo 0)
+    done_count=$(sql -tAc "SELECT COALESCE(SUM(payments_next_offset + settlements_next_offset + COALESCE(payouts_next_offset, 0)), 0) FROM recon_partition_pairs" 2>/dev/null || echo 0)
     [ "${done_count:-0}" -ge "$produced" ] && break
     kill -0 $worker 2>/dev/null || { echo "worker exited:"; tail -20 target/demo-worker.log; exit 1; }
     sleep 0.5
@@ -56,6 +72,13 @@ done
 # Stale payments and settlements fire once the watermark passes their deadlines: after
 # the stream goes quiet, within the idle timeout.
 sleep 5
+# The payout evaluator runs every few seconds: wait until it has taken in every payout
+# and none is left pending (at most 30 s).
+for _ in $(seq 60); do
+    evaluated=$(sql -tAc "SELECT count(*) FILTER (WHERE status <> 'pending') FROM recon_payouts" 2>/dev/null || echo 0)
+    [ "${evaluated:-0}" -ge "$expected_payouts" ] && break
+    sleep 0.5
+done
 
 echo
 echo "== outcomes (recon_outcomes) by event kind and settlement line type"
@@ -77,12 +100,18 @@ sql -c "SELECT d.payment_id, CASE WHEN d.resolved_at IS NULL THEN 'open' ELSE d.
                d.settlement_event_id AS first_line_below_zero, o.line_type, o.amount_minor AS gross_minor
         FROM recon_discrepancies d LEFT JOIN recon_outcomes o ON o.event_kind = 'settlement' AND o.event_id = d.settlement_event_id
         WHERE d.kind = 'over_refunded' ORDER BY d.opened_at LIMIT 5"
+echo "== payouts (recon_payouts) by status; loadgen expected:"
+sed -n '/^expected payouts/,/^scenarios:/p' target/demo-loadgen.txt | sed '$d'
+sql -c "SELECT status, count(*) FROM recon_payouts GROUP BY 1 ORDER BY 1"
+echo "== unbalanced payouts, oldest first"
+sql -c "SELECT payout_id, currency, expected_net_minor, lines_net_minor, expected_line_count, line_count, status, paid_at
+        FROM recon_payouts WHERE status <> 'balanced' ORDER BY since, payout_id LIMIT 10"
 echo "== metrics at http://$RECON_METRICS_ADDR/metrics (also /healthz, /readyz)"
 curl -s "http://$RECON_METRICS_ADDR/metrics" | grep -E '^recon_(events_consumed_total|events_rejected_total|outcomes_total|assigned_partitions|window_items) ' | head -20 || true
 curl -s "http://$RECON_METRICS_ADDR/metrics" | grep -E '^recon_outcomes_total' | head -12 || true
 echo "readyz: $(curl -s "http://$RECON_METRICS_ADDR/readyz")"
 echo
-echo "demo finished in $(( $(date +%s) - started ))s; database recon_demo, topics $RECON_PAYMENTS_TOPIC / $RECON_SETTLEMENTS_TOPIC"
+echo "demo finished in $(( $(date +%s) - started ))s; database recon_demo, topics $RECON_PAYMENTS_TOPIC / $RECON_SETTLEMENTS_TOPIC / $RECON_PAYOUTS_TOPIC"
 if [ "${KEEP_RUNNING:-0}" = 1 ]; then
     echo "worker still running as pid $worker (kill -TERM $worker to stop it)"
 else

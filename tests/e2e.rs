@@ -310,7 +310,7 @@ async fn refunds_and_chargebacks_read_settlements_first_reach_the_same_truth(poo
     let (records, truth) = generate(&world.plan(120, 92, mix));
     let (payments, lines): (Vec<Record>, Vec<Record>) = records
         .into_iter()
-        .partition(|r| r.input == Input::Payments);
+        .partition(|r| r.input() == Some(Input::Payments));
     let dispute_of = |record: &Record, line_type: &str| -> Option<String> {
         let value: serde_json::Value = serde_json::from_slice(record.value.as_deref()?).ok()?;
         if value["line_type"] != line_type {
@@ -592,7 +592,7 @@ async fn a_quiet_partition_still_raises_missing_settlement(pool: PgPool) {
         "occurred_at": recon_worker::event::format_timestamp(now)
     });
     let record = recon_tools::loadgen::Record {
-        input: recon_worker::event::Input::Payments,
+        topic: recon_worker::event::Topic::Payments,
         key: Some(b"quiet".to_vec()),
         value: Some(payment.to_string().into_bytes()),
     };
@@ -622,7 +622,7 @@ async fn a_backlog_on_one_topic_raises_no_false_missing_settlement(pool: PgPool)
         let at = base + i * (10 * 3600 * SEC / n);
         let id = format!("bk-{i:05}");
         payments.push(recon_tools::loadgen::Record {
-            input: recon_worker::event::Input::Payments,
+            topic: recon_worker::event::Topic::Payments,
             key: Some(id.clone().into_bytes()),
             value: Some(
                 serde_json::json!({
@@ -635,7 +635,7 @@ async fn a_backlog_on_one_topic_raises_no_false_missing_settlement(pool: PgPool)
             ),
         });
         settlements.push(recon_tools::loadgen::Record {
-            input: recon_worker::event::Input::Settlements,
+            topic: recon_worker::event::Topic::Settlements,
             key: Some(id.clone().into_bytes()),
             value: Some(serde_json::json!({
                 "event_id": format!("{id}-s"), "type": "settlement_line", "settlement_id": "po",
@@ -680,7 +680,7 @@ async fn topics_far_apart_in_kafka_time_are_read_in_step_without_a_stall(pool: P
     let (records, truth) = generate(&world.plan(6_000, 41, Mix::default()));
     let (payments, settlements): (Vec<_>, Vec<_>) = records
         .into_iter()
-        .partition(|r| r.input == recon_worker::event::Input::Payments);
+        .partition(|r| r.input() == Some(recon_worker::event::Input::Payments));
     // Settlements carrying Kafka timestamps a minute ahead of the payments', read
     // with a small prefetch: whenever both topics have a backlog, the settlements'
     // partition is paused until the payments catch up (which of the two the broker
@@ -904,7 +904,7 @@ fn record(
     value: serde_json::Value,
 ) -> recon_tools::loadgen::Record {
     recon_tools::loadgen::Record {
-        input,
+        topic: input.into(),
         key: Some(key.as_bytes().to_vec()),
         value: Some(value.to_string().into_bytes()),
     }
@@ -1559,8 +1559,9 @@ async fn an_event_id_clash_while_the_topics_are_read_in_step_does_not_stall_the_
     // under new payment ids: the insert clashes and the pair is replayed (a rewind),
     // which forgets the Kafka timestamps the pause would be lifted by.
     let (second, truth_2) = generate(&world.plan(3_000, 72, exact));
-    let (mut payments, settlements): (Vec<_>, Vec<_>) =
-        second.into_iter().partition(|r| r.input == Input::Payments);
+    let (mut payments, settlements): (Vec<_>, Vec<_>) = second
+        .into_iter()
+        .partition(|r| r.input() == Some(Input::Payments));
     let at = format_timestamp(chrono::Utc::now().timestamp_micros());
     let reused: Vec<_> = truth
         .outcomes
@@ -1636,7 +1637,7 @@ async fn a_recreated_topic_is_read_from_its_start_and_nothing_is_lost(pool: PgPo
     let at = format_timestamp(chrono::Utc::now().timestamp_micros());
     let mut again: Vec<_> = first
         .iter()
-        .filter(|r| r.input == Input::Payments)
+        .filter(|r| r.input() == Some(Input::Payments))
         .take(3)
         .cloned()
         .collect();

@@ -68,7 +68,7 @@ async fn stored_offsets(world: &World) -> (i64, i64) {
 fn produced(records: &[Record]) -> (i64, i64) {
     let payments = records
         .iter()
-        .filter(|r| r.input == Input::Payments)
+        .filter(|r| r.input() == Some(Input::Payments))
         .count();
     (payments as i64, (records.len() - payments) as i64)
 }

@@ -156,6 +156,7 @@ impl World {
             orphan_timeout: 72 * 3600 * SEC,
             max_message_bytes: 64 * 1024,
             id_prefix: format!("s{seed}-"),
+            payout_every_line: 0,
         }
     }
 
@@ -650,7 +651,7 @@ pub async fn produce_in_transaction(
         let mut failed = false;
         for record in records {
             let mut message: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(topics[record.input.index()]);
+                FutureRecord::to(topics[record.input().expect("a two-topic stream").index()]);
             if let Some(key) = &record.key {
                 message = message.key(key.as_slice());
             }

@@ -1,5 +1,6 @@
 //! Kafka administration used by the demo, the load generator and the tests: creating
-//! co-partitioned topics and producing records.
+//! co-partitioned topics and producing records to the topic of each record's role
+//! (payments, settlements and, for contract §7, payouts).
 
 use std::time::Duration;
 
@@ -9,6 +10,62 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
+use recon_worker::event::Topic;
+
+/// Why records could not be produced.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// A record for a topic no name was given for: nothing of the batch is sent.
+    #[error("a {0} record, but no {0} topic to send it to")]
+    NoTopic(Topic),
+}
+
+/// The topic names records go to, by role. `[payments, settlements]` sends the two
+/// input topics only (a payout announcement is then refused, [`ProduceError::NoTopic`]);
+/// `[payments, settlements, payouts]` all three.
+pub trait TopicNames: Sync {
+    fn name(&self, topic: Topic) -> Option<&str>;
+}
+
+impl<S: AsRef<str> + Sync> TopicNames for [S; 2] {
+    fn name(&self, topic: Topic) -> Option<&str> {
+        let [payments, settlements] = self;
+        match topic {
+            Topic::Payments => Some(payments.as_ref()),
+            Topic::Settlements => Some(settlements.as_ref()),
+            Topic::Payouts => None,
+        }
+    }
+}
+
+impl<S: AsRef<str> + Sync> TopicNames for [S; 3] {
+    fn name(&self, topic: Topic) -> Option<&str> {
+        let [payments, settlements, payouts] = self;
+        Some(match topic {
+            Topic::Payments => payments.as_ref(),
+            Topic::Settlements => settlements.as_ref(),
+            Topic::Payouts => payouts.as_ref(),
+        })
+    }
+}
+
+/// Every record's topic name, or the first role without one (checked before anything
+/// is sent, so a batch is sent whole or not at all).
+fn names<'a>(
+    records: &[crate::loadgen::Record],
+    topics: &'a dyn TopicNames,
+) -> Result<Vec<&'a str>, ProduceError> {
+    records
+        .iter()
+        .map(|record| {
+            topics
+                .name(record.topic)
+                .ok_or(ProduceError::NoTopic(record.topic))
+        })
+        .collect()
+}
 
 /// Creates the topics with `partitions` partitions each; existing topics are left as they are.
 pub async fn create_topics(
@@ -56,11 +113,13 @@ pub fn producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
 pub async fn produce_paced(
     producer: &FutureProducer,
     records: &[crate::loadgen::Record],
-    topics: [&str; 2],
+    topics: impl TopicNames,
     rate: u64,
-) -> Result<(), KafkaError> {
+) -> Result<(), ProduceError> {
+    let topics: &dyn TopicNames = &topics;
+    names(records, topics)?;
     if rate == 0 && records.len() < 100_000 {
-        return produce_all(producer, records, topics).await;
+        return produce_all_to(producer, records, topics, None).await;
     }
     let started = std::time::Instant::now();
     let step = if rate == 0 {
@@ -78,7 +137,7 @@ pub async fn produce_paced(
     let mut acknowledging = std::collections::VecDeque::new();
     for (i, chunk) in records.chunks(step).enumerate() {
         if rate == 0 {
-            produce_all(producer, chunk, topics).await?;
+            produce_all_to(producer, chunk, topics, None).await?;
         } else {
             let deliveries = send_all(producer, chunk, topics, None)?;
             acknowledging.push_back(tokio::spawn(async move {
@@ -122,13 +181,14 @@ pub async fn produce_paced(
 fn send_all(
     producer: &FutureProducer,
     records: &[crate::loadgen::Record],
-    topics: [&str; 2],
+    topics: &dyn TopicNames,
     timestamp_ms: Option<i64>,
-) -> Result<Vec<rdkafka::producer::DeliveryFuture>, KafkaError> {
+) -> Result<Vec<rdkafka::producer::DeliveryFuture>, ProduceError> {
+    let names = names(records, topics)?;
     records
         .iter()
-        .map(|record| {
-            let topic = topics[record.input.index()];
+        .zip(names)
+        .map(|(record, topic)| {
             let mut future_record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
                 .timestamp(timestamp_ms.unwrap_or_else(|| chrono::Utc::now().timestamp_millis()));
             if let Some(key) = &record.key {
@@ -139,7 +199,7 @@ fn send_all(
             }
             producer
                 .send_result(future_record)
-                .map_err(|(error, _)| error)
+                .map_err(|(error, _)| ProduceError::Kafka(error))
         })
         .collect()
 }
@@ -148,9 +208,9 @@ fn send_all(
 pub async fn produce_all(
     producer: &FutureProducer,
     records: &[crate::loadgen::Record],
-    topics: [&str; 2],
-) -> Result<(), KafkaError> {
-    produce_all_at(producer, records, topics, None).await
+    topics: impl TopicNames,
+) -> Result<(), ProduceError> {
+    produce_all_to(producer, records, &topics, None).await
 }
 
 /// [`produce_all`] with every record carrying `timestamp_ms` as its Kafka timestamp
@@ -158,9 +218,20 @@ pub async fn produce_all(
 pub async fn produce_all_at(
     producer: &FutureProducer,
     records: &[crate::loadgen::Record],
-    topics: [&str; 2],
+    topics: impl TopicNames,
     timestamp_ms: Option<i64>,
-) -> Result<(), KafkaError> {
+) -> Result<(), ProduceError> {
+    produce_all_to(producer, records, &topics, timestamp_ms).await
+}
+
+/// [`produce_all_at`] behind one type of topic names (the public functions take any).
+async fn produce_all_to(
+    producer: &FutureProducer,
+    records: &[crate::loadgen::Record],
+    topics: &dyn TopicNames,
+    timestamp_ms: Option<i64>,
+) -> Result<(), ProduceError> {
+    names(records, topics)?;
     // In slices of 10,000, so the producer's queue (100,000 messages) never fills.
     for slice in records.chunks(10_000) {
         for delivery in send_all(producer, slice, topics, timestamp_ms)? {

@@ -13,12 +13,15 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use recon_worker::config::{Config, WindowConfig};
-use recon_worker::consumer::{Control, Delivery, ReadMessage};
+use recon_worker::consumer::{
+    decode_announcement_message, decode_message, Control, Data, Delivery, ReadAnnouncement,
+    ReadMessage,
+};
 use recon_worker::engine::{EngineConfig, PairEngine, StoredEvent};
-use recon_worker::event::{decode, EventKind, Line};
+use recon_worker::event::{EventKind, Line};
 use recon_worker::pair::{PerInput, PerTopic};
 use recon_worker::pipeline::Pipeline;
-use recon_worker::rejection::{MessageAt, RejectedMessage};
+use recon_worker::rejection::MessageAt;
 use recon_worker::store::{PairCheckpoint, Store};
 use recon_worker::telemetry::Health;
 use tokio::sync::mpsc;
@@ -286,15 +289,29 @@ pub async fn raw_pg_write(
     Ok(started.elapsed())
 }
 
+/// What [`pipeline_only`] fed through the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineRun {
+    /// Messages delivered, payout announcements included.
+    pub messages: usize,
+    /// Of which payout announcements.
+    pub announcements: usize,
+    pub elapsed: Duration,
+}
+
 /// The worker's own ceiling: a generated stream, decoded up front, fed through the
 /// real pipeline (engine and PostgreSQL checkpoints) with no broker.
+/// `payout_every_line` > 0 puts every capture line in a payout of that many lines
+/// ([`Plan::payout_every_line`]): the same stream, with payouts (lines summed into
+/// their payouts' partial sums, announcements stored with the pairs' checkpoints).
 pub async fn pipeline_only(
     config: &Config,
     store: Store,
     scenarios: usize,
     partitions: i32,
     mix: Mix,
-) -> anyhow::Result<(usize, Duration)> {
+    payout_every_line: usize,
+) -> anyhow::Result<PipelineRun> {
     store.migrate().await?;
     let engine = EngineConfig::new(&config.matching, config.window);
     let plan = Plan {
@@ -306,9 +323,12 @@ pub async fn pipeline_only(
         orphan_timeout: engine.orphan_timeout,
         max_message_bytes: config.max_message_bytes,
         id_prefix: format!("bench{}-", std::process::id()),
+        payout_every_line,
     };
     let (records, _) = loadgen::generate(&plan);
-    let mut offsets = vec![[0i64; 2]; partitions as usize];
+    let mut offsets = vec![[0i64; 3]; partitions as usize];
+    let announcements = records.iter().filter(|r| r.input().is_none()).count();
+    let limits = config.decode_limits();
     let messages: Vec<Delivery> = records
         .iter()
         .map(|record| {
@@ -316,32 +336,32 @@ pub async fn pipeline_only(
                 .key
                 .as_deref()
                 .map_or(0, |k| partition_of(k, partitions));
-            let offset = &mut offsets[partition as usize][record.input.index()];
-            *offset += 1;
-            let decoded = decode(
-                record.input,
-                record.key.as_deref(),
-                record.value.as_deref(),
-                None,
-                config.decode_limits(),
-            )
-            .map_err(|r| {
-                let at = MessageAt {
-                    topic: record.input.into(),
-                    partition,
-                    offset: *offset - 1,
-                };
-                let (key, value) = (record.key.as_deref(), record.value.as_deref());
-                RejectedMessage::new(at, r.to_string(), r.class(), key, value)
-            });
-            Delivery::from(ReadMessage {
-                input: record.input,
+            let slot = &mut offsets[partition as usize][record.topic as usize];
+            *slot += 1;
+            let at = MessageAt {
+                topic: record.topic,
                 partition,
-                offset: *offset - 1,
-                timestamp_ms: None,
-                decoded,
-                reset: None,
-            })
+                offset: *slot - 1,
+            };
+            let (key, value) = (record.key.as_deref(), record.value.as_deref());
+            let data = match record.input() {
+                Some(input) => Data::Message(ReadMessage {
+                    input,
+                    partition,
+                    offset: at.offset,
+                    timestamp_ms: None,
+                    decoded: decode_message(at, key, value, None, limits, None),
+                    reset: None,
+                }),
+                None => Data::Announcement(ReadAnnouncement {
+                    partition,
+                    offset: at.offset,
+                    timestamp_ms: None,
+                    decoded: decode_announcement_message(at, key, value, None, limits, None),
+                    reset: None,
+                }),
+            };
+            Delivery::Data(data)
         })
         .collect();
     let count = messages.len();
@@ -364,7 +384,11 @@ pub async fn pipeline_only(
     task.await??;
     let elapsed = started.elapsed();
     let _ = stopped.await;
-    Ok((count, elapsed))
+    Ok(PipelineRun {
+        messages: count,
+        announcements,
+        elapsed,
+    })
 }
 
 /// Any stable spread of keys over partitions will do without a broker.

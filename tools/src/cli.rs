@@ -14,13 +14,15 @@ use crate::{admin, bench, loadgen};
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Create the payments and settlements topics, co-partitioned (same partition count).
+    /// Create the payments and settlements topics, and the payouts topic when
+    /// RECON_PAYOUTS_TOPIC is set, co-partitioned (same partition count).
     CreateTopics {
         #[arg(long, default_value_t = 4)]
         partitions: i32,
     },
     /// Produce a deterministic stream of payments and settlements with every outcome
-    /// kind and bad messages, and print the expected outcome counts.
+    /// kind and bad messages (and payout announcements when the mix has payouts), and
+    /// print the expected outcome and payout counts.
     Loadgen(LoadgenArgs),
     /// Measurements for scripts/bench.sh (they print figures and assert nothing).
     #[command(subcommand)]
@@ -43,10 +45,20 @@ pub struct LoadgenArgs {
     /// Target rate in messages per second (0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
-    /// Scenario weights over the defaults, e.g. `matched=70,late=3,currency=2,amount=3,fee=2,dup_payment=2,dup_settlement=2,missing=3,orphan=3,pending=0,redelivery=5`;
+    /// Scenario weights over the defaults (presets: `v1`, the version-1 stream;
+    /// `payouts`, every payout scenario at 1 over what came before), e.g. `matched=70,late=3,currency=2,amount=3,fee=2,dup_payment=2,dup_settlement=2,missing=3,orphan=3,pending=0,redelivery=5`;
     /// contract §6: `refund=3,refund_late=1,refund_currency=1,refund_amount=1,refund_fee=1,refund_missing=1,refund_orphan=1,dup_refund=1,dup_refund_line=1,chargeback=1,chargeback_reversed=1,orphan_reversal=1,over_refunded=1,over_refunded_recovered=1`.
+    /// contract §7: `payout_balanced=1,payout_short=1,payout_currency=1,payout_count=1,payout_unannounced=1,payout_announced_first=1,payout_reannounced=1`.
     #[arg(long)]
     mix: Option<String>,
+    /// The topic payout announcements go to [default: RECON_PAYOUTS_TOPIC if set, else
+    /// `payouts`].
+    #[arg(long)]
+    payouts_topic: Option<String>,
+    /// K > 0: every capture line goes into a payout of K consecutive lines (of one
+    /// currency), each announced, balanced, after its last line.
+    #[arg(long, default_value_t = 0)]
+    payouts_every_line: usize,
     /// After the mix, this many duplicates of one payment id, each with a fresh event
     /// id (a duplicate storm; some are also sent again).
     #[arg(long, default_value_t = 0)]
@@ -92,6 +104,11 @@ pub enum BenchCommand {
         /// stream, then entries turning scenarios on, e.g. `v1,refund=11,chargeback=1`).
         #[arg(long, default_value = "")]
         mix: String,
+        /// K > 0: the same stream with every capture line in a payout of K lines
+        /// (their `payout_id` written; the announcements are left out until the
+        /// pipeline reads the payouts topic).
+        #[arg(long, default_value_t = 0)]
+        payouts_every_line: usize,
     },
 }
 
@@ -105,16 +122,18 @@ pub async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
 }
 
 async fn create_topics(config: &Config, partitions: i32) -> anyhow::Result<()> {
-    admin::create_topics(
-        &config.brokers,
-        &[&config.payments_topic, &config.settlements_topic],
-        partitions,
-    )
-    .await
-    .context("creating topics")?;
+    let mut topics = vec![
+        config.payments_topic.as_str(),
+        config.settlements_topic.as_str(),
+    ];
+    // Contract §7: the payouts topic must have the same partition count.
+    topics.extend(config.payouts.as_ref().map(|p| p.topic.as_str()));
+    admin::create_topics(&config.brokers, &topics, partitions)
+        .await
+        .context("creating topics")?;
     println!(
-        "topics {} and {} exist with {partitions} partitions each (existing topics are left as they are)",
-        config.payments_topic, config.settlements_topic
+        "topics {} exist with {partitions} partitions each (existing topics are left as they are)",
+        topics.join(", ")
     );
     Ok(())
 }
@@ -133,6 +152,7 @@ async fn produce_load(config: &Config, args: LoadgenArgs) -> anyhow::Result<()> 
         orphan_timeout: engine.orphan_timeout,
         max_message_bytes: config.max_message_bytes,
         id_prefix: args.id_prefix,
+        payout_every_line: args.payouts_every_line,
     };
     let (mut records, mut truth) = loadgen::generate(&plan);
     if args.duplicate_storm > 0 {
@@ -140,12 +160,20 @@ async fn produce_load(config: &Config, args: LoadgenArgs) -> anyhow::Result<()> 
         records.extend(storm);
         truth.extend(storm_truth);
     }
+    let payouts_topic = args
+        .payouts_topic
+        .or_else(|| config.payouts.as_ref().map(|p| p.topic.clone()))
+        .unwrap_or_else(|| "payouts".to_owned());
     let producer = admin::producer(&config.brokers).context("creating the producer")?;
     let started = Instant::now();
     admin::produce_paced(
         &producer,
         &records,
-        [&config.payments_topic, &config.settlements_topic],
+        [
+            &config.payments_topic,
+            &config.settlements_topic,
+            &payouts_topic,
+        ],
         args.rate,
     )
     .await
@@ -164,6 +192,21 @@ async fn produce_load(config: &Config, args: LoadgenArgs) -> anyhow::Result<()> 
     for ((kind, resolution), count) in truth.discrepancy_counts() {
         let state = resolution.map_or_else(|| "open".to_owned(), |r| format!("resolved {r}"));
         println!("  {:<22} {state:<20} {count}", kind.as_str());
+    }
+    if !truth.payouts.is_empty() {
+        // (contract §7; the announcements went to `payouts_topic`)
+        let announcements = records.iter().filter(|r| r.input().is_none()).count();
+        println!(
+            "expected payouts ({} announcements to {payouts_topic}), by status once every deadline has passed:",
+            announcements
+        );
+        for (status, count) in truth.payout_counts() {
+            println!("  {:<22} {count}", status.as_str());
+        }
+        println!("expected open payout discrepancies:");
+        for (kind, count) in truth.payout_discrepancy_counts() {
+            println!("  {:<22} {count}", kind.as_str());
+        }
     }
     println!("scenarios:");
     for (name, count) in &truth.scenarios {
@@ -211,12 +254,22 @@ async fn run_bench(command: BenchCommand, config: Config) -> anyhow::Result<()> 
             scenarios,
             partitions,
             mix,
+            payouts_every_line,
         } => {
             let mix = loadgen::parse_mix(&mix).map_err(anyhow::Error::msg)?;
-            let (count, elapsed) =
-                bench::pipeline_only(&config, store(&config), scenarios, partitions, mix).await?;
+            let run = bench::pipeline_only(
+                &config,
+                store(&config),
+                scenarios,
+                partitions,
+                mix,
+                payouts_every_line,
+            )
+            .await?;
+            let (count, elapsed) = (run.messages, run.elapsed);
             println!(
-                "pipeline: messages={count} seconds={:.2} eps={:.0} peak_rss_mb={:.1}",
+                "pipeline: messages={count} announcements={} seconds={:.2} eps={:.0} peak_rss_mb={:.1}",
+                run.announcements,
                 elapsed.as_secs_f64(),
                 count as f64 / elapsed.as_secs_f64().max(1e-9),
                 bench::peak_rss_bytes() as f64 / 1e6
@@ -233,4 +286,5 @@ fn store(config: &Config) -> Store {
         &config.payments_topic,
         &config.settlements_topic,
     )
+    .with_payouts_topic(config.payouts.as_ref().map(|p| p.topic.as_str()))
 }
