@@ -379,12 +379,20 @@ impl Pairs {
                     }
                 }
                 Data::Progress(progress) => {
+                    // A pair whose payouts partition has messages left is not idle:
+                    // the idle rule would move its watermark with the clock, and the
+                    // global watermark past payout deadlines whose announcements are
+                    // still unread. (Event times are the inputs' alone, contract §2.)
+                    let payouts_behind: Vec<i32> = progress
+                        .iter()
+                        .filter(|p| p.topic == Topic::Payouts && !p.caught_up)
+                        .map(|p| p.partition)
+                        .collect();
                     for p in progress {
                         if let Some(owned) = self.owned.get_mut(&p.partition) {
-                            // The payouts partition holds back no watermark (§2 makes
-                            // a pair's watermark of its two inputs).
                             if let Some(input) = p.topic.input() {
-                                owned.engine.observe_caught_up(input, p.caught_up, now);
+                                let idle = p.caught_up && !payouts_behind.contains(&p.partition);
+                                owned.engine.observe_caught_up(input, idle, now);
                             }
                             owned.high_watermarks[p.topic] = p.high_watermark;
                         }

@@ -106,6 +106,8 @@ pub struct World {
     pub database_url: String,
     pub payments: String,
     pub settlements: String,
+    /// The payouts topic (contract §7), when the test reads one.
+    pub payouts: Option<String>,
     pub group: String,
     pub partitions: i32,
     pub log_dir: PathBuf,
@@ -132,6 +134,7 @@ impl World {
             database_url,
             payments: unique("payments"),
             settlements: unique("settlements"),
+            payouts: None,
             group: unique("group"),
             partitions: payments,
             log_dir: std::env::temp_dir().join(unique("recon-test")),
@@ -143,6 +146,17 @@ impl World {
         recon_tools::admin::create_topics(&brokers(), &[&world.settlements], settlements)
             .await
             .expect("create settlements topic");
+        world
+    }
+
+    /// A world with a payouts topic too, co-partitioned with the other two.
+    pub async fn with_payouts(pool: PgPool, partitions: i32) -> Self {
+        let mut world = Self::new(pool, partitions).await;
+        let payouts = unique("payouts");
+        recon_tools::admin::create_topics(&brokers(), &[&payouts], partitions)
+            .await
+            .expect("create payouts topic");
+        world.payouts = Some(payouts);
         world
     }
 
@@ -162,9 +176,22 @@ impl World {
 
     pub async fn produce(&self, records: &[Record]) {
         let producer = recon_tools::admin::producer(&brokers()).expect("producer");
-        recon_tools::admin::produce_all(&producer, records, [&self.payments, &self.settlements])
+        match &self.payouts {
+            None => recon_tools::admin::produce_all(
+                &producer,
+                records,
+                [&self.payments, &self.settlements],
+            )
             .await
-            .expect("produce");
+            .expect("produce"),
+            Some(payouts) => recon_tools::admin::produce_all(
+                &producer,
+                records,
+                [&self.payments, &self.settlements, payouts],
+            )
+            .await
+            .expect("produce"),
+        }
     }
 
     /// The configuration a worker gets against this world: test-friendly settings
@@ -179,6 +206,9 @@ impl World {
             ("RECON_IDLE_TIMEOUT", "2s".into()),
             ("RECON_METRICS_ADDR", "127.0.0.1:0".into()),
         ];
+        if let Some(payouts) = &self.payouts {
+            env.push(("RECON_PAYOUTS_TOPIC", payouts.clone()));
+        }
         if consumer_protocol() {
             // The whole suite can run under the next-generation group protocol, whose
             // sessions are the broker's (10 s in scripts/dev-services.sh).
