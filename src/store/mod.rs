@@ -16,6 +16,9 @@
 //!   events, outcomes, discrepancies, rejects) and what its failures mean;
 //! - `writes`: the statements of that transaction, one per kind of change;
 //! - `refusals`: tracing a data error PostgreSQL raised to the messages carrying it;
+//! - `payouts`: the payout evaluator's transaction (contract §7): payout state, status
+//!   counts and payout discrepancies from the parts and announcements checkpoints
+//!   commit;
 //! - `rows`: typed rows and the text mappings of event kind, outcome and currency.
 //!
 //! Every statement that touches many rows binds arrays (`UNNEST`, `= ANY`): one round
@@ -36,6 +39,7 @@ mod error;
 mod lookups;
 mod migrations;
 mod ownership;
+mod payouts;
 mod pool;
 mod refusals;
 mod rows;
@@ -47,6 +51,7 @@ pub use error::{
     is_transient, is_transient_sqlstate, is_transient_tls, RefusedMessage, StoreError,
 };
 pub use migrations::{MigrationName, MigrationStatus, MIGRATOR};
+pub use payouts::{Evaluation, PayoutGauges, PayoutRules, ACCEPTED, ANNOUNCED, BALANCED};
 pub use sweeps::DueKeys;
 
 use pool::{connection_is_current, ShrinkOnReturn};
