@@ -221,8 +221,8 @@ mod tests {
         assert!(longest > Duration::from_millis(5900), "{longest:?}");
     }
 
-    #[test]
-    fn the_evaluator_can_be_spawned() {
+    #[tokio::test]
+    async fn the_evaluator_can_be_spawned() {
         fn spawnable<F: Future + Send + 'static>(_: &F) {}
         let store = Store::connect_lazy(
             "postgres://nobody@127.0.0.1:1/none".parse().expect("url"),

@@ -324,6 +324,30 @@ mod tests {
     }
 
     #[test]
+    fn payout_series_exist_at_zero_from_the_start() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, init_series);
+        let text = recorder.handle().render();
+        let has = |line: &str| text.lines().any(|l| l == line);
+        for status in PayoutStatus::ALL {
+            let line = format!("{PAYOUTS}{{status=\"{status}\"}} 0");
+            assert!(has(&line), "{line} in\n{text}");
+        }
+        for kind in DiscrepancyKind::PAYOUT {
+            let line = format!("{OPEN_PAYOUT_DISCREPANCIES}{{kind=\"{kind}\"}} 0");
+            assert!(has(&line), "{line}");
+            // Not a pair's kind: the per-pair gauge has no series for it.
+            assert!(!text.contains(&format!("{OPEN_DISCREPANCIES}{{kind=\"{kind}\"}}")));
+        }
+        for result in PAYOUT_EVALUATION_RESULTS {
+            let line = format!("{PAYOUT_EVALUATIONS}{{result=\"{result}\"}} 0");
+            assert!(has(&line), "{line}");
+        }
+        assert!(has(&format!("{OLDEST_UNBALANCED_PAYOUT_AGE} 0")));
+        assert!(has(&format!("{GLOBAL_WATERMARK} 0")));
+    }
+
+    #[test]
     fn every_payout_status_is_a_distinct_label() {
         let mut statuses: Vec<&str> = PayoutStatus::ALL.iter().map(|s| s.as_str()).collect();
         statuses.sort_unstable();
