@@ -6,9 +6,9 @@
 //! `recon_payout_announcements` and everything that writes `recon_payout_state`,
 //! `recon_payout_status_counts`, `recon_payout_cursor`, `recon_payout_clock` and the
 //! payout kinds of `recon_discrepancies`. The checkpoint (`checkpoint`, `writes`)
-//! only appends parts and announcements, each under its pair's `payout_seq`, and moves
-//! its pair's `watermark`; nothing here writes what a checkpoint writes, so the two
-//! never contend for a row.
+//! only adds to its pair's parts and appends announcements, each stamped with its
+//! pair's new `payout_seq`, and moves its pair's `watermark`; nothing here writes what
+//! a checkpoint writes, so the two never contend for a row.
 //!
 //! Why one serial evaluator rather than each checkpoint judging its payouts: a payout's
 //! lines are spread over every partition pair, owned by different workers, so no
@@ -30,8 +30,8 @@
 //!    statement), and, after a change of grace or orphan timeout, unbalanced payouts
 //!    whose deadline was computed with the old ones; capped per run
 //!    ([`PayoutRules::max_touched`]), the rest left for the next run;
-//! 4. **state** — `recon_payout_state` recomputed for S (the rules are in
-//!    [`RECOMPUTE`]), `recon_payout_status_counts` moved by the old→new deltas;
+//! 4. **state** — `recon_payout_state` recomputed for S (the rules are at
+//!    `RECOMPUTE`), `recon_payout_status_counts` moved by the old→new deltas;
 //! 5. **resolve**, then 6. **open or reopen** the payout discrepancies of S.
 //!
 //! Set-based: each step is one statement over the whole of S, about ten round trips a
@@ -77,9 +77,9 @@ pub struct PayoutRules {
 }
 
 impl PayoutRules {
-    /// About 20k payouts recompute in well under a second here, and a day of real
-    /// payouts is a few thousand: a backlog (the first enablement, an outage) drains
-    /// within a few runs while no run holds its locks long.
+    /// A run of 20k new payouts (80k parts) took about 1.2 s on a 2-core development
+    /// machine, and a day of real payouts is a few thousand: a backlog (the first
+    /// enablement, an outage) drains within a few runs while no run grows long.
     pub const MAX_TOUCHED: usize = 20_000;
 
     pub fn new(partitions: i32, grace: Duration, orphan_timeout: Duration) -> Self {
@@ -366,27 +366,25 @@ fn resolve_statement() -> String {
 }
 
 /// Step 6: one row per payout and kind, opened, or reopened when it was resolved by
-/// the evaluator (never after a person's `accepted`). A payout that has another
-/// discrepancy open (a person reopened one by hand) is left alone rather than failing
-/// the run on `recon_discrepancies_one_open_per_payout`. `xmax = 0` tells an inserted
+/// the evaluator (never after a person's `accepted`). `xmax = 0` tells an inserted
 /// row from an updated one.
+///
+/// Opening never meets the other kind open for the same payout (which
+/// `recon_discrepancies_one_open_per_payout` would refuse, failing the run): a
+/// `payout_mismatch` is wanted only for an announced payout, whose open
+/// `unannounced_payout` step 5 has just resolved; an `unannounced_payout` only for an
+/// unannounced one, which never had a `payout_mismatch` (announcements are never
+/// removed).
 fn open_statement() -> String {
     let mismatch = DiscrepancyKind::PayoutMismatch;
     let unannounced = DiscrepancyKind::UnannouncedPayout;
     format!(
-        "WITH wanted AS (
-             SELECT s.payout_id,
-                    CASE WHEN s.status = 'unannounced' THEN '{unannounced}' ELSE '{mismatch}' END
-                        AS kind
-             FROM recon_payout_state s
-             WHERE s.payout_id = ANY($1) AND s.due
-               AND s.status IN ('total_mismatch', 'currency_mismatch', 'unannounced'))
-         INSERT INTO recon_discrepancies AS d (kind, payout_id)
-         SELECT w.kind, w.payout_id FROM wanted w
-         WHERE NOT EXISTS (
-             SELECT FROM recon_discrepancies o
-             WHERE o.payout_id = w.payout_id AND o.payout_id IS NOT NULL
-               AND o.resolved_at IS NULL AND o.kind <> w.kind)
+        "INSERT INTO recon_discrepancies AS d (kind, payout_id)
+         SELECT CASE WHEN s.status = 'unannounced' THEN '{unannounced}' ELSE '{mismatch}' END,
+                s.payout_id
+         FROM recon_payout_state s
+         WHERE s.payout_id = ANY($1) AND s.due
+           AND s.status IN ('total_mismatch', 'currency_mismatch', 'unannounced')
          ON CONFLICT (payout_id, kind) WHERE payout_id IS NOT NULL DO UPDATE
          SET resolved_at = NULL, resolution = NULL
          WHERE d.resolved_at IS NOT NULL AND d.resolution IS DISTINCT FROM '{ACCEPTED}'
