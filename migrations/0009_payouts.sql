@@ -64,10 +64,16 @@ WHERE event_kind = 'settlement' AND payout_id IS NOT NULL
 GROUP BY payout_id, kafka_partition, currency;
 
 -- The evaluator's progress: per pair, the highest seq of parts and announcements it
--- has taken into recon_payout_state.
+-- has taken into recon_payout_state, and the topics of the pair row whose payout_seq
+-- that seq counts. Parts carry no topic, and a pair row of other topics (renamed
+-- payments or settlements topics: new rows) counts its payout_seq from 0 again; a
+-- cursor of another row's count would hide the new row's first seqs for ever, so the
+-- evaluator starts a pair over when the topics differ.
 CREATE TABLE recon_payout_cursor (
-    kafka_partition integer PRIMARY KEY,
-    seq             bigint  NOT NULL
+    kafka_partition   integer PRIMARY KEY,
+    payments_topic    text    NOT NULL,
+    settlements_topic text    NOT NULL,
+    seq               bigint  NOT NULL
 );
 
 -- The evaluator's clock: the global watermark it last used and the settings it used

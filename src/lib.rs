@@ -25,8 +25,8 @@
 //! - [`config`]: the environment parsed into validated types;
 //! - [`telemetry`]: logs, metric names, health, HTTP; [`retry`]: the one retry policy;
 //! - edges: [`store`] (PostgreSQL), [`consumer`] (Kafka);
-//! - [`pipeline`]: the loop tying consumer → engine → store; [`worker`]: start, run,
-//!   shutdown.
+//! - [`pipeline`]: the loop tying consumer → engine → store; [`payouts`]: the payout
+//!   evaluator task beside it (contract §7); [`worker`]: start, run, shutdown.
 //!
 //! This library is the product alone: the tools around it (topic creation, the load
 //! generator, the benchmarks) are the `recon-tools` package in `tools/`.
@@ -39,6 +39,7 @@ pub mod engine;
 pub mod event;
 pub mod money;
 pub mod pair;
+pub mod payouts;
 pub mod pipeline;
 pub mod rejection;
 pub mod retry;

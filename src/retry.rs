@@ -38,10 +38,13 @@ pub enum Operation {
     Sweep,
     SweepLookup,
     Checkpoint,
+    /// The payout evaluator's transaction (`payouts`): retried beside the pipeline,
+    /// never in its way.
+    EvaluatePayouts,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 10] = [
+    pub const ALL: [Operation; 11] = [
         Operation::Migrate,
         Operation::AcquirePairs,
         Operation::OwnedPosition,
@@ -52,6 +55,7 @@ impl Operation {
         Operation::Sweep,
         Operation::SweepLookup,
         Operation::Checkpoint,
+        Operation::EvaluatePayouts,
     ];
 
     pub fn label(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Operation {
             Operation::Sweep => "sweep",
             Operation::SweepLookup => "sweep_lookup",
             Operation::Checkpoint => "checkpoint",
+            Operation::EvaluatePayouts => "evaluate_payouts",
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Start: metrics server, the schema (migrated by a role with DDL rights, only checked
 //! by one without: [`prepare_schema`]; retried while the database is unreachable),
-//! consumer (co-partitioning checked before joining the group), pipeline. Shutdown
+//! consumer (co-partitioning checked before joining the group), pipeline, and with
+//! payouts configured the payout evaluator (stopped with the pipeline). Shutdown
 //! when the future [`run`] is given resolves — SIGTERM/SIGINT in the binary
 //! ([`shutdown_signal`]), a test's trigger in process: the poll thread stops polling
 //! and hands the pipeline a `Stop`; the pipeline finishes and commits the batch in
@@ -23,7 +24,7 @@ use crate::config::{Config, MigrateMode};
 use crate::consumer::{ConsumerHandle, Delivery, PollThread};
 use crate::pipeline::Pipeline;
 use crate::retry::{Backoff, Operation};
-use crate::store::{MigrationStatus, Store, StoreError};
+use crate::store::{MigrationStatus, PayoutRules, Store, StoreError};
 use crate::telemetry::{self, Health};
 
 /// Applies migrations, retrying for up to `patience` while the database is unreachable.
@@ -274,6 +275,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let (poll_thread, consumer, receiver) = start_consumer(&config, &health, &stop).await?;
     let failed = poll_thread.failed.clone();
 
+    // Dropped (or sent on) when the worker stops, which ends the evaluator.
+    let (stop_evaluator, evaluator_stopped) = tokio::sync::oneshot::channel::<()>();
+    let evaluator = config.payouts.as_ref().map(|payouts| {
+        let rules = PayoutRules::new(
+            i32::try_from(poll_thread.partitions).unwrap_or(i32::MAX),
+            payouts.grace,
+            config.matching.orphan_timeout,
+        );
+        tokio::spawn(crate::payouts::run_evaluator(
+            store.clone(),
+            rules,
+            crate::payouts::EVALUATE_EVERY,
+            async move {
+                let _ = evaluator_stopped.await;
+            },
+        ))
+    });
+
     let pipeline = Pipeline::new(&config, store, Some(consumer), health);
     let mut pipeline_task = tokio::spawn(pipeline.run(receiver));
     let outcome = tokio::select! {
@@ -301,6 +320,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
             }
         }
     };
+    drop(stop_evaluator);
+    if let Some(evaluator) = evaluator {
+        let _ = evaluator.await;
+    }
     let joined = tokio::task::spawn_blocking(move || poll_thread.join());
     if tokio::time::timeout(Duration::from_secs(10), joined)
         .await

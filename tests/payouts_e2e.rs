@@ -132,7 +132,9 @@ async fn await_payouts(world: &World, truth: &GroundTruth, within: Duration) {
                 "payouts did not reach the ground truth within {within:?}: {} of {} right, \
                  first wrong: {wrong:#?}; discrepancies {got_discrepancies:#?}, expected \
                  {discrepancies:#?}",
-                view.iter().filter(|(id, v)| got_view.get(*id) == Some(v)).count(),
+                view.iter()
+                    .filter(|(id, v)| got_view.get(*id) == Some(v))
+                    .count(),
                 view.len()
             );
         }
@@ -185,7 +187,9 @@ async fn payouts_across_two_workers_killed_mid_stream_equal_the_truth(pool: PgPo
     // Every announcement stored once, whatever was read twice.
     let announced: usize = truth.payouts.values().map(|p| p.announcements).sum();
     assert_eq!(
-        world.count("SELECT count(*) FROM recon_payout_announcements").await as usize,
+        world
+            .count("SELECT count(*) FROM recon_payout_announcements")
+            .await as usize,
         announced
     );
 }
@@ -295,7 +299,9 @@ async fn on_a_quiet_stream_payout_deadlines_fire_and_later_lines_resolve_them(po
     );
     // The missing line arrives: the payout balances and its discrepancy resolves.
     let late = chrono::Utc::now().timestamp_micros();
-    world.produce(&paid_line(&unique("pay"), &payout, 1_000, late)).await;
+    world
+        .produce(&paid_line(&unique("pay"), &payout, 1_000, late))
+        .await;
     let resolved = vec![(
         payout.clone(),
         "payout_mismatch".to_owned(),
@@ -304,7 +310,10 @@ async fn on_a_quiet_stream_payout_deadlines_fire_and_later_lines_resolve_them(po
     )];
     await_discrepancies(&world, &resolved, Duration::from_secs(60)).await;
     assert_eq!(
-        payouts_view(&world).await.get(&payout).map(|v| (v.0.clone(), v.3, v.5)),
+        payouts_view(&world)
+            .await
+            .get(&payout)
+            .map(|v| (v.0.clone(), v.3, v.5)),
         Some(("balanced".to_owned(), Some(2_970), 3))
     );
 }

@@ -21,7 +21,9 @@ use common::*;
 use recon_worker::engine::{NewEvent, Outcome, PairChanges, RowWrite};
 use recon_worker::event::{EventKind, Line};
 use recon_worker::money::Currency;
-use recon_worker::store::{MigrationName, PairCheckpoint, Store, StoreError, MIGRATOR};
+use recon_worker::store::{
+    MigrationName, PairCheckpoint, PayoutRules, Store, StoreError, MIGRATOR,
+};
 use sqlx::PgPool;
 
 const WITHIN: Duration = Duration::from_secs(90);
@@ -460,6 +462,60 @@ async fn the_runtime_role_reconciles_with_rows_only_after_the_owner_migrated(poo
         .checkpoint(&one_pair_batch(vec![payment_row("store-ok", "k1", 0)], 1))
         .await
         .expect("checkpoint as the runtime role");
+
+    // The payout evaluator as the runtime role (contract §7): a run that opens a
+    // payout discrepancy, one that resolves it. The rows a checkpoint writes for it are
+    // written here as the same role.
+    for statement in [
+        "UPDATE recon_partition_pairs SET watermark = '2024-01-02T00:00:00Z',
+                payout_seq = payout_seq + 1
+         WHERE payments_topic = 'store-payments' AND kafka_partition = 0",
+        "INSERT INTO recon_payout_announcements (event_id, payout_id, currency, net_minor,
+                paid_at, kafka_partition, kafka_offset, seq)
+         VALUES ('po-a', 'po-1', 'EUR', 300, '2024-01-01T00:00:00Z', 0, 0, 1)",
+        "INSERT INTO recon_payout_parts VALUES
+                ('po-1', 0, 'EUR', 1, 200, '2024-01-01T00:00:00Z', '2024-01-01T00:00:00Z', 1)",
+    ] {
+        sqlx::query(statement)
+            .execute(&runtime_pool)
+            .await
+            .expect(statement);
+    }
+    let rules = PayoutRules::new(1, Duration::from_secs(3600), Duration::from_secs(3600));
+    let opened = store
+        .evaluate_payouts(&rules)
+        .await
+        .expect("the runtime role evaluates payouts")
+        .expect("nobody else evaluates");
+    assert_eq!(opened.opened, 1, "{opened:?}");
+    for statement in [
+        "UPDATE recon_partition_pairs SET payout_seq = payout_seq + 1
+         WHERE payments_topic = 'store-payments' AND kafka_partition = 0",
+        "UPDATE recon_payout_parts SET line_count = 2, net_minor = 300, seq = 2
+         WHERE payout_id = 'po-1'",
+    ] {
+        sqlx::query(statement)
+            .execute(&runtime_pool)
+            .await
+            .expect(statement);
+    }
+    let resolved = store
+        .evaluate_payouts(&rules)
+        .await
+        .expect("the runtime role evaluates payouts")
+        .expect("nobody else evaluates");
+    assert_eq!(resolved.resolved, 1, "{resolved:?}");
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM recon_payouts WHERE payout_id = 'po-1'")
+            .fetch_one(&runtime_pool)
+            .await
+            .expect("the runtime role reads recon_payouts");
+    assert_eq!(status, "balanced");
+    store.payout_gauges().await.expect("the gauges' reads");
+    let result = sqlx::query("UPDATE recon_payouts SET status = 'balanced'")
+        .execute(&runtime_pool)
+        .await;
+    assert_eq!(sqlstate(result), "42501", "the payouts view is read only");
 
     runtime_pool.close().await;
     roles.drop_all(&world).await;

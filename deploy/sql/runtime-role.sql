@@ -31,10 +31,29 @@
 --   rejected_events        SELECT, INSERT, UPDATE  rejects (redrive sets redriven_at)
 --   recon_outcomes (view)  SELECT                  operators' and tests' reads
 --   *_id_seq               USAGE                   the bigserial ids of the two above
+--                                                  (and of the announcements below)
 --   _sqlx_migrations       SELECT                  the pending-migrations check
 --   the database           CONNECT, TEMPORARY      tracing a value PostgreSQL refuses
 --                                                  to its message creates temporary
 --                                                  tables (src/store/refusals.rs)
+-- and for payouts (contract §7, migration 0009; src/store/payouts.rs is the evaluator):
+--   recon_payout_announcements  SELECT, INSERT     checkpoints append announcements;
+--                                                  the evaluator reads them
+--   recon_payout_parts     SELECT, INSERT, UPDATE  checkpoints add to a pair's partial
+--                                                  sums (INSERT ... ON CONFLICT DO
+--                                                  UPDATE); the evaluator reads them
+--   recon_payout_cursor    SELECT, INSERT, UPDATE  the evaluator's per-pair progress
+--   recon_payout_clock     SELECT, INSERT, UPDATE  the global watermark and settings
+--   recon_payout_state     SELECT, INSERT, UPDATE  each payout's status, recomputed
+--   recon_payout_status_counts  SELECT, INSERT,    payouts per status (the gauge)
+--                               UPDATE
+--   recon_discrepancies    (as above)              payout discrepancies: opened,
+--                                                  resolved, reopened (ON CONFLICT DO
+--                                                  UPDATE)
+--   recon_payouts (view)   SELECT                  operators' and tests' reads
+--   pg_try_advisory_xact_lock  (any role)          one evaluator at a time
+-- All of them come from the default privileges below (the tables are the owner's,
+-- created by migrations); none needs DELETE.
 
 \if :{?owner_role}
 \else
@@ -83,6 +102,12 @@ ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" IN SCHEMA public
 -- The output view is read only (a simple view is updatable: the grant above gave the
 -- same writes as on recon_events, nothing more, but no code writes through it).
 REVOKE INSERT, UPDATE ON public.recon_outcomes FROM :"runtime_role";
+-- Likewise the payouts view (migration 0009): the evaluator writes the table under it.
+SELECT to_regclass('public.recon_payouts') IS NOT NULL AS has_payouts_view
+\gset
+\if :has_payouts_view
+  REVOKE INSERT, UPDATE ON public.recon_payouts FROM :"runtime_role";
+\endif
 -- The migration table is read, never written, by the runtime role. (Fails if the
 -- owner has not migrated yet: run `recon-worker migrate` first.)
 REVOKE INSERT, UPDATE ON public._sqlx_migrations FROM :"runtime_role";

@@ -72,7 +72,7 @@ pub use config::{EngineConfig, MatchConfig, WindowConfig};
 pub use deadlines::SweepRequest;
 pub use load::StoredEvent;
 pub use position::{OverRefund, RECOVERED};
-pub use rules::{DiscrepancyKind, Outcome};
+pub use rules::{DiscrepancyKind, Outcome, PayoutStatus};
 pub use window::Id;
 
 /// The window and watermark of one partition pair.

@@ -122,8 +122,15 @@ impl Outcome {
     }
 }
 
-/// `recon_discrepancies.kind`: the outcomes that are discrepancies, and the two kinds
-/// of contract §6 that are about a payment's money rather than one event's outcome.
+/// `recon_discrepancies.kind`: the outcomes that are discrepancies, the two kinds of
+/// contract §6 that are about a payment's money rather than one event's outcome, and
+/// the two kinds of contract §7 that are about a payout.
+///
+/// The first ones belong to a partition pair (they carry its `kafka_partition` and a
+/// `payment_id`) and only the engine produces them: [`DiscrepancyKind::of_pairs`]. The
+/// payout kinds ([`DiscrepancyKind::PAYOUT`]) carry a `payout_id` instead, belong to no
+/// pair, and only the payout evaluator (`store::payouts`) opens and resolves them; the
+/// engine never produces them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DiscrepancyKind {
     Outcome(Outcome),
@@ -131,6 +138,13 @@ pub enum DiscrepancyKind {
     Chargeback,
     /// The payment's net position went below zero (resolution `recovered`).
     OverRefunded,
+    /// An announced payout past its deadline whose lines do not add up to it (status
+    /// `total_mismatch` or `currency_mismatch`): open until they do (resolution
+    /// `balanced`).
+    PayoutMismatch,
+    /// Lines of a payout never announced, past their deadline: open until the
+    /// announcement is read (resolution `announced`).
+    UnannouncedPayout,
 }
 
 impl DiscrepancyKind {
@@ -146,12 +160,33 @@ impl DiscrepancyKind {
         }
     }
 
-    /// Every kind, for metrics series and tests.
+    /// The kinds about a payout (contract §7), opened by the payout evaluator only.
+    pub const PAYOUT: [DiscrepancyKind; 2] = [
+        DiscrepancyKind::PayoutMismatch,
+        DiscrepancyKind::UnannouncedPayout,
+    ];
+
+    /// Every kind: what `recon_discrepancies.kind` may hold.
     pub fn all() -> impl Iterator<Item = DiscrepancyKind> {
+        DiscrepancyKind::of_pairs().chain(DiscrepancyKind::PAYOUT)
+    }
+
+    /// The kinds a partition pair's checkpoint writes (the engine's): those the
+    /// per-pair gauge `recon_open_discrepancies` reports. Payout kinds have no pair and
+    /// their own gauge.
+    pub fn of_pairs() -> impl Iterator<Item = DiscrepancyKind> {
         Outcome::ALL
             .into_iter()
             .filter_map(DiscrepancyKind::of_outcome)
             .chain([DiscrepancyKind::Chargeback, DiscrepancyKind::OverRefunded])
+    }
+
+    /// A payout's kind rather than a pair's.
+    pub const fn is_payout(self) -> bool {
+        matches!(
+            self,
+            DiscrepancyKind::PayoutMismatch | DiscrepancyKind::UnannouncedPayout
+        )
     }
 
     pub const fn as_str(self) -> &'static str {
@@ -159,7 +194,54 @@ impl DiscrepancyKind {
             DiscrepancyKind::Outcome(outcome) => outcome.as_str(),
             DiscrepancyKind::Chargeback => "chargeback",
             DiscrepancyKind::OverRefunded => "over_refunded",
+            DiscrepancyKind::PayoutMismatch => "payout_mismatch",
+            DiscrepancyKind::UnannouncedPayout => "unannounced_payout",
         }
+    }
+}
+
+/// A payout's status in `recon_payouts` (contract §7), decided by the payout evaluator
+/// (`store::payouts`) from the payout's first announcement, its lines and the global
+/// watermark; never by the engine. Here beside the other output vocabulary so the
+/// metrics (`recon_payouts{status}`) and the store share one list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PayoutStatus {
+    /// Announced, and its lines add up to it: all in its currency, summing to its
+    /// `net_minor`, as many as its `line_count` when given.
+    Balanced,
+    /// Announced, not balanced, its deadline (`paid_at` + grace) not passed yet.
+    Pending,
+    /// Past its deadline, its lines (all in its currency) not adding up.
+    TotalMismatch,
+    /// Past its deadline, with lines in another currency than its own.
+    CurrencyMismatch,
+    /// Lines carry its id but it was not announced (yet).
+    Unannounced,
+}
+
+impl PayoutStatus {
+    pub const ALL: [PayoutStatus; 5] = [
+        PayoutStatus::Balanced,
+        PayoutStatus::Pending,
+        PayoutStatus::TotalMismatch,
+        PayoutStatus::CurrencyMismatch,
+        PayoutStatus::Unannounced,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PayoutStatus::Balanced => "balanced",
+            PayoutStatus::Pending => "pending",
+            PayoutStatus::TotalMismatch => "total_mismatch",
+            PayoutStatus::CurrencyMismatch => "currency_mismatch",
+            PayoutStatus::Unannounced => "unannounced",
+        }
+    }
+}
+
+impl fmt::Display for PayoutStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -126,9 +126,10 @@ fn publish_open_items(rows: &[(String, String, i64, i64)]) {
     }
 }
 
-/// Sets the open-discrepancy gauges from (kind, count) rows: every kind, 0 when absent.
+/// Sets the open-discrepancy gauges from (kind, count) rows: every kind of a pair, 0
+/// when absent (payout kinds belong to no pair: the payout evaluator reports them).
 fn publish_open_discrepancies(rows: &[(String, i64)]) {
-    for kind in DiscrepancyKind::all() {
+    for kind in DiscrepancyKind::of_pairs() {
         let count = rows
             .iter()
             .find(|(k, _)| k == kind.as_str())

@@ -17,6 +17,9 @@
 //! - `writes`: the statements of that transaction, one per kind of change;
 //! - `payout_rows`: the payout partial sums and announcements a checkpoint writes;
 //! - `refusals`: tracing a data error PostgreSQL raised to the messages carrying it;
+//! - `payouts`: the payout evaluator's transaction (contract §7): payout state, status
+//!   counts and payout discrepancies from the parts and announcements checkpoints
+//!   commit;
 //! - `rows`: typed rows and the text mappings of event kind, outcome and currency.
 //!
 //! Every statement that touches many rows binds arrays (`UNNEST`, `= ANY`): one round
@@ -38,6 +41,7 @@ mod lookups;
 mod migrations;
 mod ownership;
 mod payout_rows;
+mod payouts;
 mod pool;
 mod refusals;
 mod rows;
@@ -49,6 +53,7 @@ pub use error::{
     is_transient, is_transient_sqlstate, is_transient_tls, RefusedMessage, StoreError,
 };
 pub use migrations::{MigrationName, MigrationStatus, MIGRATOR};
+pub use payouts::{Evaluation, PayoutGauges, PayoutRules, ACCEPTED, ANNOUNCED, BALANCED};
 pub use sweeps::DueKeys;
 
 use pool::{connection_is_current, ShrinkOnReturn};

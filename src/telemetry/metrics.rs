@@ -1,7 +1,7 @@
 //! Metric names (contract §5), in one place so code, dashboard and alerts agree.
 //! Labels are low-cardinality only: topic, partition, outcome, reason.
 
-use crate::engine::{DiscrepancyKind, Outcome};
+use crate::engine::{DiscrepancyKind, Outcome, PayoutStatus};
 use crate::event::{EventKind, Input};
 
 pub const EVENTS_CONSUMED: &str = "recon_events_consumed_total";
@@ -30,8 +30,31 @@ pub const WATERMARK: &str = "recon_watermark_timestamp_seconds";
 pub const OPEN_ITEMS: &str = "recon_open_items";
 pub const OLDEST_OPEN_ITEM_AGE: &str = "recon_oldest_open_item_age_seconds";
 /// Unresolved rows of `recon_discrepancies` of the owned pairs, by kind (contract §6:
-/// `over_refunded` is money paid out twice).
+/// `over_refunded` is money paid out twice). The pairs' kinds only
+/// ([`DiscrepancyKind::of_pairs`]): payout discrepancies belong to no pair.
 pub const OPEN_DISCREPANCIES: &str = "recon_open_discrepancies";
+
+// Payouts (contract §7). Unlike the gauges above, which each worker reports for the
+// pairs it owns (so dashboards sum them), these are global: every worker running the
+// payout evaluator reports the same values, read from the whole database after each
+// evaluation, whether it or another worker ran it. Dashboards and alerts take max(),
+// never sum(). Absent the evaluator (payouts off) they stay at their initial zeros.
+/// Payouts per status (`recon_payout_status_counts`, kept exact by the evaluator).
+pub const PAYOUTS: &str = "recon_payouts";
+/// Now minus `since` of the oldest payout that is overdue and unbalanced
+/// (`total_mismatch`, `currency_mismatch`, or `unannounced` past its deadline); 0 when
+/// none is.
+pub const OLDEST_UNBALANCED_PAYOUT_AGE: &str = "recon_oldest_unbalanced_payout_age_seconds";
+/// Unresolved payout discrepancies, by kind ([`DiscrepancyKind::PAYOUT`]).
+pub const OPEN_PAYOUT_DISCREPANCIES: &str = "recon_open_payout_discrepancies";
+/// The global watermark (the smallest pair watermark, contract §7) the evaluator last
+/// used, in Unix seconds; 0 until every pair has committed a watermark.
+pub const GLOBAL_WATERMARK: &str = "recon_global_watermark_timestamp_seconds";
+/// This worker's payout evaluation attempts, by result: `acquired` (it evaluated),
+/// `skipped` (another worker held the evaluator's lock), `failed`.
+pub const PAYOUT_EVALUATIONS: &str = "recon_payout_evaluations_total";
+/// The `result` labels of [`PAYOUT_EVALUATIONS`].
+pub const PAYOUT_EVALUATION_RESULTS: [&str; 3] = ["acquired", "skipped", "failed"];
 
 /// The (event_kind, outcome) label pairs of open items: each open outcome
 /// ([`Outcome::OPEN`], the one definition) with each kind of event that can carry it,
@@ -102,9 +125,22 @@ pub fn init_series() {
         metrics::gauge!(OLDEST_OPEN_ITEM_AGE, "event_kind" => event_kind, "outcome" => outcome)
             .set(0.0);
     }
-    for kind in DiscrepancyKind::all() {
+    for kind in DiscrepancyKind::of_pairs() {
         metrics::gauge!(OPEN_DISCREPANCIES, "kind" => kind.as_str()).set(0.0);
     }
+    for status in PayoutStatus::ALL {
+        metrics::gauge!(PAYOUTS, "status" => status.as_str()).set(0.0);
+    }
+    for kind in DiscrepancyKind::PAYOUT {
+        metrics::gauge!(OPEN_PAYOUT_DISCREPANCIES, "kind" => kind.as_str()).set(0.0);
+    }
+    for result in PAYOUT_EVALUATION_RESULTS {
+        metrics::counter!(PAYOUT_EVALUATIONS, "result" => result).absolute(0);
+    }
+    metrics::gauge!(OLDEST_UNBALANCED_PAYOUT_AGE).set(0.0);
+    // 0 reads "not known": ReconGlobalWatermarkStalled fires on it only where payouts
+    // are evaluated (deploy/prometheus/alerts.yml).
+    metrics::gauge!(GLOBAL_WATERMARK).set(0.0);
     metrics::gauge!(ASSIGNED_PARTITIONS).set(0.0);
     metrics::gauge!(WINDOW_ITEMS).set(0.0);
     metrics::gauge!(WINDOW_BYTES).set(0.0);
@@ -199,6 +235,34 @@ pub fn describe() {
         Unit::Seconds,
         "Event-time watermark of each partition pair (Unix seconds)."
     );
+    describe_gauge!(
+        PAYOUTS,
+        "Payouts by status (recon_payouts). Global: every evaluating worker reports the \
+         same value; aggregate with max()."
+    );
+    describe_gauge!(
+        OLDEST_UNBALANCED_PAYOUT_AGE,
+        Unit::Seconds,
+        "Now minus paid_at (or the first line's settled_at if unannounced) of the oldest \
+         payout past its deadline and not balanced; 0 when none. Global: aggregate with max()."
+    );
+    describe_gauge!(
+        OPEN_PAYOUT_DISCREPANCIES,
+        "Unresolved payout discrepancies (payout_mismatch, unannounced_payout), by kind. \
+         Global: aggregate with max()."
+    );
+    describe_gauge!(
+        GLOBAL_WATERMARK,
+        Unit::Seconds,
+        "Global watermark: the smallest committed partition-pair watermark, which payout \
+         deadlines wait for (Unix seconds; 0 until every pair has one). Global: aggregate \
+         with max()."
+    );
+    describe_counter!(
+        PAYOUT_EVALUATIONS,
+        "Payout evaluation attempts of this worker, by result: acquired (it evaluated), \
+         skipped (another worker was evaluating), failed."
+    );
 }
 
 #[cfg(test)]
@@ -245,5 +309,49 @@ mod tests {
         for not_a_discrepancy in ["pending", "matched", "matched_late", "chargeback_open"] {
             assert!(!kinds.contains(&not_a_discrepancy), "{not_a_discrepancy}");
         }
+        // The payout kinds are kinds, but not of a pair: the per-pair gauge leaves them
+        // out and the payout gauge has exactly them.
+        let of_pairs: Vec<&str> = DiscrepancyKind::of_pairs()
+            .map(DiscrepancyKind::as_str)
+            .collect();
+        for payout in ["payout_mismatch", "unannounced_payout"] {
+            assert!(kinds.contains(&payout), "{payout}");
+            assert!(!of_pairs.contains(&payout), "{payout}");
+        }
+        assert_eq!(of_pairs.len() + DiscrepancyKind::PAYOUT.len(), kinds.len());
+        assert!(DiscrepancyKind::PAYOUT.iter().all(|k| k.is_payout()));
+        assert!(DiscrepancyKind::of_pairs().all(|k| !k.is_payout()));
+    }
+
+    #[test]
+    fn payout_series_exist_at_zero_from_the_start() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, init_series);
+        let text = recorder.handle().render();
+        let has = |line: &str| text.lines().any(|l| l == line);
+        for status in PayoutStatus::ALL {
+            let line = format!("{PAYOUTS}{{status=\"{status}\"}} 0");
+            assert!(has(&line), "{line} in\n{text}");
+        }
+        for kind in DiscrepancyKind::PAYOUT {
+            let line = format!("{OPEN_PAYOUT_DISCREPANCIES}{{kind=\"{kind}\"}} 0");
+            assert!(has(&line), "{line}");
+            // Not a pair's kind: the per-pair gauge has no series for it.
+            assert!(!text.contains(&format!("{OPEN_DISCREPANCIES}{{kind=\"{kind}\"}}")));
+        }
+        for result in PAYOUT_EVALUATION_RESULTS {
+            let line = format!("{PAYOUT_EVALUATIONS}{{result=\"{result}\"}} 0");
+            assert!(has(&line), "{line}");
+        }
+        assert!(has(&format!("{OLDEST_UNBALANCED_PAYOUT_AGE} 0")));
+        assert!(has(&format!("{GLOBAL_WATERMARK} 0")));
+    }
+
+    #[test]
+    fn every_payout_status_is_a_distinct_label() {
+        let mut statuses: Vec<&str> = PayoutStatus::ALL.iter().map(|s| s.as_str()).collect();
+        statuses.sort_unstable();
+        statuses.dedup();
+        assert_eq!(statuses.len(), PayoutStatus::ALL.len());
     }
 }
