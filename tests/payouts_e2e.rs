@@ -269,7 +269,7 @@ async fn on_a_quiet_stream_payout_deadlines_fire_and_later_lines_resolve_them(po
     world.produce(&records).await;
     let _worker = world.spawn_worker(
         "quiet",
-        &[("RECON_IDLE_TIMEOUT", "1s"), ("RECON_PAYOUT_GRACE", "5s")],
+        &[("RECON_IDLE_TIMEOUT", "1s"), ("RECON_PAYOUT_GRACE", "20s")],
     );
     let started = Instant::now();
     // Before the grace has passed: pending, nothing open.
