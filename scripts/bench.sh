@@ -15,7 +15,8 @@
 # machine is shared and its speed varies between runs). Every stream is the version-1
 # mix (`--mix v1`, as in earlier sessions) except in the refunds phase, which compares
 # the pipeline on a capture-only stream with the same stream plus 10% refunds and 1%
-# chargebacks (contract §6), in alternating runs. BENCH_SCENARIOS sets the backlog size (≈2.1
+# chargebacks (contract §6), and the payouts phase, which compares it with the same
+# stream with every capture line in a payout of 500 (contract §7), in alternating runs. BENCH_SCENARIOS sets the backlog size (≈2.1
 # messages per scenario); BENCH_LATENCY_RATE fixes the latency phase's rate (msg/s).
 # Uses the services from scripts/dev-services.sh. Figures are
 # echoed with `tee -a /dev/stderr`: without -a, a log file given as stderr is truncated.
@@ -148,6 +149,23 @@ done
 psql_ -c "DROP DATABASE bench_pipe WITH (FORCE)"
 refunds_ratio=$(awk -v r="$refunds_sum" -v c="$capture_sum" 'BEGIN {printf "%.2f", r / c}')
 echo "refunds: capture_only_eps=$((capture_sum / 2)) with_refunds_eps=$((refunds_sum / 2)) ratio=$refunds_ratio"
+echo "== payouts: the pipeline on the version-1 stream, and on the same stream with every capture line in a payout"
+# Contract §7: each line adds to its payout's partial sum in its own checkpoint, and
+# each payout of 500 lines has its announcement on the payouts topic. Alternating runs.
+plain_sum=0; payouts_sum=0
+for round in 1 2; do
+    for every in 0 500; do
+        psql_ -c "DROP DATABASE IF EXISTS bench_pipe WITH (FORCE)" -c "CREATE DATABASE bench_pipe" >/dev/null
+        run=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pipe "$tools" bench pipeline --scenarios "$SCENARIOS" --partitions $PARTITIONS --mix v1 --payouts-every-line $every)
+        echo "payouts_every_line=$every $run" >&2
+        eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$run")
+        if [ "$every" = 0 ]; then plain_sum=$((plain_sum + eps)); else payouts_sum=$((payouts_sum + eps)); fi
+        quiesce bench_pipe
+    done
+done
+psql_ -c "DROP DATABASE bench_pipe WITH (FORCE)"
+payouts_ratio=$(awk -v p="$payouts_sum" -v c="$plain_sum" 'BEGIN {printf "%.2f", p / c}')
+echo "payouts: without_eps=$((plain_sum / 2)) with_payouts_eps=$((payouts_sum / 2)) ratio=$payouts_ratio"
 echo "== bytes per open item in the window, by kind (200,000 items each)"
 for item in payment refund refund-line chargeback reversal; do
     DATABASE_URL=postgres://unused@127.0.0.1/unused "$tools" bench window-memory --items 200000 --item "$item"
@@ -229,4 +247,4 @@ echo "latency: p50_ms=$p50 p99_ms=$p99 (histogram interpolation) peak_rss_mb=$((
 peak_mb=$(( (peak_rss_kb > peak2_kb ? peak_rss_kb : peak2_kb) / 1024 ))
 ratio=$(awk -v e="$e2e_eps" -v r="$raw_eps" 'BEGIN {printf "%.2f", e / r}')
 pipeline_ratio=$(awk -v e="$pipeline_eps" -v r="$pg_rps" 'BEGIN {printf "%.2f", e / r}')
-echo "bench: e2e_eps=$e2e_eps raw_consume_eps=$raw_eps e2e_ratio=$ratio pipeline_eps=$pipeline_eps pg_raw_rows_per_s=$pg_rps pipeline_ratio=$pipeline_ratio refunds_ratio=$refunds_ratio p50_ms=$p50 p99_ms=$p99 peak_rss_mb=$peak_mb"
+echo "bench: e2e_eps=$e2e_eps raw_consume_eps=$raw_eps e2e_ratio=$ratio pipeline_eps=$pipeline_eps pg_raw_rows_per_s=$pg_rps pipeline_ratio=$pipeline_ratio refunds_ratio=$refunds_ratio payouts_ratio=$payouts_ratio p50_ms=$p50 p99_ms=$p99 peak_rss_mb=$peak_mb"
