@@ -8,8 +8,11 @@
 //! part of its transactions and aborts the rest. Meanwhile the test SIGKILLs workers
 //! 1–3 s apart, twice two at the same moment, restarts PostgreSQL, SIGKILLs and restarts
 //! the broker while both producers keep writing, and freezes one worker with SIGSTOP
-//! past the session timeout. Afterwards `recon_outcomes` and `recon_discrepancies` must
-//! equal the ground truth of everything acknowledged or committed, exactly once; nothing of an aborted
+//! past the session timeout. The idempotent producer also streams payouts (contract §7:
+//! lines spread over every partition, announcements on the payouts topic).
+//! Afterwards `recon_outcomes` and `recon_discrepancies` must equal the ground truth of
+//! everything acknowledged or committed, exactly once; every payout's sums and counts
+//! must equal its lines' (no line counted twice or lost); nothing of an aborted
 //! transaction may appear; and every bad message must be in `rejected_events` exactly
 //! once. A group that stops making progress is a failure: nothing nudges it. (That a
 //! quiet stream ending in transaction markers still fires its deadlines needs a stream
@@ -105,13 +108,21 @@ const BURSTS: [(u64, &[Fault]); 6] = [
 
 /// Streams `chunks` with the idempotent producer, one every 1.5 s, through every fault.
 fn feed_idempotent(world: &World, chunks: Vec<Vec<Record>>) -> tokio::task::JoinHandle<()> {
-    let topics = [world.payments.clone(), world.settlements.clone()];
+    let topics = [
+        world.payments.clone(),
+        world.settlements.clone(),
+        world.payouts.clone().expect("a payouts topic"),
+    ];
     tokio::spawn(async move {
         let producer = recon_tools::admin::producer(&brokers()).expect("producer");
         for chunk in chunks {
-            recon_tools::admin::produce_all(&producer, &chunk, [&topics[0], &topics[1]])
-                .await
-                .expect("an acknowledged write was refused");
+            recon_tools::admin::produce_all(
+                &producer,
+                &chunk,
+                [&topics[0], &topics[1], &topics[2]],
+            )
+            .await
+            .expect("an acknowledged write was refused");
             tokio::time::sleep(Duration::from_millis(1_500)).await;
         }
     })
@@ -166,7 +177,7 @@ fn spawn_slot(world: &World, slot: usize, generation: usize) -> Worker {
 #[sqlx::test(migrations = false)]
 #[ignore = "restarts shared services; run alone with --run-ignored only"]
 async fn exactly_once_through_kills_restarts_and_a_frozen_worker(pool: PgPool) {
-    let world = World::new(pool, 4).await;
+    let world = World::with_payouts(pool, 4).await;
     let mix = Mix {
         poison_every: 40,
         ..Mix::default()
@@ -188,13 +199,31 @@ async fn exactly_once_through_kills_restarts_and_a_frozen_worker(pool: PgPool) {
     let (committed_records, committed_truth) = generate(&committed_plan);
     let (aborted_records, _) = generate(&aborted_plan);
     truth.extend(committed_truth);
+    // Payouts of 3 to 50 lines each, every way a payout can end, streamed beside the rest.
+    let mut payouts_plan = world.plan(60, 80, Mix::payouts_only(1));
+    payouts_plan.base_time = plan.base_time;
+    payouts_plan.id_prefix = "po-".into();
+    let (payout_records, payouts_truth) = generate(&payouts_plan);
+    truth.extend(payouts_truth);
+    let idempotent: Vec<Vec<Record>> = chunks_of(&records, 100)
+        .into_iter()
+        .zip(
+            chunks_of(&payout_records, 100)
+                .into_iter()
+                .chain(std::iter::repeat(Vec::new())),
+        )
+        .map(|(mut chunk, payouts)| {
+            chunk.extend(payouts);
+            chunk
+        })
+        .collect();
 
     let mut generation = 0usize;
     let mut workers: Vec<Worker> = (0..WORKERS)
         .map(|slot| spawn_slot(&world, slot, generation))
         .collect();
     let feeders = [
-        feed_idempotent(&world, chunks_of(&records, 100)),
+        feed_idempotent(&world, idempotent),
         feed_transactional(
             &world,
             chunks_of(&committed_records, 100),
@@ -328,6 +357,31 @@ async fn exactly_once_through_kills_restarts_and_a_frozen_worker(pool: PgPool) {
         .count("SELECT count(*) FROM (SELECT kind, payment_event_id, settlement_event_id FROM recon_discrepancies GROUP BY 1, 2, 3 HAVING count(*) > 1) d")
         .await;
     assert_eq!(twice, 0, "a discrepancy was recorded twice");
+    // Every payout's lines counted exactly once, whatever was killed or read twice; no
+    // payout deadline has passed (24h grace, 72h for unannounced ones).
+    let expected_payouts = expected_view_before_deadlines(&truth);
+    let started_payouts = Instant::now();
+    let mut payouts = payouts_view(&world).await;
+    while payouts != expected_payouts && started_payouts.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        payouts = payouts_view(&world).await;
+    }
+    let wrong_payouts: Vec<_> = expected_payouts
+        .iter()
+        .filter(|(id, row)| payouts.get(*id) != Some(row))
+        .map(|(id, row)| (id, row, payouts.get(id)))
+        .collect();
+    eprintln!(
+        "chaos: payouts={} wrong_payouts={} announcements={}",
+        expected_payouts.len(),
+        wrong_payouts.len(),
+        world
+            .count("SELECT count(*) FROM recon_payout_announcements")
+            .await
+    );
+    assert!(wrong_payouts.is_empty(), "{wrong_payouts:#?}");
+    assert_eq!(payouts.len(), expected_payouts.len());
+    assert!(payout_discrepancies(&world).await.is_empty());
 
     for worker in &mut workers {
         worker.signal("TERM");

@@ -11,90 +11,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
 use recon_tools::loadgen::{GroundTruth, Mix, Record};
 use recon_worker::event::{format_timestamp, Micros, Topic};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 const WITHIN: Duration = Duration::from_secs(120);
-
-/// What `recon_payouts` says of one payout: (status, currency, expected net, lines
-/// net, expected line count, line count).
-type PayoutView = (
-    String,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    i64,
-);
-
-async fn payouts_view(world: &World) -> BTreeMap<String, PayoutView> {
-    sqlx::query(
-        "SELECT payout_id, status, currency, expected_net_minor, lines_net_minor::bigint,
-                expected_line_count, line_count
-         FROM recon_payouts",
-    )
-    .persistent(false)
-    .fetch_all(&world.pool)
-    .await
-    .unwrap_or_default()
-    .into_iter()
-    .map(|row| {
-        (
-            row.get(0),
-            (
-                row.get(1),
-                row.get(2),
-                row.get(3),
-                row.get(4),
-                row.get(5),
-                row.get(6),
-            ),
-        )
-    })
-    .collect()
-}
-
-fn expected_view(truth: &GroundTruth) -> BTreeMap<String, PayoutView> {
-    truth
-        .payouts
-        .iter()
-        .map(|(id, payout)| {
-            (
-                id.clone(),
-                (
-                    payout.status.as_str().to_owned(),
-                    payout.currency.clone(),
-                    payout.expected_net_minor,
-                    payout.lines_net_minor,
-                    payout.expected_line_count,
-                    payout.line_count,
-                ),
-            )
-        })
-        .collect()
-}
-
-/// Every payout discrepancy ever written: (payout, kind, open, resolution), sorted.
-async fn payout_discrepancies(world: &World) -> Vec<(String, String, bool, Option<String>)> {
-    let mut rows: Vec<(String, String, bool, Option<String>)> = sqlx::query(
-        "SELECT payout_id, kind, resolved_at IS NULL, resolution
-         FROM recon_discrepancies WHERE payout_id IS NOT NULL",
-    )
-    .persistent(false)
-    .fetch_all(&world.pool)
-    .await
-    .unwrap_or_default()
-    .into_iter()
-    .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
-    .collect();
-    rows.sort();
-    rows
-}
 
 /// No payout discrepancy can fire mid-stream (every event is from 2024 and the grace
 /// is an hour, while the global watermark waits for every pair), so the history is

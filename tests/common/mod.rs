@@ -738,3 +738,94 @@ async fn end_transaction(
     .await
     .expect("transaction task")
 }
+
+// ---------------------------------------------------------------------------------
+// Payouts (contract §7)
+
+/// What `recon_payouts` says of one payout: (status, currency, expected net, lines
+/// net, expected line count, line count).
+pub type PayoutView = (
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+);
+
+pub async fn payouts_view(world: &World) -> BTreeMap<String, PayoutView> {
+    sqlx::query(
+        "SELECT payout_id, status, currency, expected_net_minor, lines_net_minor::bigint,
+                expected_line_count, line_count
+         FROM recon_payouts",
+    )
+    .persistent(false)
+    .fetch_all(&world.pool)
+    .await
+    .unwrap_or_default()
+    .into_iter()
+    .map(|row| {
+        (
+            row.get(0),
+            (
+                row.get(1),
+                row.get(2),
+                row.get(3),
+                row.get(4),
+                row.get(5),
+                row.get(6),
+            ),
+        )
+    })
+    .collect()
+}
+
+/// The view the truth says, once every deadline has passed.
+pub fn expected_view(truth: &GroundTruth) -> BTreeMap<String, PayoutView> {
+    truth
+        .payouts
+        .iter()
+        .map(|(id, payout)| {
+            (
+                id.clone(),
+                (
+                    payout.status.as_str().to_owned(),
+                    payout.currency.clone(),
+                    payout.expected_net_minor,
+                    payout.lines_net_minor,
+                    payout.expected_line_count,
+                    payout.line_count,
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The view the truth says while no payout deadline has passed: balanced payouts as
+/// such, announced unbalanced ones `pending`, the others `unannounced`.
+pub fn expected_view_before_deadlines(truth: &GroundTruth) -> BTreeMap<String, PayoutView> {
+    let mut view = expected_view(truth);
+    for (id, row) in view.iter_mut() {
+        if row.0 != "balanced" && truth.payouts[id].expected_net_minor.is_some() {
+            row.0 = "pending".to_owned();
+        }
+    }
+    view
+}
+
+/// Every payout discrepancy ever written: (payout, kind, open, resolution), sorted.
+pub async fn payout_discrepancies(world: &World) -> Vec<(String, String, bool, Option<String>)> {
+    let mut rows: Vec<(String, String, bool, Option<String>)> = sqlx::query(
+        "SELECT payout_id, kind, resolved_at IS NULL, resolution
+         FROM recon_discrepancies WHERE payout_id IS NOT NULL",
+    )
+    .persistent(false)
+    .fetch_all(&world.pool)
+    .await
+    .unwrap_or_default()
+    .into_iter()
+    .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+    .collect();
+    rows.sort();
+    rows
+}
