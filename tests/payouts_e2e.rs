@@ -8,6 +8,8 @@
 //!   all (idle pairs store their watermark as it follows the clock), a discrepancy
 //!   resolves by itself when a later line balances its payout, and a bad announcement
 //!   is rejected like any other message.
+//! - A payouts topic with another partition count than the other two: the worker
+//!   refuses to start, naming the counts.
 
 mod common;
 
@@ -239,5 +241,26 @@ async fn on_a_quiet_stream_payout_deadlines_fire_and_later_lines_resolve_them(po
             .get(&payout)
             .map(|v| (v.0.clone(), v.3, v.5)),
         Some(("balanced".to_owned(), Some(2_970), 3))
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_payouts_topic_with_another_partition_count_is_refused_at_start(pool: PgPool) {
+    let mut world = World::new(pool, 2).await;
+    let payouts = unique("payouts");
+    recon_tools::admin::create_topics(&brokers(), &[&payouts], 3)
+        .await
+        .expect("create payouts topic");
+    world.payouts = Some(payouts.clone());
+    let exited = world.run_to_exit("refused", &[], Duration::from_secs(30));
+    assert!(!exited.status.success());
+    assert!(
+        exited.stderr.contains("not co-partitioned")
+            && exited
+                .stderr
+                .contains(&format!("{payouts:?} has 3 partitions"))
+            && exited.stderr.contains("has 2 partitions"),
+        "{}",
+        exited.stderr
     );
 }
