@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::Pipeline;
 use crate::consumer::{Control, Data, Delivery};
-use crate::event::Input;
+use crate::event::Topic;
 
 /// How often the loop turns when nothing arrives, to advance watermarks on idle input.
 pub(super) const TICK: Duration = Duration::from_millis(250);
@@ -54,7 +54,8 @@ impl Pipeline {
         while let Some(delivery) = next.take() {
             match delivery {
                 Delivery::Data(data) => {
-                    batch.messages += usize::from(matches!(data, Data::Message(_)));
+                    batch.messages +=
+                        usize::from(matches!(data, Data::Message(_) | Data::Announcement(_)));
                     batch.items.push(data);
                 }
                 Delivery::Control(control) => return (batch, Some(control)),
@@ -85,15 +86,16 @@ impl Batch {
         if self.messages == 0 {
             return tracing::debug_span!("tick");
         }
-        let mut ranges: BTreeMap<(Input, i32), (i64, i64)> = BTreeMap::new();
+        let mut ranges: BTreeMap<(Topic, i32), (i64, i64)> = BTreeMap::new();
         for item in &self.items {
-            if let Data::Message(m) = item {
-                let range = ranges
-                    .entry((m.input, m.partition))
-                    .or_insert((m.offset, m.offset));
-                range.0 = range.0.min(m.offset);
-                range.1 = range.1.max(m.offset);
-            }
+            let (topic, partition, offset) = match item {
+                Data::Message(m) => (m.input.into(), m.partition, m.offset),
+                Data::Announcement(a) => (Topic::Payouts, a.partition, a.offset),
+                _ => continue,
+            };
+            let range = ranges.entry((topic, partition)).or_insert((offset, offset));
+            range.0 = range.0.min(offset);
+            range.1 = range.1.max(offset);
         }
         let ranges: Vec<String> = ranges
             .iter()

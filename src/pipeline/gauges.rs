@@ -10,7 +10,7 @@ use super::pairs::Pairs;
 use super::Pipeline;
 use crate::clock::now_micros;
 use crate::engine::DiscrepancyKind;
-use crate::event::Input;
+use crate::event::Topic;
 use crate::store::Store;
 use crate::telemetry::metrics as m;
 
@@ -35,13 +35,15 @@ impl Pipeline {
                 metrics::gauge!(m::WATERMARK, "partition" => pair.to_string())
                     .set(watermark as f64 / 1e6);
             }
-            for input in Input::ALL {
-                let high = owned.high_watermarks[input];
+            // The payouts partition too, once the poll thread has reported it (a
+            // worker without payouts never does: no series for it).
+            for topic in Topic::ALL {
+                let high = owned.high_watermarks[topic];
                 if high < 0 {
                     continue;
                 }
-                let stored = owned.committed[input].unwrap_or(0);
-                metrics::gauge!(m::CONSUMER_LAG, "topic" => input.label(), "partition" => pair.to_string())
+                let stored = owned.committed[topic].unwrap_or(0);
+                metrics::gauge!(m::CONSUMER_LAG, "topic" => topic.label(), "partition" => pair.to_string())
                     .set((high - stored).max(0) as f64);
             }
         }
