@@ -167,6 +167,10 @@ fn spawn_slot(world: &World, slot: usize, generation: usize) -> Worker {
     let mut settings = vec![
         ("RECON_BATCH_MAX_MESSAGES", "100"),
         ("RECON_IDLE_TIMEOUT", "2s"),
+        // The stream's events are dated about 61 hours back (loadgen keeps late lines
+        // behind their Kafka timestamps): with the default grace every unbalanced
+        // payout would be due by the end. The check is of sums and counts.
+        ("RECON_PAYOUT_GRACE", "30d"),
     ];
     if slot < 2 {
         settings.push(("RECON_INSTANCE_ID", &instance));
@@ -354,11 +358,11 @@ async fn exactly_once_through_kills_restarts_and_a_frozen_worker(pool: PgPool) {
     assert_eq!((lost, wrong, rows - distinct, aborted_seen), (0, 0, 0, 0));
     // No unique key hides a second write of a discrepancy: each must be there once.
     let twice = world
-        .count("SELECT count(*) FROM (SELECT kind, payment_event_id, settlement_event_id FROM recon_discrepancies GROUP BY 1, 2, 3 HAVING count(*) > 1) d")
+        .count("SELECT count(*) FROM (SELECT kind, payment_event_id, settlement_event_id, payout_id FROM recon_discrepancies GROUP BY 1, 2, 3, 4 HAVING count(*) > 1) d")
         .await;
     assert_eq!(twice, 0, "a discrepancy was recorded twice");
     // Every payout's lines counted exactly once, whatever was killed or read twice; no
-    // payout deadline has passed (24h grace, 72h for unannounced ones).
+    // announced payout is due (24h grace).
     let expected_payouts = expected_view_before_deadlines(&truth);
     let started_payouts = Instant::now();
     let mut payouts = payouts_view(&world).await;
@@ -381,7 +385,17 @@ async fn exactly_once_through_kills_restarts_and_a_frozen_worker(pool: PgPool) {
     );
     assert!(wrong_payouts.is_empty(), "{wrong_payouts:#?}");
     assert_eq!(payouts.len(), expected_payouts.len());
-    assert!(payout_discrepancies(&world).await.is_empty());
+    // The only payouts already due are those of the stale refund lines of the default
+    // mix (their payout ids are never announced, and their last line is more than O
+    // old): each may have its one open unannounced_payout, nothing else.
+    for (payout, kind, open, _) in payout_discrepancies(&world).await {
+        assert!(
+            kind == "unannounced_payout"
+                && open
+                && truth.payouts[&payout].expected_net_minor.is_none(),
+            "{payout}: {kind} (open: {open})"
+        );
+    }
 
     for worker in &mut workers {
         worker.signal("TERM");

@@ -289,11 +289,12 @@ impl World {
             .collect()
     }
 
-    /// Every row of `recon_discrepancies`.
+    /// Every row of `recon_discrepancies` about payments (payout discrepancies, of
+    /// contract §7, are compared with the truth's payouts: [`payout_discrepancies`]).
     pub async fn discrepancies(&self) -> Vec<DiscrepancyRow> {
         sqlx::query(
             "SELECT kind, payment_id, payment_event_id, settlement_event_id, resolved_at IS NOT NULL, resolution
-             FROM recon_discrepancies ORDER BY id",
+             FROM recon_discrepancies WHERE payout_id IS NULL ORDER BY id",
         )
         .persistent(false)
         .fetch_all(&self.pool)
@@ -801,8 +802,9 @@ pub fn expected_view(truth: &GroundTruth) -> BTreeMap<String, PayoutView> {
         .collect()
 }
 
-/// The view the truth says while no payout deadline has passed: balanced payouts as
-/// such, announced unbalanced ones `pending`, the others `unannounced`.
+/// The view the truth says while no announced payout's deadline has passed: balanced
+/// payouts as such, announced unbalanced ones `pending`, the others `unannounced` (an
+/// unannounced payout's status says so whether it is due or not).
 pub fn expected_view_before_deadlines(truth: &GroundTruth) -> BTreeMap<String, PayoutView> {
     let mut view = expected_view(truth);
     for (id, row) in view.iter_mut() {
