@@ -30,13 +30,18 @@
 //! Event times are in March 2024, within an hour, so no payout deadline (a day after
 //! `paid_at`, three days after an unannounced payout's last line) can pass while the
 //! stream runs; then one payment and its line a month later on every pair (sentinels)
-//! move every pair's watermark, and so the global one, past every deadline. Checks:
-//! - after every evaluation, no payout has two open discrepancies; before the last
-//!   sentinel, no payout discrepancy exists at all; after it, only the final ones;
+//! move every pair's watermark, and so the global one, past every deadline. In a fifth
+//! of the cases every partition is reported caught up instead, so every pair goes idle
+//! and its watermark follows the clock (contract §2); in half of those the payouts
+//! partitions are not read until then, and nothing may fall due while they are unread
+//! (a pair with unread announcements is not idle). Checks:
+//! - after every evaluation, no payout has two open discrepancies; before the global
+//!   watermark may pass, no payout discrepancy exists at all; after that, only the
+//!   final ones;
 //! - once every message is committed and the evaluator has run, every payout's row of
 //!   `recon_payouts` (status, currency, expected and summed net, expected and counted
-//!   lines) and the kind of its open discrepancy equal the oracle's, and nothing was
-//!   ever resolved;
+//!   lines, `paid_at`) and the kind of its open discrepancy equal the oracle's, and
+//!   nothing was ever resolved;
 //! - then, in cases with late messages (lines and announcements produced after the
 //!   sentinels, when every deadline has passed), discrepancies open, resolve and
 //!   reopen as the late messages are evaluated; at the end, rows and open kinds equal
@@ -1005,12 +1010,14 @@ fn now_ms() -> i64 {
 /// Where the stream stands, for what may exist after an evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Not every sentinel produced: no deadline can have passed.
+    /// The global watermark cannot pass any deadline yet: not every sentinel is
+    /// produced (or, in the idle ending, partitions are not all reported caught up,
+    /// or announcements are held).
     Main,
-    /// Every sentinel produced, the main stream not yet checked: a discrepancy may
-    /// open once the global watermark passes, with every message committed by then,
-    /// so only the final ones.
-    Sentinels,
+    /// The main stream is in, not yet checked: the global watermark may pass the
+    /// deadlines, and only once every message is committed, so any discrepancy that
+    /// opens is a final one.
+    Ending,
     /// The main stream checked; late messages.
     Late,
 }
@@ -1041,6 +1048,7 @@ struct Tally {
     crashes: u64,
     rewinds: u64,
     late_cases: u64,
+    idle_endings: u64,
     statuses: BTreeMap<String, u64>,
     resolved: u64,
 }
@@ -1424,7 +1432,7 @@ impl Harness {
             Phase::Main if !rows.is_empty() => Err(fail(format!(
                 "payout discrepancies before any deadline could pass: {rows:?}"
             ))),
-            Phase::Sentinels => {
+            Phase::Ending => {
                 for row in &rows {
                     let wanted = self
                         .main_view
@@ -1541,12 +1549,13 @@ impl Harness {
     /// pairs are not idle. Then they are read, and the global watermark follows the
     /// clock past every deadline.
     async fn idle_ending(&mut self) -> Result<(), TestCaseError> {
+        self.tally.idle_endings += 1;
         self.drain().await?;
         let held =
             self.hold_payouts && (0..self.pairs).any(|pair| self.log_len(Topic::Payouts, pair) > 0);
         if !held {
             // Everything is in: the watermarks may pass every deadline from now on.
-            self.phase = Phase::Sentinels;
+            self.phase = Phase::Ending;
         }
         // The idle timeout, then a watermark checkpoint (at most every second).
         let until = Instant::now() + Duration::from_millis(1_600);
@@ -1564,7 +1573,7 @@ impl Harness {
             }
         }
         self.hold_payouts = false;
-        self.phase = Phase::Sentinels;
+        self.phase = Phase::Ending;
         self.drain().await?;
         let started = Instant::now();
         loop {
@@ -1803,9 +1812,11 @@ async fn run(db: &Database, spec: &Spec) -> Result<Tally, (TestCaseError, Vec<St
 /// What the queue of messages to produce holds.
 enum Next {
     Message(Item),
-    /// The last sentinel is produced: discrepancies may open from here on.
-    SentinelsDone,
-    /// The main stream and the sentinels are produced: drain, evaluate, check.
+    /// The main stream and its sentinels are produced: with sentinels, the global
+    /// watermark may pass the deadlines from here on.
+    StreamIn,
+    /// Let everything be committed (and, in the idle ending, the pairs go idle),
+    /// evaluate, and compare with the oracle over the main stream.
     CheckMain,
 }
 
@@ -1825,7 +1836,7 @@ async fn drive(h: &mut Harness, spec: &Spec, built: Built) -> Result<(), TestCas
         .chain(built.sentinels)
         .map(Next::Message)
         .collect();
-    queue.push_back(Next::SentinelsDone);
+    queue.push_back(Next::StreamIn);
     queue.push_back(Next::CheckMain);
     queue.extend(built.late.into_iter().map(Next::Message));
 
@@ -1868,19 +1879,18 @@ async fn drive(h: &mut Harness, spec: &Spec, built: Built) -> Result<(), TestCas
         };
         let mut produced = 0;
         // Markers are taken as soon as they are next: the phase changes with the
-        // last sentinel, not at the next step.
-        while produced < count
-            || matches!(queue.front(), Some(Next::SentinelsDone | Next::CheckMain))
-        {
+        // last sentinel, not at the next step (an evaluation then would find what
+        // the sentinels let open).
+        while produced < count || matches!(queue.front(), Some(Next::StreamIn | Next::CheckMain)) {
             let Some(next) = queue.pop_front() else { break };
             match next {
                 Next::Message(item) => {
                     h.produce(item);
                     produced += 1;
                 }
-                Next::SentinelsDone => {
+                Next::StreamIn => {
                     if matches!(spec.ending, Ending::Sentinels) {
-                        h.phase = Phase::Sentinels;
+                        h.phase = Phase::Ending;
                     }
                 }
                 Next::CheckMain => {
@@ -1890,8 +1900,11 @@ async fn drive(h: &mut Harness, spec: &Spec, built: Built) -> Result<(), TestCas
                     }
                     h.evaluate_to_the_end().await?;
                     let view = h.main_view.clone();
-                    h.compare(&view, "after the main stream and the sentinels")
-                        .await?;
+                    h.compare(
+                        &view,
+                        "once the main stream was in and every deadline passed",
+                    )
+                    .await?;
                     let rows = discrepancies(&h.pool).await?;
                     if let Some(row) = rows.iter().find(|row| !row.open) {
                         return Err(fail(format!(
@@ -2078,6 +2091,7 @@ fn payouts_end_as_the_oracle_says_whatever_the_workers_batches_and_crashes() {
         tally.crashes += one.crashes;
         tally.rewinds += one.rewinds;
         tally.late_cases += one.late_cases;
+        tally.idle_endings += one.idle_endings;
         tally.resolved += one.resolved;
         for (status, n) in one.statuses {
             *tally.statuses.entry(status).or_default() += n;
