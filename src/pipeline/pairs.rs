@@ -88,6 +88,23 @@ pub(super) struct AppliedBatch {
     pub timestamps: Vec<i64>,
 }
 
+impl AppliedBatch {
+    /// What became of one message of `partition`: a rejection kept for the pair's
+    /// checkpoint, and the Kafka timestamp of any message not stale.
+    fn take(&mut self, partition: i32, timestamp: Option<i64>, read: Read) {
+        match read {
+            Read::Stale => return,
+            Read::Applied => {}
+            Read::Rejected(rejection) => {
+                self.rejected.entry(partition).or_default().push(rejection)
+            }
+        }
+        if let Some(ts) = timestamp {
+            self.timestamps.push(ts);
+        }
+    }
+}
+
 impl OwnedPair {
     fn new(position: &PairPosition, engine_config: EngineConfig) -> Self {
         Self {
@@ -339,44 +356,20 @@ impl Pairs {
         for item in items {
             match item {
                 Data::Message(message) => {
-                    let partition = message.partition;
+                    let (partition, timestamp) = (message.partition, message.timestamp_ms);
                     let Some(owned) = self.owned.get_mut(&partition) else {
                         tracing::debug!(partition, "message for a pair not owned; dropped");
                         continue;
                     };
-                    let timestamp = message.timestamp_ms;
-                    match owned.apply(message) {
-                        Read::Stale => continue,
-                        Read::Applied => {}
-                        Read::Rejected(rejection) => applied
-                            .rejected
-                            .entry(partition)
-                            .or_default()
-                            .push(rejection),
-                    }
-                    if let Some(ts) = timestamp {
-                        applied.timestamps.push(ts);
-                    }
+                    applied.take(partition, timestamp, owned.apply(message));
                 }
                 Data::Announcement(message) => {
-                    let partition = message.partition;
+                    let (partition, timestamp) = (message.partition, message.timestamp_ms);
                     let Some(owned) = self.owned.get_mut(&partition) else {
                         tracing::debug!(partition, "announcement for a pair not owned; dropped");
                         continue;
                     };
-                    let timestamp = message.timestamp_ms;
-                    match owned.announce(message) {
-                        Read::Stale => continue,
-                        Read::Applied => {}
-                        Read::Rejected(rejection) => applied
-                            .rejected
-                            .entry(partition)
-                            .or_default()
-                            .push(rejection),
-                    }
-                    if let Some(ts) = timestamp {
-                        applied.timestamps.push(ts);
-                    }
+                    applied.take(partition, timestamp, owned.announce(message));
                 }
                 Data::Progress(progress) => {
                     // A pair whose payouts partition has messages left is not idle:
