@@ -351,12 +351,17 @@ async fn the_runtime_role_reconciles_with_rows_only_after_the_owner_migrated(poo
         ("INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (99, 'x', true, '', 0)", "42501"),
         ("UPDATE recon_outcomes SET outcome = 'matched'", "42501"),
         ("DELETE FROM recon_discrepancies", "42501"),
+        // The action log (contract §8): no privilege to change or remove an entry.
+        ("UPDATE recon_discrepancy_actions SET note = 'x'", "42501"),
+        ("DELETE FROM recon_discrepancy_actions", "42501"),
+        ("TRUNCATE recon_discrepancy_actions", "42501"),
     ] {
         let result = sqlx::query(statement).execute(&runtime_pool).await;
         assert_eq!(sqlstate(result), code, "{statement}");
     }
-    // The one removal it may make, through migration 0008's function: over_refunded
-    // rows of the payments named, and nothing else.
+    // The one withdrawal it may make, through migration 0008's function (0010 keeps
+    // the row, resolved `withdrawn`, and logs it): over_refunded rows of the payments
+    // named, and nothing else.
     sqlx::query(
         "INSERT INTO recon_discrepancies (kind, payment_id, kafka_partition, settlement_event_id)
          VALUES ('over_refunded', 'p1', 0, 'l1'), ('chargeback', 'p1', 0, 'l1'),
@@ -370,8 +375,8 @@ async fn the_runtime_role_reconciles_with_rows_only_after_the_owner_migrated(poo
         .execute(&runtime_pool)
         .await
         .expect("the runtime role withdraws an over_refunded discrepancy");
-    let left: Vec<(String, String)> = sqlx::query_as(
-        "SELECT kind, payment_id FROM recon_discrepancies ORDER BY kind, payment_id",
+    let left: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT kind, payment_id, resolution FROM recon_discrepancies ORDER BY kind, payment_id",
     )
     .fetch_all(&runtime_pool)
     .await
@@ -379,11 +384,51 @@ async fn the_runtime_role_reconciles_with_rows_only_after_the_owner_migrated(poo
     assert_eq!(
         left,
         vec![
-            ("chargeback".to_owned(), "p1".to_owned()),
-            ("over_refunded".to_owned(), "p2".to_owned()),
+            ("chargeback".to_owned(), "p1".to_owned(), None),
+            (
+                "over_refunded".to_owned(),
+                "p1".to_owned(),
+                Some("withdrawn".to_owned())
+            ),
+            ("over_refunded".to_owned(), "p2".to_owned(), None),
+        ]
+    );
+    // It appends to the action log and reads it (the withdrawal above logged itself).
+    sqlx::query(
+        "INSERT INTO recon_discrepancy_actions (discrepancy_id, action, actor, note)
+         SELECT id, 'annotated', 'someone', 'seen' FROM recon_discrepancies WHERE payment_id = 'p2'",
+    )
+    .execute(&runtime_pool)
+    .await
+    .expect("the runtime role appends an action");
+    let logged: Vec<(String, String)> = sqlx::query_as(
+        "SELECT d.payment_id, a.action FROM recon_discrepancy_actions a
+         JOIN recon_discrepancies d ON d.id = a.discrepancy_id ORDER BY a.id",
+    )
+    .fetch_all(&runtime_pool)
+    .await
+    .expect("the runtime role reads the action log");
+    assert_eq!(
+        logged,
+        vec![
+            ("p1".to_owned(), "resolved".to_owned()),
+            ("p2".to_owned(), "annotated".to_owned()),
         ]
     );
     runtime_pool.close().await;
+    let (update, delete, truncate): (bool, bool, bool) = sqlx::query_as(
+        "SELECT has_table_privilege($1, 'recon_discrepancy_actions', 'UPDATE'),
+                has_table_privilege($1, 'recon_discrepancy_actions', 'DELETE'),
+                has_table_privilege($1, 'recon_discrepancy_actions', 'TRUNCATE')",
+    )
+    .bind(&roles.runtime)
+    .fetch_one(&world.pool)
+    .await
+    .expect("privileges");
+    assert!(
+        !update && !delete && !truncate,
+        "the action log: INSERT and SELECT only"
+    );
 
     // A table a later migration creates (as the owner) is covered by the defaults.
     let owner_pool = PgPool::connect(&url_as(&world, &roles.owner, None))
@@ -393,6 +438,21 @@ async fn the_runtime_role_reconciles_with_rows_only_after_the_owner_migrated(poo
         .execute(&owner_pool)
         .await
         .expect("owner creates a table");
+    // The owner holds every privilege on the action log; its triggers refuse anyway.
+    for statement in [
+        "UPDATE recon_discrepancy_actions SET note = 'rewritten'",
+        "DELETE FROM recon_discrepancy_actions",
+        "TRUNCATE recon_discrepancy_actions",
+        "TRUNCATE recon_discrepancies CASCADE",
+    ] {
+        match sqlx::query(statement).execute(&owner_pool).await {
+            Err(sqlx::Error::Database(db)) => {
+                assert_eq!(db.code().as_deref(), Some("42501"), "{statement}");
+                assert!(db.message().contains("append-only"), "{statement}: {db}");
+            }
+            other => panic!("{statement}: the owner was not refused: {other:?}"),
+        }
+    }
     owner_pool.close().await;
     let (rows_only, delete): (bool, bool) = sqlx::query_as(
         "SELECT has_table_privilege($1, 'later_migration', 'SELECT, INSERT, UPDATE')

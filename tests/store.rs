@@ -381,6 +381,22 @@ async fn a_checkpoint_retried_after_a_commit_of_unknown_outcome_writes_nothing_t
     assert_eq!(count(&pool, "recon_events").await, 1);
     assert_eq!(count(&pool, "rejected_events").await, 1);
     assert_eq!(count(&pool, "recon_discrepancies").await, 2);
+    // Each opening logged once (contract §8): the retries inserted nothing, so they
+    // logged nothing.
+    let logged: Vec<(String, String)> = sqlx::query_as(
+        "SELECT d.kind, a.action FROM recon_discrepancy_actions a
+         JOIN recon_discrepancies d ON d.id = a.discrepancy_id ORDER BY a.id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("actions");
+    assert_eq!(
+        logged,
+        vec![
+            ("duplicate_payment".to_owned(), "opened".to_owned()),
+            ("missing_settlement".to_owned(), "opened".to_owned()),
+        ]
+    );
     let position = store.owned_position(0, 1).await.expect("position");
     assert_eq!(
         position.map(|p| p.next_offsets),
@@ -912,7 +928,9 @@ async fn refunds_and_chargebacks_round_trip_and_their_discrepancies_are_set(pool
     .expect("resolved_at");
     assert_eq!(again, resolved_at, "a resolution keeps its first time");
 
-    // A line settled earlier lifts every prefix: the discrepancy must not exist.
+    // A line settled earlier lifts every prefix: the discrepancy must not exist. It
+    // has a history (migration 0010), so it is kept, resolved `withdrawn`, which
+    // contract §6 counts as not existing.
     let mut third = checkpoint(0, 1, [Some(1), Some(5)], Vec::new());
     third.rejected.clear();
     third.changes.discrepancies = vec![DiscrepancyChange::OverRefund {
@@ -922,11 +940,18 @@ async fn refunds_and_chargebacks_round_trip_and_their_discrepancies_are_set(pool
     store.checkpoint(&[third]).await.expect("third batch");
     assert_eq!(
         money_discrepancies(&pool, "k").await,
-        vec![(
-            "chargeback".into(),
-            Some("cb".into()),
-            Some("reversed".into())
-        )]
+        vec![
+            (
+                "chargeback".into(),
+                Some("cb".into()),
+                Some("reversed".into())
+            ),
+            (
+                "over_refunded".into(),
+                Some("cb".into()),
+                Some("withdrawn".into())
+            ),
+        ]
     );
 }
 

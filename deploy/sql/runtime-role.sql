@@ -28,6 +28,10 @@
 --                                                  changed outcomes
 --   recon_discrepancies    SELECT, INSERT, UPDATE  opened (ON CONFLICT DO NOTHING),
 --                                                  resolved (UPDATE ... FROM)
+--   recon_discrepancy_actions  SELECT, INSERT      the action log (contract §8,
+--                                                  migration 0010): append-only, the
+--                                                  worker's own actions and the
+--                                                  operators' commands; no UPDATE
 --   rejected_events        SELECT, INSERT, UPDATE  rejects (redrive sets redriven_at)
 --   recon_outcomes (view)  SELECT                  operators' and tests' reads
 --   *_id_seq               USAGE                   the bigserial ids of the two above
@@ -92,10 +96,10 @@ ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" IN SCHEMA public
     GRANT SELECT, INSERT, UPDATE ON TABLES TO :"runtime_role";
 ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" IN SCHEMA public
     GRANT USAGE ON SEQUENCES TO :"runtime_role";
--- The one function the worker calls (migration 0008): it removes over_refunded
--- discrepancies the lines say never existed, with the owner's rights, since this
--- role has no DELETE. EXECUTE is revoked from PUBLIC there; functions later
--- migrations create are granted by the default privileges.
+-- The one function the worker calls (migration 0008, redefined by 0010): it marks
+-- over_refunded discrepancies the lines say never existed `withdrawn` and logs it
+-- (with the caller's rights since 0010). EXECUTE is revoked from PUBLIC there;
+-- functions later migrations create are granted by the default privileges.
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO :"runtime_role";
 ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" IN SCHEMA public
     GRANT EXECUTE ON FUNCTIONS TO :"runtime_role";
@@ -113,10 +117,11 @@ SELECT to_regclass('public.recon_payouts') IS NOT NULL AS has_payouts_view
 REVOKE INSERT, UPDATE ON public._sqlx_migrations FROM :"runtime_role";
 -- The operators' action log (contract §8) is append-only: INSERT and SELECT only.
 -- The default privileges above grant UPDATE on every new table, so the migration that
--- creates it must revoke UPDATE from every grantee, and a rerun of this script must
--- not grant it again.
+-- creates it (0010) revokes UPDATE from every grantee, and a rerun of this script must
+-- not grant it again. (DELETE and TRUNCATE are never granted; triggers refuse all
+-- three to every role, the owner included.)
 SELECT to_regclass('public.recon_discrepancy_actions') IS NOT NULL AS has_action_log
 \gset
 \if :has_action_log
-  REVOKE UPDATE ON public.recon_discrepancy_actions FROM :"runtime_role";
+  REVOKE UPDATE, DELETE, TRUNCATE ON public.recon_discrepancy_actions FROM :"runtime_role";
 \endif

@@ -14,7 +14,8 @@
 //! - `sweeps`: deadline sweeps and open-item counts, the reads of open outcomes;
 //! - `checkpoint`: the one transaction a batch ends in (advancing pairs, then
 //!   events, outcomes, discrepancies, rejects) and what its failures mean;
-//! - `writes`: the statements of that transaction, one per kind of change;
+//! - `writes`: the statements of that transaction, one per kind of change, each
+//!   logging the worker's own discrepancy actions (contract §8) as it changes them;
 //! - `payout_rows`: the payout partial sums and announcements a checkpoint writes;
 //! - `refusals`: tracing a data error PostgreSQL raised to the messages carrying it;
 //! - `payouts`: the payout evaluator's transaction (contract §7): payout state, status
@@ -55,6 +56,7 @@ pub use error::{
 pub use migrations::{MigrationName, MigrationStatus, MIGRATOR};
 pub use payouts::{Evaluation, PayoutGauges, PayoutRules, ACCEPTED, ANNOUNCED, BALANCED};
 pub use sweeps::DueKeys;
+pub use writes::WORKER_ACTOR;
 
 use pool::{connection_is_current, ShrinkOnReturn};
 

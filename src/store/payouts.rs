@@ -50,6 +50,7 @@ use chrono::{DateTime, Utc};
 
 use crate::engine::{DiscrepancyKind, PayoutStatus};
 
+use super::writes::WORKER_ACTOR;
 use super::{Store, StoreError};
 
 /// The key of the evaluator's advisory lock, with `hashtext(current_schema())` as the
@@ -348,26 +349,35 @@ pub const ACCEPTED: &str = "accepted";
 
 /// Step 5, before any opening: a mismatch that balanced, an unannounced payout that
 /// was announced. A pending (not yet due again, after a longer grace) payout's
-/// mismatch stays open: it was overdue, and only balancing settles it.
+/// mismatch stays open: it was overdue, and only balancing settles it. Open ones only,
+/// so one a person accepted stays as they left it. Each resolution is logged
+/// (contract §8) by the same statement, which returns how many it resolved.
 fn resolve_statement() -> String {
     let mismatch = DiscrepancyKind::PayoutMismatch;
     let unannounced = DiscrepancyKind::UnannouncedPayout;
     let balanced = PayoutStatus::Balanced;
     format!(
-        "UPDATE recon_discrepancies d
-         SET resolved_at = now(),
-             resolution = CASE d.kind WHEN '{mismatch}' THEN '{BALANCED}' ELSE '{ANNOUNCED}' END
-         FROM recon_payout_state s
-         WHERE s.payout_id = ANY($1) AND d.payout_id = s.payout_id
-           AND d.payout_id IS NOT NULL AND d.resolved_at IS NULL
-           AND ((d.kind = '{mismatch}' AND s.status = '{balanced}')
-                OR (d.kind = '{unannounced}' AND s.announcement_event_id IS NOT NULL))"
+        "WITH resolved AS (
+             UPDATE recon_discrepancies d
+             SET resolved_at = now(),
+                 resolution = CASE d.kind WHEN '{mismatch}' THEN '{BALANCED}' ELSE '{ANNOUNCED}' END
+             FROM recon_payout_state s
+             WHERE s.payout_id = ANY($1) AND d.payout_id = s.payout_id
+               AND d.payout_id IS NOT NULL AND d.resolved_at IS NULL
+               AND ((d.kind = '{mismatch}' AND s.status = '{balanced}')
+                    OR (d.kind = '{unannounced}' AND s.announcement_event_id IS NOT NULL))
+             RETURNING d.id, d.resolution),
+         logged AS (
+             INSERT INTO recon_discrepancy_actions (discrepancy_id, action, actor, note)
+             SELECT id, 'resolved', '{WORKER_ACTOR}', resolution FROM resolved ORDER BY id)
+         SELECT count(*) FROM resolved"
     )
 }
 
 /// Step 6: one row per payout and kind, opened, or reopened when it was resolved by
 /// the evaluator (never after a person's `accepted`). `xmax = 0` tells an inserted
-/// row from an updated one.
+/// row from an updated one; each is logged as `opened` or `reopened` (contract §8) by
+/// the same statement.
 ///
 /// Opening never meets the other kind open for the same payout (which
 /// `recon_discrepancies_one_open_per_payout` would refuse, failing the run): a
@@ -379,16 +389,22 @@ fn open_statement() -> String {
     let mismatch = DiscrepancyKind::PayoutMismatch;
     let unannounced = DiscrepancyKind::UnannouncedPayout;
     format!(
-        "INSERT INTO recon_discrepancies AS d (kind, payout_id)
-         SELECT CASE WHEN s.status = 'unannounced' THEN '{unannounced}' ELSE '{mismatch}' END,
-                s.payout_id
-         FROM recon_payout_state s
-         WHERE s.payout_id = ANY($1) AND s.due
-           AND s.status IN ('total_mismatch', 'currency_mismatch', 'unannounced')
-         ON CONFLICT (payout_id, kind) WHERE payout_id IS NOT NULL DO UPDATE
-         SET resolved_at = NULL, resolution = NULL
-         WHERE d.resolved_at IS NOT NULL AND d.resolution IS DISTINCT FROM '{ACCEPTED}'
-         RETURNING xmax = 0 AS inserted"
+        "WITH changed AS (
+             INSERT INTO recon_discrepancies AS d (kind, payout_id)
+             SELECT CASE WHEN s.status = 'unannounced' THEN '{unannounced}' ELSE '{mismatch}' END,
+                    s.payout_id
+             FROM recon_payout_state s
+             WHERE s.payout_id = ANY($1) AND s.due
+               AND s.status IN ('total_mismatch', 'currency_mismatch', 'unannounced')
+             ON CONFLICT (payout_id, kind) WHERE payout_id IS NOT NULL DO UPDATE
+             SET resolved_at = NULL, resolution = NULL
+             WHERE d.resolved_at IS NOT NULL AND d.resolution IS DISTINCT FROM '{ACCEPTED}'
+             RETURNING d.id, xmax = 0 AS inserted),
+         logged AS (
+             INSERT INTO recon_discrepancy_actions (discrepancy_id, action, actor)
+             SELECT id, CASE WHEN inserted THEN 'opened' ELSE 'reopened' END, '{WORKER_ACTOR}'
+             FROM changed ORDER BY id)
+         SELECT inserted FROM changed"
     )
 }
 
@@ -518,11 +534,11 @@ impl Store {
                 .fetch_one(&mut *tx)
                 .await?;
             evaluation.changed = usize::try_from(changed).unwrap_or(0);
-            evaluation.resolved = sqlx::query(&resolve_statement())
+            let resolved: i64 = sqlx::query_scalar(&resolve_statement())
                 .bind(&touched)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected() as usize;
+                .fetch_one(&mut *tx)
+                .await?;
+            evaluation.resolved = usize::try_from(resolved).unwrap_or(0);
             let opened: Vec<bool> = sqlx::query_scalar(&open_statement())
                 .bind(&touched)
                 .fetch_all(&mut *tx)

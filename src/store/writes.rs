@@ -2,6 +2,12 @@
 //! whole batch with array binds: new events, changed outcomes, opened and resolved
 //! discrepancies, rejected messages.
 //!
+//! Each statement that changes discrepancies also appends the worker's own actions
+//! (actor [`WORKER_ACTOR`]) to `recon_discrepancy_actions` (contract §8, migration
+//! 0010) in the same statement, from what it actually changed (`RETURNING` in a CTE):
+//! a checkpoint retried after a COMMIT of unknown outcome changes nothing the second
+//! time, so it logs nothing twice, and the log costs no round trip of its own.
+//!
 //! Apart from the transaction that runs them (`checkpoint`) because two callers need
 //! them: the checkpoint itself, and the search for values PostgreSQL refuses
 //! (`refusals`), which runs the inserts again into probe copies of the tables. The
@@ -16,8 +22,12 @@ use crate::money::Currency;
 use crate::rejection::RejectedMessage;
 
 use super::checkpoint::PairCheckpoint;
+use super::payouts::ACCEPTED;
 use super::rows::to_time;
 use super::{Store, StoreError};
+
+/// The actor of the actions the worker records itself (contract §8).
+pub const WORKER_ACTOR: &str = "recon-worker";
 
 impl Store {
     /// Inserts rejected messages into `table` (`rejected_events`, or its probe copy).
@@ -357,13 +367,18 @@ pub(super) async fn write_discrepancies(
         over_refunds,
     } = DiscrepancyColumns::of(batch);
     if !opened.kinds.is_empty() {
-        sqlx::query(
+        sqlx::query(&format!(
             // A checkpoint retried after a COMMIT of unknown outcome may have opened
-            // these already (migration 0006 keys them).
-            "INSERT INTO recon_discrepancies (kind, payment_id, kafka_partition, payment_event_id, settlement_event_id)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::text[])
-             ON CONFLICT DO NOTHING",
-        )
+            // these already (migration 0006 keys them): only the rows inserted now are
+            // logged.
+            "WITH opened AS (
+                 INSERT INTO recon_discrepancies (kind, payment_id, kafka_partition, payment_event_id, settlement_event_id)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::text[], $5::text[])
+                 ON CONFLICT DO NOTHING
+                 RETURNING id)
+             INSERT INTO recon_discrepancy_actions (discrepancy_id, action, actor)
+             SELECT id, 'opened', '{WORKER_ACTOR}' FROM opened ORDER BY id"
+        ))
         .bind(opened.kinds)
         .bind(opened.payment_ids)
         .bind(opened.partitions)
@@ -376,11 +391,18 @@ pub(super) async fn write_discrepancies(
         if !resolved.kinds.contains(&kind.as_str()) {
             continue;
         }
+        // Open ones only: one a person resolved (`accepted`, contract §8) stays as
+        // they left it when its counterpart arrives; the events' outcomes still change
+        // (`update_events`).
         sqlx::query(&format!(
-            "UPDATE recon_discrepancies AS d SET resolved_at = now(), resolution = u.resolution
-             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(kind, subject, resolution)
-             WHERE u.kind = '{kind}' AND d.kind = '{kind}'
-               AND d.resolved_at IS NULL AND d.{subject_column} = u.subject"
+            "WITH resolved AS (
+                 UPDATE recon_discrepancies AS d SET resolved_at = now(), resolution = u.resolution
+                 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(kind, subject, resolution)
+                 WHERE u.kind = '{kind}' AND d.kind = '{kind}'
+                   AND d.resolved_at IS NULL AND d.{subject_column} = u.subject
+                 RETURNING d.id, d.resolution)
+             INSERT INTO recon_discrepancy_actions (discrepancy_id, action, actor, note)
+             SELECT id, 'resolved', '{WORKER_ACTOR}', resolution FROM resolved ORDER BY id"
         ))
         .bind(&resolved.kinds)
         .bind(&resolved.subjects)
@@ -393,8 +415,16 @@ pub(super) async fn write_discrepancies(
 
 /// Makes each payment's one `over_refunded` row (migration 0008 keys it by payment id)
 /// say what the engine says: present, about its first line below zero, open or
-/// resolved (`recovered`, keeping the time it was first resolved); or absent (removed
-/// through `recon_withdraw_over_refunds`, migration 0008).
+/// resolved (`recovered`, keeping the time it was first resolved); or absent (kept,
+/// resolved `withdrawn`, through `recon_withdraw_over_refunds`, migration 0010: a row
+/// with a history is never deleted).
+///
+/// A row a person accepted (contract §8) is left alone: never reopened, re-resolved or
+/// withdrawn. A row already in the state wanted is not rewritten, so a retried
+/// checkpoint logs nothing. The actions logged compare each row with its state before
+/// the statement (`old` reads the snapshot the statement started with): inserted,
+/// `opened` (and `resolved` when it is inserted resolved); open again, `reopened`;
+/// newly resolved or resolved differently, `resolved` with the resolution as note.
 async fn write_over_refunds(
     tx: &mut sqlx::PgConnection,
     over: OverRefundColumns<'_>,
@@ -402,17 +432,39 @@ async fn write_over_refunds(
     let kind = DiscrepancyKind::OverRefunded;
     if !over.payment_ids.is_empty() {
         sqlx::query(&format!(
-            "INSERT INTO recon_discrepancies AS d
-                    (kind, payment_id, kafka_partition, settlement_event_id, resolved_at, resolution)
-             SELECT '{kind}', u.payment_id, u.pair, u.first_below,
-                    CASE WHEN u.open THEN NULL ELSE now() END,
-                    CASE WHEN u.open THEN NULL ELSE '{RECOVERED}' END
-             FROM UNNEST($1::text[], $2::int[], $3::text[], $4::bool[]) AS u(payment_id, pair, first_below, open)
-             ON CONFLICT (payment_id) WHERE kind = '{kind}' DO UPDATE
-             SET settlement_event_id = EXCLUDED.settlement_event_id,
-                 resolved_at = CASE WHEN EXCLUDED.resolved_at IS NULL THEN NULL
-                                    ELSE COALESCE(d.resolved_at, EXCLUDED.resolved_at) END,
-                 resolution = EXCLUDED.resolution"
+            "WITH old AS (
+                 SELECT id, resolved_at IS NULL AS was_open, resolution
+                 FROM recon_discrepancies
+                 WHERE kind = '{kind}' AND payment_id = ANY($1)),
+             written AS (
+                 INSERT INTO recon_discrepancies AS d
+                        (kind, payment_id, kafka_partition, settlement_event_id, resolved_at, resolution)
+                 SELECT '{kind}', u.payment_id, u.pair, u.first_below,
+                        CASE WHEN u.open THEN NULL ELSE now() END,
+                        CASE WHEN u.open THEN NULL ELSE '{RECOVERED}' END
+                 FROM UNNEST($1::text[], $2::int[], $3::text[], $4::bool[]) AS u(payment_id, pair, first_below, open)
+                 ON CONFLICT (payment_id) WHERE kind = '{kind}' DO UPDATE
+                 SET settlement_event_id = EXCLUDED.settlement_event_id,
+                     resolved_at = CASE WHEN EXCLUDED.resolved_at IS NULL THEN NULL
+                                        ELSE COALESCE(d.resolved_at, EXCLUDED.resolved_at) END,
+                     resolution = EXCLUDED.resolution
+                 WHERE d.resolution IS DISTINCT FROM '{ACCEPTED}'
+                   AND (d.settlement_event_id, d.resolved_at IS NULL, d.resolution)
+                       IS DISTINCT FROM
+                       (EXCLUDED.settlement_event_id, EXCLUDED.resolved_at IS NULL, EXCLUDED.resolution)
+                 RETURNING d.id, d.resolved_at IS NULL AS is_open, d.resolution)
+             INSERT INTO recon_discrepancy_actions (discrepancy_id, action, actor, note)
+             SELECT w.id, a.action, '{WORKER_ACTOR}', a.note
+             FROM written w
+             LEFT JOIN old o ON o.id = w.id
+             CROSS JOIN LATERAL (VALUES
+                 (1, CASE WHEN o.id IS NULL THEN 'opened'
+                          WHEN w.is_open AND NOT o.was_open THEN 'reopened' END, NULL::text),
+                 (2, CASE WHEN NOT w.is_open
+                               AND (o.id IS NULL OR o.was_open OR o.resolution IS DISTINCT FROM w.resolution)
+                          THEN 'resolved' END, w.resolution)) AS a(step, action, note)
+             WHERE a.action IS NOT NULL
+             ORDER BY w.id, a.step"
         ))
         .bind(over.payment_ids)
         .bind(over.partitions)
@@ -422,8 +474,7 @@ async fn write_over_refunds(
         .await?;
     }
     if !over.absent.is_empty() {
-        // The runtime role has no DELETE: migration 0008's function removes exactly
-        // these rows with its owner's rights.
+        // Migration 0010's function marks exactly these rows withdrawn and logs it.
         sqlx::query("SELECT recon_withdraw_over_refunds($1)")
             .bind(over.absent)
             .execute(&mut *tx)
