@@ -26,7 +26,8 @@
 //! - [`telemetry`]: logs, metric names, health, HTTP; [`retry`]: the one retry policy;
 //! - edges: [`store`] (PostgreSQL), [`consumer`] (Kafka);
 //! - [`pipeline`]: the loop tying consumer → engine → store; [`payouts`]: the payout
-//!   evaluator task beside it (contract §7); [`worker`]: start, run, shutdown.
+//!   evaluator task beside it (contract §7); [`worker`]: start, run, shutdown;
+//! - [`operations`]: the operators' commands (contract §8), against the database only.
 //!
 //! This library is the product alone: the tools around it (topic creation, the load
 //! generator, the benchmarks) are the `recon-tools` package in `tools/`.
@@ -38,6 +39,7 @@ pub mod consumer;
 pub mod engine;
 pub mod event;
 pub mod money;
+pub mod operations;
 pub mod pair;
 pub mod payouts;
 pub mod pipeline;

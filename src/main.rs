@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use recon_worker::config::{Config, LogFormat};
 use recon_worker::consumer::ConsumerError;
-use recon_worker::{store::Store, telemetry, worker};
+use recon_worker::{operations, store::Store, telemetry, worker};
 
 /// Reconciles payments against settlements from Kafka into PostgreSQL, exactly once.
 ///
@@ -31,11 +31,24 @@ enum Command {
     /// SIGINT/SIGTERM. On a signal: finish the batch in hand, commit, leave the consumer
     /// group, exit 0.
     Run,
+    /// List discrepancies and act on them: accept, reopen, annotate (each action is
+    /// kept in recon_discrepancy_actions). Needs DATABASE_URL only.
+    ///
+    /// Exit codes: 0 done; 1 refused (unknown id, wrong state) or failed (database);
+    /// 2 invalid arguments or configuration.
+    #[command(subcommand)]
+    Discrepancies(operations::discrepancies::Command),
 }
 
 fn main() -> ExitCode {
     recon_worker::allocator::tune();
     let cli = Cli::parse();
+    // The operators' commands read DATABASE_URL only and print their own errors.
+    let command = match cli.command {
+        Command::Discrepancies(command) => return operations::main(command),
+        Command::Migrate => WorkerCommand::Migrate,
+        Command::Run => WorkerCommand::Run,
+    };
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(error) => {
@@ -56,7 +69,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command, config)) {
+    match runtime.block_on(dispatch(command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let code = exit_code(&error);
@@ -106,9 +119,15 @@ fn describe(error: &anyhow::Error) -> String {
     text
 }
 
-async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+/// The commands that read the worker's whole configuration.
+enum WorkerCommand {
+    Migrate,
+    Run,
+}
+
+async fn dispatch(command: WorkerCommand, config: Config) -> anyhow::Result<()> {
     match command {
-        Command::Migrate => {
+        WorkerCommand::Migrate => {
             let store = Store::connect_lazy(
                 config.database.clone(),
                 &config.payments_topic,
@@ -123,6 +142,6 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             tracing::info!(database = %config.database_display, "migrations applied");
             Ok(())
         }
-        Command::Run => worker::run(config, worker::shutdown_signal()).await,
+        WorkerCommand::Run => worker::run(config, worker::shutdown_signal()).await,
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use recon_worker::operations::discrepancies::{self, Act};
 use recon_worker::store::{Evaluation, PayoutRules, Store};
 use sqlx::PgPool;
 
@@ -241,6 +242,27 @@ async fn discrepancies(pool: &PgPool, payout_id: &str) -> Vec<(String, bool, Opt
     .fetch_all(pool)
     .await
     .expect("discrepancies")
+}
+
+/// A payout's action log (contract §8), in order: (action, actor, note).
+async fn actions(pool: &PgPool, payout_id: &str) -> Vec<(String, String, Option<String>)> {
+    sqlx::query_as(
+        "SELECT a.action, a.actor, a.note FROM recon_discrepancy_actions a
+         JOIN recon_discrepancies d ON d.id = a.discrepancy_id
+         WHERE d.payout_id = $1 ORDER BY a.id",
+    )
+    .bind(payout_id)
+    .fetch_all(pool)
+    .await
+    .expect("actions")
+}
+
+fn by_worker(action: &str, note: Option<&str>) -> (String, String, Option<String>) {
+    (
+        action.to_owned(),
+        "recon-worker".to_owned(),
+        note.map(str::to_owned),
+    )
 }
 
 fn open(kind: &str) -> (String, bool, Option<String>) {
@@ -534,6 +556,15 @@ async fn a_mismatch_resolves_balanced_when_a_line_balances_it_and_reopens_when_i
         discrepancies(&pool, "po").await,
         vec![open("payout_mismatch")]
     );
+    // Each change logged once, by the run that made it.
+    assert_eq!(
+        actions(&pool, "po").await,
+        vec![
+            by_worker("opened", None),
+            by_worker("resolved", Some("balanced")),
+            by_worker("reopened", None),
+        ]
+    );
 }
 
 #[sqlx::test(migrations = false)]
@@ -548,14 +579,22 @@ async fn an_accepted_discrepancy_is_never_reopened(pool: PgPool) {
         discrepancies(&pool, "po").await,
         vec![open("payout_mismatch")]
     );
-    // A person accepts the difference (contract §8).
-    sqlx::query(
-        "UPDATE recon_discrepancies SET resolved_at = now(), resolution = 'accepted'
-         WHERE payout_id = 'po'",
+    // A person accepts the difference (contract §8), as `discrepancies accept` does.
+    let id: i64 = sqlx::query_scalar("SELECT id FROM recon_discrepancies WHERE payout_id = 'po'")
+        .fetch_one(&pool)
+        .await
+        .expect("id");
+    let mut connection = pool.acquire().await.expect("connection");
+    discrepancies::act(
+        &mut connection,
+        Act::Accept,
+        id,
+        "alice",
+        "agreed with the PSP",
     )
-    .execute(&pool)
     .await
     .expect("accept");
+    drop(connection);
     // Balanced, then broken again: it stays as the person left it.
     lines(&pool, 0, "po", "EUR", 1, 100, t(62)).await;
     evaluate(&store, &rules).await;
@@ -570,6 +609,17 @@ async fn an_accepted_discrepancy_is_never_reopened(pool: PgPool) {
     assert_eq!(
         discrepancies(&pool, "po").await,
         vec![resolved("payout_mismatch", "accepted")]
+    );
+    assert_eq!(
+        actions(&pool, "po").await,
+        vec![
+            by_worker("opened", None),
+            (
+                "accepted".to_owned(),
+                "alice".to_owned(),
+                Some("agreed with the PSP".to_owned())
+            ),
+        ]
     );
 }
 

@@ -213,6 +213,46 @@ impl fmt::Debug for Scrubber {
     }
 }
 
+/// What the operators' commands (`recon-worker discrepancies ...`, contract §8) read:
+/// `DATABASE_URL` (or `DATABASE_URL_FILE`) alone. They talk to PostgreSQL only, so a
+/// Kafka or tuning variable, set or not, valid or not, is no concern of theirs.
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    pub database: PgConnectOptions,
+    /// `DATABASE_URL` with the password replaced, for messages.
+    pub database_display: String,
+    /// Blanks the URL's passwords out of errors.
+    pub scrubber: Scrubber,
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("database", &self.database_display)
+            .finish()
+    }
+}
+
+impl DatabaseConfig {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads `DATABASE_URL` from the given variables.
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let vars: BTreeMap<String, String> = vars.into_iter().collect();
+        let database = database::read(&Env(&vars))?;
+        Ok(Self {
+            database: database.options,
+            database_display: database.display,
+            scrubber: Scrubber::new(database.secrets),
+        })
+    }
+}
+
 /// Longest accepted `RECON_MAX_FUTURE_SKEW`: ten years is "no limit" for any real
 /// producer, and keeps the bound far from overflowing microseconds.
 const MAX_FUTURE_SKEW_BOUND: Duration = Duration::from_secs(3650 * 24 * 3600);
