@@ -739,6 +739,82 @@ async fn the_workers_own_actions_are_logged_once_per_change_even_when_retried(po
     );
 }
 
+/// A person reopens an over_refunded discrepancy while a checkpoint that resolves it
+/// again waits for their lock: the worker's resolution is a change from the state the
+/// person committed, and is logged (not compared with the checkpoint's older snapshot).
+#[sqlx::test(migrations = false)]
+async fn a_resolution_racing_a_persons_reopen_is_logged(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    for wanted in [Some(true), Some(false)] {
+        store
+            .checkpoint(&[batch(Vec::new(), vec![over_refund("k", wanted)])])
+            .await
+            .expect("over-refund");
+    }
+    let id = id_of(&pool, "over_refunded", "k").await;
+    // The person's reopen, as `discrepancies reopen` runs it, held open.
+    let mut person = pool.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM recon_discrepancies WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *person)
+        .await
+        .expect("lock");
+    sqlx::query(
+        "UPDATE recon_discrepancies SET resolved_at = NULL, resolution = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *person)
+    .await
+    .expect("reopen");
+    sqlx::query(
+        "INSERT INTO recon_discrepancy_actions (discrepancy_id, action, actor, note)
+         VALUES ($1, 'reopened', 'alice', 'not recovered')",
+    )
+    .bind(id)
+    .execute(&mut *person)
+    .await
+    .expect("log");
+    // The lines say recovered: the checkpoint starts, and waits for the row.
+    let racing = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .checkpoint(&[batch(Vec::new(), vec![over_refund("k", Some(false))])])
+                .await
+        }
+    });
+    let started = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the checkpoint never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    person.commit().await.expect("the person commits");
+    racing.await.expect("task").expect("checkpoint");
+    assert_eq!(state(&pool, id).await, (false, Some("recovered".into())));
+    assert_eq!(
+        actions(&pool, id).await,
+        vec![
+            worker("opened", None),
+            worker("resolved", Some("recovered")),
+            action("reopened", "alice", Some("not recovered")),
+            worker("resolved", Some("recovered")),
+        ]
+    );
+}
+
 /// VmHWM (peak resident set) of a running process, in kB.
 fn peak_rss_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

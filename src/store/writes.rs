@@ -422,9 +422,16 @@ pub(super) async fn write_discrepancies(
 /// A row a person accepted (contract §8) is left alone: never reopened, re-resolved or
 /// withdrawn. A row already in the state wanted is not rewritten, so a retried
 /// checkpoint logs nothing. The actions logged compare each row with its state before
-/// the statement (`old` reads the snapshot the statement started with): inserted,
-/// `opened` (and `resolved` when it is inserted resolved); open again, `reopened`;
-/// newly resolved or resolved differently, `resolved` with the resolution as note.
+/// the change: inserted, `opened` (and `resolved` when it is inserted resolved); open
+/// again, `reopened`; newly resolved or resolved differently, `resolved` with the
+/// resolution as note.
+///
+/// That earlier state is read by `old` with `FOR UPDATE`, which in READ COMMITTED
+/// waits for a person's command holding the row and returns the row as it committed,
+/// not as the statement's snapshot saw it; the insert starts only once `old` has
+/// locked every row (the `count(*)` init plan). Without that, a reopen committed
+/// between the snapshot and the upsert would make the worker's resolution that follows
+/// look like no change, and go unlogged.
 async fn write_over_refunds(
     tx: &mut sqlx::PgConnection,
     over: OverRefundColumns<'_>,
@@ -435,7 +442,8 @@ async fn write_over_refunds(
             "WITH old AS (
                  SELECT id, resolved_at IS NULL AS was_open, resolution
                  FROM recon_discrepancies
-                 WHERE kind = '{kind}' AND payment_id = ANY($1)),
+                 WHERE kind = '{kind}' AND payment_id = ANY($1)
+                 FOR UPDATE),
              written AS (
                  INSERT INTO recon_discrepancies AS d
                         (kind, payment_id, kafka_partition, settlement_event_id, resolved_at, resolution)
@@ -443,6 +451,7 @@ async fn write_over_refunds(
                         CASE WHEN u.open THEN NULL ELSE now() END,
                         CASE WHEN u.open THEN NULL ELSE '{RECOVERED}' END
                  FROM UNNEST($1::text[], $2::int[], $3::text[], $4::bool[]) AS u(payment_id, pair, first_below, open)
+                 WHERE (SELECT count(*) FROM old) >= 0
                  ON CONFLICT (payment_id) WHERE kind = '{kind}' DO UPDATE
                  SET settlement_event_id = EXCLUDED.settlement_event_id,
                      resolved_at = CASE WHEN EXCLUDED.resolved_at IS NULL THEN NULL
