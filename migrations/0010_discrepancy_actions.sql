@@ -11,7 +11,8 @@
 -- from.
 CREATE TABLE recon_discrepancy_actions (
     id             bigserial   PRIMARY KEY,
-    discrepancy_id bigint      NOT NULL REFERENCES recon_discrepancies (id),
+    -- Not a foreign key: a withdrawn over_refunded row is deleted, its log kept (below).
+    discrepancy_id bigint      NOT NULL,
     action         text        COLLATE "C" NOT NULL
                    CHECK (action IN ('opened', 'resolved', 'reopened', 'annotated', 'accepted')),
     actor          text        NOT NULL CHECK (actor <> ''),
@@ -78,35 +79,32 @@ FROM (
 ) history
 ORDER BY at, id, step;
 
--- An over_refunded discrepancy the lines, once all read, say never existed was deleted
--- (migration 0008). With a history it can no longer be: an operator may have seen it,
--- annotated it, acted on it. It is kept, resolved with resolution `withdrawn` (its
--- resolution time kept if it had one), and the log says so; one a person accepted is
--- left as it is. If the lines take the payment below zero again, the worker reopens
--- the same row. Readers that count over_refunded discrepancies in the sense of
--- contract §6 ("whether it exists") leave `withdrawn` ones out.
+-- An over_refunded discrepancy the lines, once all read, say never existed is deleted
+-- (migration 0008): contract §6 says arrival order changes neither whether it exists
+-- nor whether it is open, so a row read in one order and gone in settled_at order must
+-- not be there. Its history is not lost: the same statement logs a last `resolved`
+-- action whose note says it was withdrawn, and the log keeps every earlier action
+-- (an operator may have seen it, annotated it, accepted it). That is why
+-- `discrepancy_id` above is not a foreign key: the log outlives withdrawn rows, and a
+-- payment that goes below zero again later gets a new row and a new id.
 --
--- The runtime role may update discrepancies and append to the log, so the function
--- no longer needs its owner's rights (SECURITY INVOKER); its name, argument and fixed
--- search_path stay, so a worker of the previous version still running during a
--- rolling upgrade keeps working.
+-- The runtime role has no DELETE, so the function keeps its owner's rights (SECURITY
+-- DEFINER) as in 0008; its name, argument and fixed search_path stay, so a worker of
+-- the previous version still running during a rolling upgrade keeps working.
 DO $migration$
 BEGIN
     EXECUTE format(
         $create$
         CREATE OR REPLACE FUNCTION recon_withdraw_over_refunds(payment_ids text[]) RETURNS void
-        LANGUAGE sql SECURITY INVOKER SET search_path = %I, pg_temp
+        LANGUAGE sql SECURITY DEFINER SET search_path = %I, pg_temp
         AS $body$
             WITH withdrawn AS (
-                UPDATE recon_discrepancies
-                SET resolved_at = COALESCE(resolved_at, now()), resolution = 'withdrawn'
+                DELETE FROM recon_discrepancies
                 WHERE kind = 'over_refunded' AND payment_id = ANY(payment_ids)
-                  AND resolution IS DISTINCT FROM 'withdrawn'
-                  AND resolution IS DISTINCT FROM 'accepted'
                 RETURNING id)
             INSERT INTO recon_discrepancy_actions (discrepancy_id, action, actor, note)
             SELECT id, 'resolved', 'recon-worker',
-                   'withdrawn: in settled_at order its lines never take the position below zero'
+                   'withdrawn: in settled_at order its lines never take the position below zero; the row is removed (contract §6)'
             FROM withdrawn
             ORDER BY id
         $body$

@@ -38,6 +38,15 @@ enum Command {
     /// 2 invalid arguments or configuration.
     #[command(subcommand)]
     Discrepancies(operations::discrepancies::Command),
+    /// List rejected messages and ask for them to be redriven (decoded again and, if
+    /// now valid, processed exactly once as late events by the worker owning their
+    /// partition pair). Needs DATABASE_URL only.
+    ///
+    /// Exit codes: 0 done; 1 refused (unknown position, already redriven, payload cut
+    /// at 65,536 bytes, --wait ran out) or failed (database); 2 invalid arguments or
+    /// configuration.
+    #[command(subcommand)]
+    Rejects(operations::rejects::Command),
 }
 
 fn main() -> ExitCode {
@@ -45,7 +54,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The operators' commands read DATABASE_URL only and print their own errors.
     let command = match cli.command {
-        Command::Discrepancies(command) => return operations::main(command),
+        Command::Discrepancies(command) => {
+            return operations::main(operations::Command::Discrepancies(command))
+        }
+        Command::Rejects(command) => {
+            return operations::main(operations::Command::Rejects(command))
+        }
         Command::Migrate => WorkerCommand::Migrate,
         Command::Run => WorkerCommand::Run,
     };

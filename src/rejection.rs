@@ -25,12 +25,16 @@ pub struct RejectedMessage {
     pub offset: i64,
     pub reason: String,
     pub class: &'static str,
-    /// At most [`REJECTED_PAYLOAD_CAP`] bytes.
-    pub payload: Option<Vec<u8>>,
+    /// At most [`REJECTED_PAYLOAD_CAP`] bytes. (Boxed slices: every decoded message's
+    /// `Result` is as large as this record.)
+    pub payload: Option<Box<[u8]>>,
     /// The original payload's length, saturating at `i32::MAX`.
     pub payload_size: i32,
     /// At most [`REJECTED_KEY_CAP`] bytes.
-    pub key: Option<Vec<u8>>,
+    pub key: Option<Box<[u8]>>,
+    /// The message's Kafka timestamp (milliseconds), kept so a re-drive applies the
+    /// future-skew rule as the first reading did.
+    pub timestamp_ms: Option<i64>,
 }
 
 /// Where a rejected message was read.
@@ -50,8 +54,9 @@ impl RejectedMessage {
         class: &'static str,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
+        timestamp_ms: Option<i64>,
     ) -> Self {
-        let prefix = |bytes: &[u8], cap: usize| bytes[..bytes.len().min(cap)].to_vec();
+        let prefix = |bytes: &[u8], cap: usize| Box::from(&bytes[..bytes.len().min(cap)]);
         Self {
             topic: at.topic,
             partition: at.partition,
@@ -61,6 +66,7 @@ impl RejectedMessage {
             payload: payload.map(|p| prefix(p, REJECTED_PAYLOAD_CAP)),
             payload_size: payload.map_or(0, |p| i32::try_from(p.len()).unwrap_or(i32::MAX)),
             key: key.map(|k| prefix(k, REJECTED_KEY_CAP)),
+            timestamp_ms,
         }
     }
 }
@@ -78,11 +84,11 @@ mod tests {
             partition: 3,
             offset: 9,
         };
-        let record = RejectedMessage::new(at, "why".into(), "x", Some(&key), Some(&payload));
+        let record = RejectedMessage::new(at, "why".into(), "x", Some(&key), Some(&payload), None);
         assert_eq!(record.payload.map(|p| p.len()), Some(REJECTED_PAYLOAD_CAP));
         assert_eq!(record.payload_size as usize, REJECTED_PAYLOAD_CAP + 10);
         assert_eq!(record.key.map(|k| k.len()), Some(REJECTED_KEY_CAP));
-        let empty = RejectedMessage::new(at, "why".into(), "x", None, None);
+        let empty = RejectedMessage::new(at, "why".into(), "x", None, None, Some(7));
         assert_eq!(
             (empty.payload, empty.payload_size, empty.key),
             (None, 0, None)

@@ -165,6 +165,18 @@ async fn state(pool: &PgPool, id: i64) -> (bool, Option<String>) {
         .expect("state")
 }
 
+async fn exists(pool: &PgPool, id: i64) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT FROM recon_discrepancies WHERE id = $1)")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("exists")
+}
+
+/// The note of the worker's last action on an over_refunded row the lines say never
+/// existed (migration 0010), which removes the row.
+const WITHDRAWN: &str = "withdrawn: in settled_at order its lines never take the position below zero; the row is removed (contract §6)";
+
 async fn id_of(pool: &PgPool, kind: &str, payment_id: &str) -> i64 {
     sqlx::query_scalar("SELECT id FROM recon_discrepancies WHERE kind = $1 AND payment_id = $2")
         .bind(kind)
@@ -460,7 +472,6 @@ async fn the_action_log_refuses_update_delete_and_truncate_even_to_its_owner(poo
         "UPDATE recon_discrepancy_actions SET note = 'rewritten'",
         "DELETE FROM recon_discrepancy_actions",
         "TRUNCATE recon_discrepancy_actions",
-        "TRUNCATE recon_discrepancies CASCADE",
     ] {
         match sqlx::query(statement).execute(&pool).await {
             Err(sqlx::Error::Database(db)) => {
@@ -470,11 +481,12 @@ async fn the_action_log_refuses_update_delete_and_truncate_even_to_its_owner(poo
             other => panic!("{statement} was not refused: {other:?}"),
         }
     }
-    // A discrepancy with a history cannot be deleted either (the foreign key).
-    let result = sqlx::query("DELETE FROM recon_discrepancies")
+    // The log outlives the discrepancies it is about (a withdrawn over_refunded row
+    // is deleted, contract §6): even the owner's TRUNCATE of them leaves it whole.
+    sqlx::query("TRUNCATE recon_discrepancies")
         .execute(&pool)
-        .await;
-    assert!(result.is_err(), "a discrepancy with actions was deleted");
+        .await
+        .expect("the owner truncates the discrepancies");
     assert_eq!(
         actions(&pool, id).await,
         vec![action("annotated", "alice", Some("kept for ever"))]
@@ -528,6 +540,7 @@ fn batch(rows: Vec<RowWrite>, discrepancies: Vec<DiscrepancyChange>) -> PairChec
         rejected: Vec::new(),
         announcements: Vec::new(),
         watermark: None,
+        redriven: Vec::new(),
     }
 }
 
@@ -619,7 +632,8 @@ async fn a_discrepancy_accepted_by_hand_stays_resolved_when_its_counterpart_arri
         ]
     );
 
-    // An accepted over_refunded discrepancy is not recovered, reopened or withdrawn.
+    // An accepted over_refunded discrepancy is not recovered or reopened; if the lines
+    // say it never existed, it goes (contract §6) and the log says so.
     let open = batch(Vec::new(), vec![over_refund("k", Some(true))]);
     store.checkpoint(&[open]).await.expect("over-refund");
     let over = id_of(&pool, "over_refunded", "k").await;
@@ -634,7 +648,7 @@ async fn a_discrepancy_accepted_by_hand_stays_resolved_when_its_counterpart_arri
     .await
     .expect("accept");
     drop(connection);
-    for state_wanted in [Some(false), Some(true), None] {
+    for state_wanted in [Some(false), Some(true)] {
         let change = batch(Vec::new(), vec![over_refund("k", state_wanted)]);
         store
             .checkpoint(&[change])
@@ -647,6 +661,17 @@ async fn a_discrepancy_accepted_by_hand_stays_resolved_when_its_counterpart_arri
         vec![
             worker("opened", None),
             action("accepted", "bob", Some("refunded twice on purpose")),
+        ]
+    );
+    let withdraw = batch(Vec::new(), vec![over_refund("k", None)]);
+    store.checkpoint(&[withdraw]).await.expect("withdrawal");
+    assert!(!exists(&pool, over).await);
+    assert_eq!(
+        actions(&pool, over).await,
+        vec![
+            worker("opened", None),
+            action("accepted", "bob", Some("refunded twice on purpose")),
+            worker("resolved", Some(WITHDRAWN)),
         ]
     );
 }
@@ -695,29 +720,34 @@ async fn the_workers_own_actions_are_logged_once_per_change_even_when_retried(po
     );
 
     // An over_refunded discrepancy through every state, each change written twice.
-    for wanted in [
-        Some(true),
-        Some(false),
-        Some(true),
-        None,
-        Some(true),
-        Some(true),
-    ] {
+    for wanted in [Some(true), Some(false), Some(true)] {
         write_twice(batch(Vec::new(), vec![over_refund("k", wanted)])).await;
     }
     let over = id_of(&pool, "over_refunded", "k").await;
-    let withdrawn = "withdrawn: in settled_at order its lines never take the position below zero";
+    write_twice(batch(Vec::new(), vec![over_refund("k", None)])).await;
+    assert!(!exists(&pool, over).await, "withdrawn: removed");
     assert_eq!(
         actions(&pool, over).await,
         vec![
             worker("opened", None),
             worker("resolved", Some("recovered")),
             worker("reopened", None),
-            worker("resolved", Some(withdrawn)),
-            worker("reopened", None),
+            worker("resolved", Some(WITHDRAWN)),
         ]
     );
-    assert_eq!(state(&pool, over).await, (true, None));
+    // Below zero again later: a new discrepancy, with a history of its own.
+    for wanted in [Some(true), Some(true)] {
+        write_twice(batch(Vec::new(), vec![over_refund("k", wanted)])).await;
+    }
+    let again = id_of(&pool, "over_refunded", "k").await;
+    assert_ne!(again, over);
+    assert_eq!(actions(&pool, again).await, vec![worker("opened", None)]);
+    assert_eq!(state(&pool, again).await, (true, None));
+    assert_eq!(
+        actions(&pool, over).await.len(),
+        4,
+        "the old history unchanged"
+    );
     // Opened already recovered (one batch took it below zero and back): opened, then
     // resolved, in that order.
     write_twice(batch(Vec::new(), vec![over_refund("k2", Some(false))])).await;
@@ -733,10 +763,7 @@ async fn the_workers_own_actions_are_logged_once_per_change_even_when_retried(po
     write_twice(batch(Vec::new(), vec![over_refund("k2", None)])).await;
     write_twice(batch(Vec::new(), vec![over_refund("k2", None)])).await;
     assert_eq!(actions(&pool, recovered).await.len(), 3);
-    assert_eq!(
-        state(&pool, recovered).await,
-        (false, Some("withdrawn".into()))
-    );
+    assert!(!exists(&pool, recovered).await);
 }
 
 /// A person reopens an over_refunded discrepancy while a checkpoint that resolves it

@@ -77,6 +77,7 @@ fn checkpoint(
         rejected: Vec::new(),
         announcements,
         watermark,
+        redriven: Vec::new(),
     }
 }
 

@@ -65,12 +65,14 @@ fn checkpoint(
             offset: 9,
             reason: "bad".into(),
             class: "not_json",
-            payload: Some(b"{".to_vec()),
+            payload: Some(Box::from(&b"{"[..])),
             payload_size: 1,
             key: None,
+            timestamp_ms: Some(1_700_000_000_000),
         }],
         announcements: Vec::new(),
         watermark: None,
+        redriven: Vec::new(),
     }
 }
 
@@ -357,6 +359,7 @@ async fn a_checkpoint_retried_after_a_commit_of_unknown_outcome_writes_nothing_t
         rejected: Vec::new(),
         announcements: Vec::new(),
         watermark: None,
+        redriven: Vec::new(),
     };
     store
         .checkpoint(std::slice::from_ref(&fired))
@@ -928,9 +931,13 @@ async fn refunds_and_chargebacks_round_trip_and_their_discrepancies_are_set(pool
     .expect("resolved_at");
     assert_eq!(again, resolved_at, "a resolution keeps its first time");
 
-    // A line settled earlier lifts every prefix: the discrepancy must not exist. It
-    // has a history (migration 0010), so it is kept, resolved `withdrawn`, which
-    // contract §6 counts as not existing.
+    // A line settled earlier lifts every prefix: the discrepancy must not exist. Its
+    // row goes; its history stays in the action log, ending in a withdrawal.
+    let over_id: i64 =
+        sqlx::query_scalar("SELECT id FROM recon_discrepancies WHERE kind = 'over_refunded'")
+            .fetch_one(&pool)
+            .await
+            .expect("over_refunded id");
     let mut third = checkpoint(0, 1, [Some(1), Some(5)], Vec::new());
     third.rejected.clear();
     third.changes.discrepancies = vec![DiscrepancyChange::OverRefund {
@@ -940,18 +947,27 @@ async fn refunds_and_chargebacks_round_trip_and_their_discrepancies_are_set(pool
     store.checkpoint(&[third]).await.expect("third batch");
     assert_eq!(
         money_discrepancies(&pool, "k").await,
-        vec![
-            (
-                "chargeback".into(),
-                Some("cb".into()),
-                Some("reversed".into())
-            ),
-            (
-                "over_refunded".into(),
-                Some("cb".into()),
-                Some("withdrawn".into())
-            ),
-        ]
+        vec![(
+            "chargeback".into(),
+            Some("cb".into()),
+            Some("reversed".into())
+        )]
+    );
+    let history: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT action, note FROM recon_discrepancy_actions WHERE discrepancy_id = $1 ORDER BY id",
+    )
+    .bind(over_id)
+    .fetch_all(&pool)
+    .await
+    .expect("history");
+    let actions: Vec<&str> = history.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(actions, ["opened", "resolved", "resolved"], "{history:?}");
+    assert!(
+        history[2]
+            .1
+            .as_deref()
+            .is_some_and(|n| n.starts_with("withdrawn")),
+        "{history:?}"
     );
 }
 

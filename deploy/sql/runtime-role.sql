@@ -96,9 +96,9 @@ ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" IN SCHEMA public
     GRANT SELECT, INSERT, UPDATE ON TABLES TO :"runtime_role";
 ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" IN SCHEMA public
     GRANT USAGE ON SEQUENCES TO :"runtime_role";
--- The one function the worker calls (migration 0008, redefined by 0010): it marks
--- over_refunded discrepancies the lines say never existed `withdrawn` and logs it
--- (with the caller's rights since 0010). EXECUTE is revoked from PUBLIC there;
+-- The one function the worker calls (migration 0008, redefined by 0010): it removes,
+-- with its owner's rights, over_refunded discrepancies the lines say never existed,
+-- and logs each removal in the action log. EXECUTE is revoked from PUBLIC there;
 -- functions later migrations create are granted by the default privileges.
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO :"runtime_role";
 ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" IN SCHEMA public

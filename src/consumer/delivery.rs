@@ -188,7 +188,7 @@ pub fn decode_message(
     // The payouts topic's messages go to `decode_announcement_message`.
     debug_assert!(at.topic.input().is_some(), "{at:?}");
     let input = at.topic.input().unwrap_or(Input::Payments);
-    decode_or_refuse(at, key, payload, refused, || {
+    decode_or_refuse(at, key, payload, timestamp_ms, refused, || {
         decode(input, key, payload, timestamp_ms, limits)
     })
 }
@@ -202,7 +202,7 @@ pub fn decode_announcement_message(
     limits: Limits,
     refused: Option<String>,
 ) -> Result<Announcement, RejectedMessage> {
-    decode_or_refuse(at, key, payload, refused, || {
+    decode_or_refuse(at, key, payload, timestamp_ms, refused, || {
         decode_announcement(key, payload, timestamp_ms, limits)
     })
 }
@@ -211,11 +211,13 @@ fn decode_or_refuse<T>(
     at: MessageAt,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
+    timestamp_ms: Option<i64>,
     refused: Option<String>,
     decode: impl FnOnce() -> Result<T, crate::event::Rejection>,
 ) -> Result<T, RejectedMessage> {
-    let rejected =
-        |reason: String, class: &'static str| RejectedMessage::new(at, reason, class, key, payload);
+    let rejected = |reason: String, class: &'static str| {
+        RejectedMessage::new(at, reason, class, key, payload, timestamp_ms)
+    };
     match refused {
         Some(reason) => Err(rejected(reason, DATA_ERROR_CLASS)),
         None => decode().map_err(|rejection| rejected(rejection.to_string(), rejection.class())),

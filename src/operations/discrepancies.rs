@@ -472,13 +472,7 @@ pub async fn execute(
             let mut out = io::BufWriter::new(stdout.lock());
             let listed = list(connection, &args.filter(), args.format, &mut out).await;
             let result = listed.and_then(|_| out.flush().map_err(OperationError::Output));
-            return match result {
-                // The reader went away (`| head`): it has what it wanted.
-                Err(OperationError::Output(error)) if error.kind() == io::ErrorKind::BrokenPipe => {
-                    Ok(())
-                }
-                other => other.map(drop),
-            };
+            return super::output::ignore_broken_pipe(result.map(drop));
         }
         Command::Accept(args) => (Act::Accept, args),
         Command::Reopen(args) => (Act::Reopen, args),

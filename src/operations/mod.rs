@@ -4,6 +4,8 @@
 //! - `discrepancies`: `list` (streamed), `accept`, `reopen`, `annotate`, each change
 //!   in one transaction with the discrepancy locked and its action appended to
 //!   `recon_discrepancy_actions` (migration 0010);
+//! - `rejects`: `list` (streamed) and `redrive`, which asks the worker owning each
+//!   message's partition pair to decode it again (migration 0011);
 //! - `output`: the output formats (`table`, `csv`, `json` lines) and writing rows to
 //!   stdout as they arrive.
 //!
@@ -17,6 +19,7 @@
 
 pub mod discrepancies;
 pub mod output;
+pub mod rejects;
 
 use std::process::ExitCode;
 
@@ -27,8 +30,8 @@ use crate::config::{ConfigError, DatabaseConfig};
 /// Why a command did not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum OperationError {
-    /// The request is understood but refused in the discrepancy's current state (or
-    /// for an id that does not exist). Exit code 1.
+    /// The request is understood but refused in the current state of what it names
+    /// (or for something that does not exist), or `--wait` ran out. Exit code 1.
     #[error("refused: {0}")]
     Refused(String),
     /// Exit code 2, as for invalid arguments.
@@ -51,9 +54,16 @@ impl OperationError {
     }
 }
 
-/// Runs one `discrepancies` command from the process environment and reports its
-/// outcome as an exit code, with one line on stderr when it did not succeed.
-pub fn main(command: discrepancies::Command) -> ExitCode {
+/// An operators' command.
+#[derive(Debug)]
+pub enum Command {
+    Discrepancies(discrepancies::Command),
+    Rejects(rejects::Command),
+}
+
+/// Runs one operators' command from the process environment and reports its outcome
+/// as an exit code, with one line on stderr when it did not succeed.
+pub fn main(command: Command) -> ExitCode {
     let config = match DatabaseConfig::from_env() {
         Ok(config) => config,
         Err(error) => return report(&OperationError::from(error), None),
@@ -75,12 +85,12 @@ pub fn main(command: discrepancies::Command) -> ExitCode {
     }
 }
 
-async fn run(
-    command: discrepancies::Command,
-    config: &DatabaseConfig,
-) -> Result<(), OperationError> {
+async fn run(command: Command, config: &DatabaseConfig) -> Result<(), OperationError> {
     let mut connection = connect(config).await?;
-    let result = discrepancies::execute(&mut connection, command).await;
+    let result = match command {
+        Command::Discrepancies(command) => discrepancies::execute(&mut connection, command).await,
+        Command::Rejects(command) => rejects::execute(&mut connection, command).await,
+    };
     // A failed close changes nothing the command did (committed or rolled back).
     let _ = connection.close().await;
     result

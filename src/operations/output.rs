@@ -22,6 +22,19 @@ pub enum Format {
     Json,
 }
 
+/// A listing's result, where a reader that went away (`| head`) is not a failure: it
+/// has what it wanted.
+pub fn ignore_broken_pipe(
+    result: Result<(), super::OperationError>,
+) -> Result<(), super::OperationError> {
+    match result {
+        Err(super::OperationError::Output(error)) if error.kind() == io::ErrorKind::BrokenPipe => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 /// A CSV field, quoted when it must be.
 pub fn csv_field(out: &mut impl Write, value: &str) -> io::Result<()> {
     if value.contains([',', '"', '\n', '\r']) {

@@ -30,6 +30,8 @@
 //! - `settle`: acting on what a commit did, acknowledging what committed, the next
 //!   checkpoints, and the advisory Kafka commits.
 //! - `gauges`: window, lag, watermark and open-item gauges.
+//! - `redrive`: re-driving rejected messages an operator asked for (contract §8), as
+//!   late events of the pairs this worker owns.
 
 mod batch;
 mod commit;
@@ -37,6 +39,7 @@ mod gauges;
 mod lifecycle;
 mod lookups;
 mod pairs;
+mod redrive;
 mod settle;
 
 use std::sync::Arc;
@@ -55,6 +58,7 @@ use batch::{Batch, Batching};
 use commit::{CommitTiming, Committer};
 use gauges::OpenItemsGauges;
 use pairs::Pairs;
+use redrive::Redrives;
 use settle::{checkpoints, Advisory};
 
 /// Why the pipeline stopped for good.
@@ -80,6 +84,8 @@ pub struct Pipeline {
     /// When the offsets committed to PostgreSQL go to Kafka too.
     advisory: Advisory,
     open_items: OpenItemsGauges,
+    /// Re-drives of rejected messages (contract §8).
+    redrives: Redrives,
 }
 
 impl Pipeline {
@@ -106,6 +112,7 @@ impl Pipeline {
             pairs: Pairs::new(engine_config),
             advisory: Advisory::default(),
             open_items: OpenItemsGauges::default(),
+            redrives: Redrives::new(config.decode_limits()),
         }
     }
 
@@ -173,6 +180,7 @@ impl Pipeline {
         self.load_misses(&batch.items).await?;
         let looked_up = started.elapsed();
         let applied = self.pairs.apply(batch.items, now);
+        self.redrive().await?;
         let after_apply = started.elapsed();
         self.fire_deadlines(now).await?;
         let mut checkpoints = checkpoints(&mut self.pairs, applied.rejected);

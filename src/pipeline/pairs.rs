@@ -14,7 +14,7 @@ use crate::engine::{Applied, EngineConfig, PairEngine, WindowConfig};
 use crate::event::{Micros, Topic};
 use crate::pair::{PairPosition, PerInput, PerTopic};
 use crate::rejection::RejectedMessage;
-use crate::store::{AnnouncementAt, RefusedMessage};
+use crate::store::{AnnouncementAt, Redriven, RefusedMessage};
 
 pub(super) struct OwnedPair {
     pub epoch: i64,
@@ -45,6 +45,20 @@ pub(super) struct OwnedPair {
     pub refused: Vec<Refused>,
     /// What the batch being collected read from this pair, for the metrics.
     pub counts: ReadCounts,
+    /// Re-drive requests settled since the last checkpoint, for the next one.
+    pub redriven: Vec<Redriven>,
+    /// Re-drive requests settled and not yet acknowledged (in `redriven` or in a
+    /// checkpoint being committed): never read again meanwhile (exactly once).
+    pub redrives_held: Vec<HeldRedrive>,
+}
+
+/// A re-drive request this pair settled and has not yet committed.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HeldRedrive {
+    /// `rejected_events.id`.
+    pub id: i64,
+    pub topic: Topic,
+    pub offset: i64,
 }
 
 /// Messages a batch read from one pair, counted once the pair's part of the batch is
@@ -120,6 +134,8 @@ impl OwnedPair {
             probe_until: None,
             refused: Vec::new(),
             counts: ReadCounts::default(),
+            redriven: Vec::new(),
+            redrives_held: Vec::new(),
         }
     }
 

@@ -51,6 +51,7 @@ impl Pipeline {
             self.pairs.clash(written.clashed);
         }
         if !written.refused.is_empty() {
+            self.redrives.note_refused(&self.pairs, &written.refused);
             refuse(&mut self.pairs, written.refused);
         }
         // Pairs that did commit are acknowledged even when another failed for good,
@@ -145,6 +146,7 @@ pub(super) fn checkpoints(
         if changes.is_empty()
             && rejected.is_empty()
             && owned.announcements.is_empty()
+            && owned.redriven.is_empty()
             && owned.read == owned.sent
             && !watermark_due
         {
@@ -167,6 +169,7 @@ pub(super) fn checkpoints(
             rejected,
             announcements: std::mem::take(&mut owned.announcements),
             watermark,
+            redriven: std::mem::take(&mut owned.redriven),
         });
     }
     checkpoints
@@ -187,6 +190,11 @@ fn acknowledge(
             continue;
         };
         owned.engine.checkpointed(checkpoint.changes.generation);
+        if !checkpoint.redriven.is_empty() {
+            owned
+                .redrives_held
+                .retain(|held| !checkpoint.redriven.iter().any(|r| r.id == held.id));
+        }
         for topic in Topic::ALL {
             if let Some(offset) = checkpoint.next_offsets[topic] {
                 owned.committed[topic] = Some(offset);
@@ -224,6 +232,9 @@ fn count_committed(checkpoint: &PairCheckpoint, counts: Option<ReadCounts>) {
     for rejection in &checkpoint.rejected {
         metrics::counter!(m::EVENTS_REJECTED, "topic" => rejection.topic.label(), "reason" => rejection.class)
             .increment(1);
+    }
+    for redriven in &checkpoint.redriven {
+        metrics::counter!(m::REDRIVES, "result" => redriven.result.as_str()).increment(1);
     }
     if let Some(counts) = counts {
         for topic in Topic::ALL {

@@ -2,8 +2,8 @@
 //!
 //! In order: the pairs' offsets advance (fenced by epoch, see `ownership`), new events
 //! are inserted, changed outcomes updated, discrepancies opened and resolved, payout
-//! partial sums and announcements written (`payout_rows`), rejected messages kept (the
-//! other statements are in `writes`). All of a batch or none of it is
+//! partial sums and announcements written (`payout_rows`), rejected messages kept, and
+//! re-drive requests settled (`redrive`; the other statements are in `writes`). All of a batch or none of it is
 //! written, so the stored offsets never run ahead of the rows they cover. This file
 //! owns that transaction and the failures specific to it: an event id already stored
 //! ([`StoreError::EventIdsClash`], traced to the pairs here) and values PostgreSQL
@@ -18,6 +18,7 @@ use crate::rejection::RejectedMessage;
 
 use super::error::is_data_error;
 use super::payout_rows::{insert_announcements, payout_lines, write_payout_parts};
+use super::redrive::{write_redriven, Redriven};
 use super::writes::{insert_events, update_events, write_discrepancies};
 use super::{Store, StoreError};
 
@@ -34,6 +35,9 @@ pub struct PairCheckpoint {
     pub announcements: Vec<AnnouncementAt>,
     /// The pair's watermark (contract §2) after this batch; stored only forward.
     pub watermark: Option<Micros>,
+    /// Re-drive requests of the pair's rejected messages settled in this batch
+    /// (contract §8); an accepted one's rows are in `changes` or `announcements`.
+    pub redriven: Vec<Redriven>,
 }
 
 /// An accepted payout announcement and the offset it was read at.
@@ -107,6 +111,8 @@ impl Store {
         let rejected: Vec<&RejectedMessage> = batch.iter().flat_map(|p| &p.rejected).collect();
         self.insert_rejected(&mut tx, "rejected_events", &rejected)
             .await?;
+        let redriven: Vec<&Redriven> = batch.iter().flat_map(|p| &p.redriven).collect();
+        write_redriven(&mut tx, &redriven).await?;
         tx.commit().await?;
         Ok(())
     }

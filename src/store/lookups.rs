@@ -139,7 +139,10 @@ impl Store {
 /// window lookup of a batch with one such payment id failed for good and stopped the
 /// worker (found by the whole-path fuzz test on a LATIN1 database). On a data error
 /// the keys are halved until each refusing key is alone; the usual read is one query.
-async fn without_refused_keys<T, F, Fut>(len: usize, mut read: F) -> Result<Vec<T>, StoreError>
+pub(super) async fn without_refused_keys<T, F, Fut>(
+    len: usize,
+    mut read: F,
+) -> Result<Vec<T>, StoreError>
 where
     F: FnMut(std::ops::Range<usize>) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<T>, StoreError>>,

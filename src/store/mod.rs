@@ -18,6 +18,8 @@
 //!   logging the worker's own discrepancy actions (contract §8) as it changes them;
 //! - `payout_rows`: the payout partial sums and announcements a checkpoint writes;
 //! - `refusals`: tracing a data error PostgreSQL raised to the messages carrying it;
+//! - `redrive`: the re-drive requests of rejected messages a worker reads for its
+//!   pairs, and their results its checkpoint writes (contract §8);
 //! - `payouts`: the payout evaluator's transaction (contract §7): payout state, status
 //!   counts and payout discrepancies from the parts and announcements checkpoints
 //!   commit;
@@ -44,6 +46,7 @@ mod ownership;
 mod payout_rows;
 mod payouts;
 mod pool;
+mod redrive;
 mod refusals;
 mod rows;
 mod sweeps;
@@ -55,6 +58,7 @@ pub use error::{
 };
 pub use migrations::{MigrationName, MigrationStatus, MIGRATOR};
 pub use payouts::{Evaluation, PayoutGauges, PayoutRules, ACCEPTED, ANNOUNCED, BALANCED};
+pub use redrive::{RedriveRequest, RedriveResult, Redriven, REDRIVE_REQUESTS_PER_POLL};
 pub use sweeps::DueKeys;
 pub use writes::WORKER_ACTOR;
 

@@ -17,6 +17,7 @@ use crate::rejection::RejectedMessage;
 use super::checkpoint::{AnnouncementAt, PairCheckpoint};
 use super::error::{is_data_error, RefusedMessage};
 use super::payout_rows::insert_announcements;
+use super::redrive::RedriveResult;
 use super::writes::insert_events;
 use super::{Store, StoreError};
 
@@ -26,6 +27,8 @@ enum Unit<'a> {
     Event(i32, &'a RowWrite, i64),
     /// A payout announcement and its pair.
     Announcement(i32, &'a AnnouncementAt),
+    /// A rejected message, or a re-driven one rejected again (contract §8), whose
+    /// new reason is written too.
     Rejected(&'a RejectedMessage),
 }
 
@@ -71,6 +74,10 @@ impl Store {
             }
             units.extend((pair.announcements.iter()).map(|at| Unit::Announcement(pair.pair, at)));
             units.extend(pair.rejected.iter().map(Unit::Rejected));
+            units.extend(pair.redriven.iter().filter_map(|r| match &r.result {
+                RedriveResult::Rejected(rejection) => Some(Unit::Rejected(rejection)),
+                _ => None,
+            }));
         }
         let mut connection = self.connection().await?;
         let mut tx = sqlx::Connection::begin(&mut *connection).await?;

@@ -43,8 +43,8 @@ impl Store {
         // The probe copy has no unique key to conflict on; `DO NOTHING` without a
         // target means the same for the real table, whose only other key is its id.
         let sql = format!(
-            "INSERT INTO {table} (topic, kafka_partition, kafka_offset, reason, reason_class, payload, payload_size, kafka_key)
-             SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::int[], $8::bytea[])
+            "INSERT INTO {table} (topic, kafka_partition, kafka_offset, reason, reason_class, payload, payload_size, kafka_key, kafka_timestamp)
+             SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::int[], $8::bytea[], $9::timestamptz[])
              ON CONFLICT DO NOTHING"
         );
         sqlx::query(&sql)
@@ -74,6 +74,12 @@ impl Store {
                 rejected
                     .iter()
                     .map(|r| r.key.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rejected
+                    .iter()
+                    .map(|r| r.timestamp_ms.map(|ms| to_time(ms.saturating_mul(1000))))
                     .collect::<Vec<_>>(),
             )
             .execute(&mut *tx)
@@ -415,12 +421,12 @@ pub(super) async fn write_discrepancies(
 
 /// Makes each payment's one `over_refunded` row (migration 0008 keys it by payment id)
 /// say what the engine says: present, about its first line below zero, open or
-/// resolved (`recovered`, keeping the time it was first resolved); or absent (kept,
-/// resolved `withdrawn`, through `recon_withdraw_over_refunds`, migration 0010: a row
-/// with a history is never deleted).
+/// resolved (`recovered`, keeping the time it was first resolved); or absent (removed
+/// through `recon_withdraw_over_refunds`, migration 0008, which since 0010 logs the
+/// withdrawal: contract §6 says such a row never existed, the log keeps its history).
 ///
-/// A row a person accepted (contract §8) is left alone: never reopened, re-resolved or
-/// withdrawn. A row already in the state wanted is not rewritten, so a retried
+/// A row a person accepted (contract §8) is never reopened or re-resolved; it is still
+/// removed if the lines say it never existed. A row already in the state wanted is not rewritten, so a retried
 /// checkpoint logs nothing. The actions logged compare each row with its state before
 /// the change: inserted, `opened` (and `resolved` when it is inserted resolved); open
 /// again, `reopened`; newly resolved or resolved differently, `resolved` with the
@@ -483,7 +489,8 @@ async fn write_over_refunds(
         .await?;
     }
     if !over.absent.is_empty() {
-        // Migration 0010's function marks exactly these rows withdrawn and logs it.
+        // The runtime role has no DELETE: the function removes exactly these rows with
+        // its owner's rights, and logs each removal (migration 0010).
         sqlx::query("SELECT recon_withdraw_over_refunds($1)")
             .bind(over.absent)
             .execute(&mut *tx)

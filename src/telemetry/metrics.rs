@@ -33,6 +33,11 @@ pub const OLDEST_OPEN_ITEM_AGE: &str = "recon_oldest_open_item_age_seconds";
 /// `over_refunded` is money paid out twice). The pairs' kinds only
 /// ([`DiscrepancyKind::of_pairs`]): payout discrepancies belong to no pair.
 pub const OPEN_DISCREPANCIES: &str = "recon_open_discrepancies";
+/// Re-drive requests of rejected messages this worker settled (contract §8), by
+/// result: `accepted`, `redelivery`, `rejected` (still invalid), `truncated`.
+pub const REDRIVES: &str = "recon_redrives_total";
+/// The `result` labels of [`REDRIVES`].
+pub const REDRIVE_RESULTS: [&str; 4] = ["accepted", "redelivery", "rejected", "truncated"];
 
 // Payouts (contract §7). Unlike the gauges above, which each worker reports for the
 // pairs it owns (so dashboards sum them), these are global: every worker running the
@@ -106,6 +111,9 @@ pub fn init_series() {
     for kind in ["transient", "permanent"] {
         metrics::counter!(CHECKPOINT_FAILURES, "kind" => kind).absolute(0);
     }
+    for result in REDRIVE_RESULTS {
+        metrics::counter!(REDRIVES, "result" => result).absolute(0);
+    }
     for topic in Input::ALL.map(Input::label) {
         metrics::counter!(EVENTS_CONSUMED, "topic" => topic).absolute(0);
         metrics::counter!(EVENTS_REDELIVERED, "topic" => topic).absolute(0);
@@ -150,6 +158,10 @@ pub fn init_series() {
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(EVENTS_CONSUMED, "Messages read from Kafka, by topic.");
+    describe_counter!(
+        REDRIVES,
+        "Re-drive requests of rejected messages settled, by result (accepted, redelivery, rejected, truncated)."
+    );
     describe_counter!(
         EVENTS_REJECTED,
         "Messages rejected as bad input, by topic and reason."

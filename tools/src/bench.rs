@@ -283,6 +283,7 @@ pub async fn raw_pg_write(
             rejected: Vec::new(),
             announcements: Vec::new(),
             watermark: None,
+            redriven: Vec::new(),
         };
         store.checkpoint(&[checkpoint]).await?;
     }
