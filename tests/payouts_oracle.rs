@@ -1,10 +1,12 @@
 //! Payouts against an oracle (issue 22, item 5): random streams of settlement lines
 //! spread over partition pairs, payout announcements before, after or without their
 //! lines, lines in the wrong currency, announced line counts right and wrong, payouts
-//! announced twice, redeliveries and rejected messages go through the worker's own code
-//! — the poll thread's decoding, the real `Pipeline` (several of them, on one database),
-//! its checkpoints and `Store::evaluate_payouts` — and every payout must end as an
-//! oracle written from contract §7 alone says.
+//! announced twice, redeliveries and rejected messages (by the decoder, or, in a LATIN1
+//! database, by PostgreSQL for a payout id it cannot hold: a data error, traced to its
+//! message and its pair re-read) go through the worker's own code — the poll thread's
+//! decoding, the real `Pipeline` (several of them, on one database), its checkpoints
+//! and `Store::evaluate_payouts` — and every payout must end as an oracle written from
+//! contract §7 alone says.
 //!
 //! The oracle shares no code with the worker: its sums and status rules are its own,
 //! with the readings of docs/payouts-design.md section 9: lines are summed by their
@@ -52,7 +54,7 @@
 //!   at its first offset; every rejected message has its one `rejected_events` row;
 //!   the status counts equal the states.
 //!
-//! `RECON_PAYOUT_ORACLE_CASES` sets the case count (default 64, about a minute in a
+//! `RECON_PAYOUT_ORACLE_CASES` sets the case count (default 56, about a minute in a
 //! debug build).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -75,7 +77,7 @@ use recon_worker::consumer::{
 use recon_worker::event::{Limits, Topic};
 use recon_worker::pair::PerTopic;
 use recon_worker::pipeline::{Pipeline, PipelineError};
-use recon_worker::rejection::MessageAt;
+use recon_worker::rejection::{MessageAt, DATA_ERROR_CLASS};
 use recon_worker::store::{PayoutRules, Store};
 use recon_worker::telemetry::Health;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -187,6 +189,9 @@ struct PayoutSpec {
     /// None: unannounced; two: announced twice, the first counts.
     announcements: Vec<AnnouncementSpec>,
     bad: Option<(BadAnnouncement, u16)>,
+    /// Its id has a character LATIN1 cannot hold: in a LATIN1 database PostgreSQL
+    /// refuses its lines and announcements (a data error), which are then rejected.
+    unstorable: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -227,6 +232,8 @@ enum Ending {
 
 #[derive(Clone, Debug)]
 struct Spec {
+    /// Run against the LATIN1 database (see `PayoutSpec::unstorable`).
+    latin1: bool,
     ending: Ending,
     pairs: i32,
     workers: usize,
@@ -356,14 +363,16 @@ fn payout_spec() -> impl Strategy<Value = PayoutSpec> {
             )
                 .prop_map(Some),
         ],
+        weighted(1, 6),
     )
         .prop_map(
-            |(currency, partition, lines, announcements, bad)| PayoutSpec {
+            |(currency, partition, lines, announcements, bad, unstorable)| PayoutSpec {
                 currency,
                 partition,
                 lines,
                 announcements,
                 bad,
+                unstorable,
             },
         )
 }
@@ -388,7 +397,7 @@ fn ending() -> impl Strategy<Value = Ending> {
 
 fn spec() -> impl Strategy<Value = Spec> {
     (
-        ending(),
+        (weighted(1, 4), ending()),
         2i32..=4,
         2usize..=3,
         proptest::collection::vec(prop_oneof![1 => 1usize..=3, 2 => 4usize..=50], 3),
@@ -399,7 +408,18 @@ fn spec() -> impl Strategy<Value = Spec> {
         any::<u64>(),
     )
         .prop_map(
-            |(ending, pairs, workers, batch_max, max_touched, payouts, plain, steps, seed)| Spec {
+            |(
+                (latin1, ending),
+                pairs,
+                workers,
+                batch_max,
+                max_touched,
+                payouts,
+                plain,
+                steps,
+                seed,
+            )| Spec {
+                latin1,
                 ending,
                 pairs,
                 workers,
@@ -441,8 +461,12 @@ struct AnnouncementTruth {
 enum Truth {
     Line(LineTruth),
     Announcement(AnnouncementTruth),
-    /// Must be rejected.
-    Rejected,
+    /// Must be rejected: by PostgreSQL (a data error), by the decoder, or (`None`)
+    /// either: a decoder's reason that quotes a value the database cannot hold is
+    /// refused in turn, and the message stored with PostgreSQL's reason instead.
+    Rejected {
+        by_database: Option<bool>,
+    },
     /// Accepted, in no payout: payments, lines without a payout id.
     Plain,
 }
@@ -537,7 +561,12 @@ fn build(spec: &Spec) -> Built {
         }
     };
     for (k, payout) in spec.payouts.iter().enumerate() {
-        let payout_id = format!("po{k}");
+        let payout_id = if payout.unstorable {
+            format!("po{k}€")
+        } else {
+            format!("po{k}")
+        };
+        let refused = spec.latin1 && payout.unstorable;
         // (currency, net) of each line that will be accepted, for the right values.
         let mut accepted: Vec<(&'static str, i64)> = Vec::new();
         for (j, line) in payout.lines.iter().enumerate() {
@@ -569,8 +598,10 @@ fn build(spec: &Spec) -> Built {
                     at,
                     payout_id: Some(&payout_id),
                 };
-                let truth = if bad {
-                    Truth::Rejected
+                let truth = if bad || refused {
+                    Truth::Rejected {
+                        by_database: if refused && bad { None } else { Some(refused) },
+                    }
                 } else {
                     Truth::Line(LineTruth {
                         event_id: event_id.to_owned(),
@@ -588,8 +619,9 @@ fn build(spec: &Spec) -> Built {
                     value: line_value(&values),
                     truth,
                     label: format!(
-                        "{kind} line {event_id} of {payout_id}: {currency} net {net}{}",
-                        if bad { " (invalid: gross 0)" } else { "" }
+                        "{kind} line {event_id} of {payout_id}: {currency} net {net}{}{}",
+                        if bad { " (invalid: gross 0)" } else { "" },
+                        if refused { " (refused by LATIN1)" } else { "" }
                     ),
                 }
             };
@@ -604,14 +636,16 @@ fn build(spec: &Spec) -> Built {
                 push(line.late, u32::from(line.slot) + u32::from(delay), copy);
             }
             push(line.late, u32::from(line.slot), original);
-            if !line.bad {
+            if !line.bad && !refused {
                 accepted.push((currency, net));
             }
             if let Some(slot) = line.duplicate {
                 let mut duplicate = make(&format!("{event_id}d"), false);
                 duplicate.label.push_str(" (a second line of the payment)");
                 push(line.late, u32::from(slot), duplicate);
-                accepted.push((currency, net));
+                if !refused {
+                    accepted.push((currency, net));
+                }
             }
             if let Some(slot) = line.payment {
                 let amount = line.gross;
@@ -674,17 +708,24 @@ fn build(spec: &Spec) -> Built {
                 pair: partition,
                 key: payout_id.clone().into_bytes(),
                 value: value.to_string().into_bytes(),
-                truth: Truth::Announcement(AnnouncementTruth {
-                    event_id: event_id.clone(),
-                    payout_id: payout_id.clone(),
-                    currency,
-                    net,
-                    line_count,
-                    paid_at: T0 + i64::from(a.paid),
-                }),
+                truth: if refused {
+                    Truth::Rejected {
+                        by_database: Some(true),
+                    }
+                } else {
+                    Truth::Announcement(AnnouncementTruth {
+                        event_id: event_id.clone(),
+                        payout_id: payout_id.clone(),
+                        currency,
+                        net,
+                        line_count,
+                        paid_at: T0 + i64::from(a.paid),
+                    })
+                },
                 label: format!(
-                    "announcement {event_id} of {payout_id}: {currency} net {net}, {} lines",
-                    line_count.map_or("?".to_owned(), |n| n.to_string())
+                    "announcement {event_id} of {payout_id}: {currency} net {net}, {} lines{}",
+                    line_count.map_or("?".to_owned(), |n| n.to_string()),
+                    if refused { " (refused by LATIN1)" } else { "" }
                 ),
             };
             let slot = u32::from(a.slot);
@@ -728,7 +769,9 @@ fn build(spec: &Spec) -> Built {
                     pair: partition,
                     key,
                     value: value.to_string().into_bytes(),
-                    truth: Truth::Rejected,
+                    truth: Truth::Rejected {
+                        by_database: if refused { None } else { Some(false) },
+                    },
                     label: format!("invalid announcement {event_id} of {payout_id} ({bad:?})"),
                 },
             );
@@ -856,7 +899,7 @@ fn oracle<'a>(messages: impl IntoIterator<Item = &'a Truth>) -> BTreeMap<String,
                     first_announcement.entry(a.payout_id.as_str()).or_insert(a);
                 }
             }
-            Truth::Rejected | Truth::Plain => {}
+            Truth::Rejected { .. } | Truth::Plain => {}
         }
     }
     let mut by_payout: BTreeMap<&str, Vec<&LineTruth>> = BTreeMap::new();
@@ -936,10 +979,14 @@ struct Database {
     admin_options: PgConnectOptions,
 }
 
-/// Creates (or re-creates) this test's database, used by every case (emptied between
-/// them).
-async fn database() -> Database {
-    let name = format!("recon_payouts_oracle_{}", std::process::id());
+/// Creates (or re-creates) one of this test's databases, used by every case of its
+/// encoding (emptied between them).
+async fn database(encoding: &str) -> Database {
+    let name = format!(
+        "recon_payouts_oracle_{}_{}",
+        encoding.to_lowercase(),
+        std::process::id()
+    );
     let admin_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let admin_options = PgConnectOptions::from_str(&admin_url).expect("DATABASE_URL");
@@ -950,7 +997,11 @@ async fn database() -> Database {
         .execute(&mut admin)
         .await
         .expect("drop");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
+    // template0: the only template another encoding may be copied from; the C locale
+    // goes with any encoding.
+    sqlx::query(&format!(
+        "CREATE DATABASE {name} TEMPLATE template0 ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'"
+    ))
         .execute(&mut admin)
         .await
         .expect("create");
@@ -1049,6 +1100,8 @@ struct Tally {
     rewinds: u64,
     late_cases: u64,
     idle_endings: u64,
+    /// Messages PostgreSQL refused (LATIN1).
+    refused: u64,
     statuses: BTreeMap<String, u64>,
     resolved: u64,
 }
@@ -1947,7 +2000,7 @@ async fn drive(h: &mut Harness, spec: &Spec, built: Built) -> Result<(), TestCas
         }
     }
     check_announcements(h).await?;
-    check_rejected(h).await?;
+    h.tally.refused += check_rejected(h).await?;
     check_status_counts(&h.pool).await?;
     for view in final_view.values() {
         *h.tally.statuses.entry(view.status.clone()).or_default() += 1;
@@ -2002,31 +2055,43 @@ async fn check_announcements(h: &Harness) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// One `rejected_events` row per message that must be rejected, and no other.
-async fn check_rejected(h: &Harness) -> Result<(), TestCaseError> {
-    let mut expected: Vec<(String, i32, i64)> = Vec::new();
+/// One `rejected_events` row per message that must be rejected, and no other, with a
+/// data error's class for those PostgreSQL refused. Returns how many it refused.
+async fn check_rejected(h: &Harness) -> Result<u64, TestCaseError> {
+    let mut expected: Vec<(String, i32, i64, Option<bool>)> = Vec::new();
     for (&(topic, pair), log) in &h.logs {
         for (offset, item) in log.iter().enumerate() {
-            if matches!(item.truth, Truth::Rejected) {
-                expected.push((h.names[topic].clone(), pair, offset as i64));
+            if let Truth::Rejected { by_database } = item.truth {
+                expected.push((h.names[topic].clone(), pair, offset as i64, by_database));
             }
         }
     }
     expected.sort();
     let rows = sqlx::query(
-        "SELECT topic, kafka_partition, kafka_offset FROM rejected_events ORDER BY 1, 2, 3",
+        "SELECT topic, kafka_partition, kafka_offset, reason_class = $1 FROM rejected_events
+         ORDER BY 1, 2, 3",
     )
+    .bind(DATA_ERROR_CLASS)
     .fetch_all(&h.pool)
     .await
     .map_err(|e| fail(format!("reading rejections: {e}")))?;
-    let stored: Vec<(String, i32, i64)> = rows
+    let stored: Vec<(String, i32, i64, bool)> = rows
         .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
         .collect();
-    if stored != expected {
-        return Err(fail(format!("rejected {stored:?}, expected {expected:?}")));
+    let agree = stored.len() == expected.len()
+        && stored.iter().zip(&expected).all(|(s, e)| {
+            (&s.0, s.1, s.2) == (&e.0, e.1, e.2) && e.3.is_none_or(|by_database| by_database == s.3)
+        });
+    if !agree {
+        return Err(fail(format!(
+            "rejected (topic, partition, offset, a data error) {stored:?}, expected {expected:?}"
+        )));
     }
-    Ok(())
+    Ok(stored
+        .iter()
+        .filter(|(.., by_database)| *by_database)
+        .count() as u64)
 }
 
 /// The per-status counts behind the gauge equal the states.
@@ -2060,13 +2125,14 @@ fn env_number(name: &str) -> Option<u32> {
 
 #[test]
 fn payouts_end_as_the_oracle_says_whatever_the_workers_batches_and_crashes() {
-    let cases = env_number("RECON_PAYOUT_ORACLE_CASES").unwrap_or(64);
+    let cases = env_number("RECON_PAYOUT_ORACLE_CASES").unwrap_or(56);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let db = runtime.block_on(database());
+    let (utf8, latin1) =
+        runtime.block_on(async { (database("UTF8").await, database("LATIN1").await) });
     let tally = std::cell::RefCell::new(Tally::default());
     let started = Instant::now();
     let mut runner = TestRunner::new(ProptestConfig {
@@ -2080,7 +2146,8 @@ fn payouts_end_as_the_oracle_says_whatever_the_workers_batches_and_crashes() {
         ..ProptestConfig::default()
     });
     let result = runner.run(&spec(), |spec| {
-        let one = runtime.block_on(run_case(&db, &spec))?;
+        let db = if spec.latin1 { &latin1 } else { &utf8 };
+        let one = runtime.block_on(run_case(db, &spec))?;
         let mut tally = tally.borrow_mut();
         tally.cases += one.cases;
         tally.messages += one.messages;
@@ -2092,6 +2159,7 @@ fn payouts_end_as_the_oracle_says_whatever_the_workers_batches_and_crashes() {
         tally.rewinds += one.rewinds;
         tally.late_cases += one.late_cases;
         tally.idle_endings += one.idle_endings;
+        tally.refused += one.refused;
         tally.resolved += one.resolved;
         for (status, n) in one.statuses {
             *tally.statuses.entry(status).or_default() += n;
@@ -2103,7 +2171,10 @@ fn payouts_end_as_the_oracle_says_whatever_the_workers_batches_and_crashes() {
         tally.borrow(),
         started.elapsed()
     );
-    runtime.block_on(db.drop_database());
+    runtime.block_on(async {
+        utf8.drop_database().await;
+        latin1.drop_database().await;
+    });
     match result {
         Ok(()) => {}
         Err(TestError::Fail(reason, spec)) => panic!("{reason}\nminimal failing case: {spec:#?}"),
