@@ -5,7 +5,11 @@
 # and payouts announced on a third topic (balanced, short, in a wrong currency, with a
 # wrong line count, unannounced, announced early or twice) flowing through it, then a
 # summary of the outcomes, discrepancies and payouts read from PostgreSQL (compare with
-# the expected counts loadgen prints) and a look at /metrics.
+# the expected counts loadgen prints) and a look at /metrics. Then an operator's daily
+# routine (README, Operations): what is open by kind and age, a difference accepted and
+# another annotated, with their history; the rejected messages, and a re-drive of those
+# rejected as too large once the limit is raised (the worker restarted with a larger
+# RECON_MAX_MESSAGE_BYTES, as a fix would be deployed).
 #
 # Each run uses its own topics and a fresh `recon_demo` database, so it can be rerun.
 # KEEP_RUNNING=1 leaves the worker running afterwards (stop it with kill -TERM).
@@ -42,6 +46,9 @@ export RECON_IDLE_TIMEOUT=3s
 # fall due after their last line + O (72h), later than the demo: they show as
 # `unannounced` with no `unannounced_payout` open yet.
 export RECON_PAYOUT_GRACE=12h
+# A message size limit below the default (64 KiB): loadgen's too-large messages are just
+# over it, and the routine below raises it and re-drives them.
+export RECON_MAX_MESSAGE_BYTES=16384
 SCENARIOS=${SCENARIOS:-5000}
 
 psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS recon_demo" -c "CREATE DATABASE recon_demo" >/dev/null
@@ -110,6 +117,36 @@ echo "== metrics at http://$RECON_METRICS_ADDR/metrics (also /healthz, /readyz)"
 curl -s "http://$RECON_METRICS_ADDR/metrics" | grep -E '^recon_(events_consumed_total|events_rejected_total|outcomes_total|assigned_partitions|window_items) ' | head -20 || true
 curl -s "http://$RECON_METRICS_ADDR/metrics" | grep -E '^recon_outcomes_total' | head -12 || true
 echo "readyz: $(curl -s "http://$RECON_METRICS_ADDR/readyz")"
+
+echo
+echo "== the daily routine (README, Operations)"
+echo "\$ recon-worker discrepancies list --older-than 24h | head -6"
+$bin discrepancies list --older-than 24h | head -6 || true
+echo "\$ recon-worker discrepancies list --all --format csv | cut -d, -f2,9 | sort | uniq -c   # by kind and resolution"
+$bin discrepancies list --all --format csv | tail -n +2 | cut -d, -f2,9 | sort | uniq -c
+fee=$(sql -tAc "SELECT id FROM recon_discrepancies WHERE kind = 'fee_mismatch' AND resolved_at IS NULL ORDER BY opened_at, id LIMIT 1")
+chargeback=$(sql -tAc "SELECT id FROM recon_discrepancies WHERE kind = 'chargeback' AND resolved_at IS NULL ORDER BY opened_at, id LIMIT 1")
+if [ -n "$fee" ]; then
+    echo "\$ recon-worker discrepancies accept $fee --actor finance.alice --note 'PSP fee tier changed on the 1st; agreed with the PSP'"
+    $bin discrepancies accept "$fee" --actor finance.alice --note "PSP fee tier changed on the 1st; agreed with the PSP"
+fi
+if [ -n "$chargeback" ]; then
+    echo "\$ recon-worker discrepancies annotate $chargeback --actor oncall.bob --note 'dispute evidence sent, ticket FIN-231'"
+    $bin discrepancies annotate "$chargeback" --actor oncall.bob --note "dispute evidence sent, ticket FIN-231"
+fi
+sql -c "SELECT discrepancy_id, action, actor, note FROM recon_discrepancy_actions
+        WHERE discrepancy_id IN (${fee:-0}, ${chargeback:-0}) ORDER BY discrepancy_id, id"
+echo "\$ recon-worker rejects list | head -8"
+$bin rejects list | head -8 || true
+echo "== the fix: the worker restarted with RECON_MAX_MESSAGE_BYTES=65536"
+kill -TERM $worker
+wait $worker || true
+RECON_MAX_MESSAGE_BYTES=65536 RUST_LOG=info $bin run >>target/demo-worker.log 2>&1 &
+worker=$!
+echo "\$ recon-worker rejects redrive --reason-class too_large --wait 60s"
+$bin rejects redrive --reason-class too_large --wait 60s --actor oncall.bob
+echo "\$ recon-worker rejects list --reason-class too_large --format json | head -1"
+$bin rejects list --reason-class too_large --format json | head -1 | cut -c1-400
 echo
 echo "demo finished in $(( $(date +%s) - started ))s; database recon_demo, topics $RECON_PAYMENTS_TOPIC / $RECON_SETTLEMENTS_TOPIC / $RECON_PAYOUTS_TOPIC"
 if [ "${KEEP_RUNNING:-0}" = 1 ]; then

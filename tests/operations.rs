@@ -15,7 +15,7 @@ use recon_worker::event::{EventKind, Line};
 use recon_worker::money::Currency;
 use recon_worker::operations::discrepancies::{self, Act};
 use recon_worker::operations::OperationError;
-use recon_worker::store::{PairCheckpoint, Store};
+use recon_worker::store::{PairCheckpoint, Store, COUNTERPART_ARRIVED};
 use sqlx::PgPool;
 
 async fn store(pool: PgPool) -> Store {
@@ -573,7 +573,8 @@ fn over_refund(payment_id: &str, state: Option<bool>) -> DiscrepancyChange {
 
 /// Contract §8: a discrepancy resolved by hand stays resolved when its counterpart
 /// arrives later; the outcome of the events still changes as §2 says, and the action
-/// log shows both the opening and the acceptance (and no automatic resolution).
+/// log shows both: the person's acceptance, and the counterpart's arrival (annotated by
+/// the worker, once, with the resolution it would have had; no automatic resolution).
 #[sqlx::test(migrations = false)]
 async fn a_discrepancy_accepted_by_hand_stays_resolved_when_its_counterpart_arrives(pool: PgPool) {
     let store = store(pool.clone()).await;
@@ -623,12 +624,22 @@ async fn a_discrepancy_accepted_by_hand_stays_resolved_when_its_counterpart_arri
             ("s-e".into(), "matched_late".into(), Some("p-e".into())),
         ]
     );
+    // The same resolution again (a later batch naming it): nothing more to say.
+    store
+        .checkpoint(&[batch(
+            Vec::new(),
+            vec![missing_resolved("p-e", "matched_late")],
+        )])
+        .await
+        .expect("resolution again");
     assert_eq!(state(&pool, id).await, (false, Some("accepted".into())));
+    let arrived = format!("{COUNTERPART_ARRIVED}matched_late");
     assert_eq!(
         actions(&pool, id).await,
         vec![
             worker("opened", None),
             action("accepted", "alice", Some("known gap")),
+            worker("annotated", Some(&arrived)),
         ]
     );
 

@@ -60,7 +60,7 @@ pub use migrations::{MigrationName, MigrationStatus, MIGRATOR};
 pub use payouts::{Evaluation, PayoutGauges, PayoutRules, ACCEPTED, ANNOUNCED, BALANCED};
 pub use redrive::{RedriveRequest, RedriveResult, Redriven, REDRIVE_REQUESTS_PER_POLL};
 pub use sweeps::DueKeys;
-pub use writes::WORKER_ACTOR;
+pub use writes::{COUNTERPART_ARRIVED, WORKER_ACTOR};
 
 use pool::{connection_is_current, ShrinkOnReturn};
 

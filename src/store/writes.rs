@@ -29,6 +29,11 @@ use super::{Store, StoreError};
 /// The actor of the actions the worker records itself (contract §8).
 pub const WORKER_ACTOR: &str = "recon-worker";
 
+/// The start of the note the worker logs when the counterpart of a discrepancy a
+/// person accepted arrives: the rest is the resolution it would have had.
+pub const COUNTERPART_ARRIVED: &str =
+    "counterpart arrived; left as accepted; its events' outcome resolves it as ";
+
 impl Store {
     /// Inserts rejected messages into `table` (`rejected_events`, or its probe copy).
     pub(super) async fn insert_rejected(
@@ -399,20 +404,37 @@ pub(super) async fn write_discrepancies(
         }
         // Open ones only: one a person resolved (`accepted`, contract §8) stays as
         // they left it when its counterpart arrives; the events' outcomes still change
-        // (`update_events`).
+        // (`update_events`), and the log says the counterpart came (`kept`: once, even
+        // when a checkpoint is retried, hence the NOT EXISTS; the two CTEs touch
+        // disjoint rows, open and accepted).
         sqlx::query(&format!(
-            "WITH resolved AS (
+            "WITH u AS (
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(kind, subject, resolution)
+                 WHERE u.kind = '{kind}'),
+             resolved AS (
                  UPDATE recon_discrepancies AS d SET resolved_at = now(), resolution = u.resolution
-                 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(kind, subject, resolution)
-                 WHERE u.kind = '{kind}' AND d.kind = '{kind}'
-                   AND d.resolved_at IS NULL AND d.{subject_column} = u.subject
-                 RETURNING d.id, d.resolution)
+                 FROM u
+                 WHERE d.kind = '{kind}' AND d.resolved_at IS NULL AND d.{subject_column} = u.subject
+                 RETURNING d.id, d.resolution),
+             kept AS (
+                 SELECT d.id, $4 || u.resolution AS note
+                 FROM u JOIN recon_discrepancies d
+                   ON d.kind = '{kind}' AND d.{subject_column} = u.subject
+                 WHERE d.resolution = '{ACCEPTED}')
              INSERT INTO recon_discrepancy_actions (discrepancy_id, action, actor, note)
-             SELECT id, 'resolved', '{WORKER_ACTOR}', resolution FROM resolved ORDER BY id"
+             SELECT id, action, '{WORKER_ACTOR}', note FROM (
+                 SELECT id, 'resolved' AS action, resolution AS note FROM resolved
+                 UNION ALL
+                 SELECT id, 'annotated', note FROM kept k
+                 WHERE NOT EXISTS (SELECT FROM recon_discrepancy_actions a
+                                   WHERE a.discrepancy_id = k.id AND a.actor = '{WORKER_ACTOR}'
+                                     AND a.action = 'annotated' AND a.note = k.note)) logged
+             ORDER BY id"
         ))
         .bind(&resolved.kinds)
         .bind(&resolved.subjects)
         .bind(&resolved.resolutions)
+        .bind(COUNTERPART_ARRIVED)
         .execute(&mut *tx)
         .await?;
     }
@@ -426,8 +448,8 @@ pub(super) async fn write_discrepancies(
 /// withdrawal: contract §6 says such a row never existed, the log keeps its history).
 ///
 /// A row a person accepted (contract §8) is never reopened or re-resolved; it is still
-/// removed if the lines say it never existed. A row already in the state wanted is not rewritten, so a retried
-/// checkpoint logs nothing. The actions logged compare each row with its state before
+/// removed if the lines say it never existed. A row already in the state wanted is not
+/// rewritten, so a retried checkpoint logs nothing. The actions logged compare each row with its state before
 /// the change: inserted, `opened` (and `resolved` when it is inserted resolved); open
 /// again, `reopened`; newly resolved or resolved differently, `resolved` with the
 /// resolution as note.
