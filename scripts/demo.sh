@@ -120,10 +120,10 @@ echo "readyz: $(curl -s "http://$RECON_METRICS_ADDR/readyz")"
 
 echo
 echo "== the daily routine (README, Operations)"
-echo "\$ recon-worker discrepancies list --older-than 24h | head -6"
-$bin discrepancies list --older-than 24h | head -6 || true
-echo "\$ recon-worker discrepancies list --all --format csv | cut -d, -f2,9 | sort | uniq -c   # by kind and resolution"
-$bin discrepancies list --all --format csv | tail -n +2 | cut -d, -f2,9 | sort | uniq -c
+echo "\$ recon-worker discrepancies list | head -4    # open ones, oldest first"
+$bin discrepancies list | head -4 || true
+echo "\$ recon-worker discrepancies list --kind fee_mismatch --format csv | head -3"
+$bin discrepancies list --kind fee_mismatch --format csv | head -3 || true
 fee=$(sql -tAc "SELECT id FROM recon_discrepancies WHERE kind = 'fee_mismatch' AND resolved_at IS NULL ORDER BY opened_at, id LIMIT 1")
 chargeback=$(sql -tAc "SELECT id FROM recon_discrepancies WHERE kind = 'chargeback' AND resolved_at IS NULL ORDER BY opened_at, id LIMIT 1")
 if [ -n "$fee" ]; then
@@ -134,19 +134,20 @@ if [ -n "$chargeback" ]; then
     echo "\$ recon-worker discrepancies annotate $chargeback --actor oncall.bob --note 'dispute evidence sent, ticket FIN-231'"
     $bin discrepancies annotate "$chargeback" --actor oncall.bob --note "dispute evidence sent, ticket FIN-231"
 fi
-sql -c "SELECT discrepancy_id, action, actor, note FROM recon_discrepancy_actions
-        WHERE discrepancy_id IN (${fee:-0}, ${chargeback:-0}) ORDER BY discrepancy_id, id"
-echo "\$ recon-worker rejects list | head -8"
-$bin rejects list | head -8 || true
+history="SELECT discrepancy_id, action, actor, note FROM recon_discrepancy_actions WHERE discrepancy_id IN (${fee:-0}, ${chargeback:-0}) ORDER BY discrepancy_id, id"
+echo "\$ psql -c \"$history\""
+sql -c "$history"
+echo "\$ recon-worker rejects list --reason-class too_large | head -3"
+$bin rejects list --reason-class too_large | head -3 || true
 echo "== the fix: the worker restarted with RECON_MAX_MESSAGE_BYTES=65536"
 kill -TERM $worker
 wait $worker || true
 RECON_MAX_MESSAGE_BYTES=65536 RUST_LOG=info $bin run >>target/demo-worker.log 2>&1 &
 worker=$!
-echo "\$ recon-worker rejects redrive --reason-class too_large --wait 60s"
+echo "\$ recon-worker rejects redrive --reason-class too_large --wait 60s --actor oncall.bob"
 $bin rejects redrive --reason-class too_large --wait 60s --actor oncall.bob
 echo "\$ recon-worker rejects list --reason-class too_large --format json | head -1"
-$bin rejects list --reason-class too_large --format json | head -1 | cut -c1-400
+$bin rejects list --reason-class too_large --format json | head -1
 echo
 echo "demo finished in $(( $(date +%s) - started ))s; database recon_demo, topics $RECON_PAYMENTS_TOPIC / $RECON_SETTLEMENTS_TOPIC / $RECON_PAYOUTS_TOPIC"
 if [ "${KEEP_RUNNING:-0}" = 1 ]; then

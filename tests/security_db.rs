@@ -664,3 +664,142 @@ async fn the_runtime_role_refuses_to_start_while_a_migration_is_pending(pool: Pg
     worker.stop_cleanly();
     roles.drop_all(&world).await;
 }
+
+/// `recon-worker <args>` as `role` (DATABASE_URL only).
+fn operator_command(world: &World, role: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_recon-worker"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", url_as(world, role, None))
+        .output()
+        .expect("run recon-worker")
+}
+
+/// `deploy/sql/operator-role.sql`: a person who is a member of the operator role runs
+/// every operators' command (contract §8) and can change nothing else: no event, no
+/// outcome, no reason, no offset, no discrepancy's kind, no row removed.
+#[sqlx::test(migrations = false)]
+async fn the_operator_role_runs_the_commands_and_changes_nothing_else(pool: PgPool) {
+    let world = World::new(pool, 1).await;
+    let roles = Roles::create(&world).await;
+    let migrated = migrate_command(&url_as(&world, &roles.owner, None));
+    assert!(migrated.status.success(), "{}", stderr(&migrated));
+    roles.grant_runtime(&world);
+    let operators = unique("recon_operator").replace('-', "_");
+    let alice = unique("alice").replace('-', "_");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/sql/operator-role.sql");
+    for _ in 0..2 {
+        // Twice: idempotent.
+        let output = Command::new("psql")
+            .arg(&world.database_url)
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+            .arg("-v")
+            .arg(format!("operator_role={operators}"))
+            .arg("-f")
+            .arg(&script)
+            .output()
+            .expect("psql runs deploy/sql/operator-role.sql");
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    for statement in [
+        format!("CREATE ROLE {alice} LOGIN"),
+        format!("GRANT {operators} TO {alice}"),
+        // What the worker would have written: a discrepancy and a reject.
+        "INSERT INTO recon_discrepancies (kind, payment_id, kafka_partition, payment_event_id)
+         VALUES ('missing_settlement', 'p1', 0, 'e1'), ('missing_settlement', 'p2', 0, 'e2')"
+            .to_owned(),
+        "INSERT INTO rejected_events (topic, kafka_partition, kafka_offset, reason, reason_class, payload, payload_size)
+         VALUES ('payments', 0, 7, 'too big', 'too_large', '{}', 2)"
+            .to_owned(),
+    ] {
+        sqlx::query(&statement)
+            .execute(&world.pool)
+            .await
+            .expect("setup");
+    }
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM recon_discrepancies ORDER BY id")
+        .fetch_all(&world.pool)
+        .await
+        .expect("ids");
+    let (first, second) = (ids[0].to_string(), ids[1].to_string());
+
+    for args in [
+        vec!["discrepancies", "list", "--all", "--format", "csv"],
+        vec![
+            "discrepancies",
+            "accept",
+            &first,
+            "--actor",
+            "alice",
+            "--note",
+            "known",
+        ],
+        vec![
+            "discrepancies",
+            "reopen",
+            &first,
+            "--actor",
+            "alice",
+            "--note",
+            "oops",
+        ],
+        vec![
+            "discrepancies",
+            "annotate",
+            &second,
+            "--actor",
+            "alice",
+            "--note",
+            "seen",
+        ],
+        vec!["rejects", "list"],
+        vec!["rejects", "redrive", "--all", "--actor", "alice"],
+    ] {
+        let output = operator_command(&world, &alice, &args);
+        assert!(
+            output.status.success(),
+            "{args:?} as an operator: {}",
+            stderr(&output)
+        );
+    }
+    let requested: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM rejected_events WHERE redrive_requested_by = 'alice'",
+    )
+    .fetch_one(&world.pool)
+    .await
+    .expect("requested");
+    assert_eq!(requested, 1);
+
+    let operator_pool = PgPool::connect(&url_as(&world, &alice, None))
+        .await
+        .expect("connect as an operator");
+    for statement in [
+        "INSERT INTO recon_events (event_kind, event_id, payment_id, kafka_partition, kafka_offset, outcome, event_time, amount_minor, currency)
+         VALUES ('payment', 'x', 'x', 0, 0, 'pending', now(), 1, 'EUR')",
+        "UPDATE recon_events SET outcome = 'matched'",
+        "UPDATE recon_discrepancies SET kind = 'fee_mismatch'",
+        "UPDATE rejected_events SET reason = 'fine'",
+        "UPDATE rejected_events SET redriven_at = now()",
+        "UPDATE recon_partition_pairs SET epoch = epoch + 1",
+        "DELETE FROM recon_discrepancies",
+        "DELETE FROM rejected_events",
+        "UPDATE recon_discrepancy_actions SET note = 'x'",
+        "CREATE TABLE intruder (x int)",
+    ] {
+        let result = sqlx::query(statement).execute(&operator_pool).await;
+        assert_eq!(sqlstate(result), "42501", "{statement}");
+    }
+    operator_pool.close().await;
+    for statement in [
+        format!("DROP OWNED BY {operators}"),
+        format!("DROP ROLE {alice}"),
+        format!("DROP ROLE {operators}"),
+    ] {
+        sqlx::query(&statement)
+            .execute(&world.pool)
+            .await
+            .expect("drop operator roles");
+    }
+    roles.drop_all(&world).await;
+}

@@ -174,7 +174,7 @@ const TABLE: [(&str, usize); 10] = [
     ("TOPIC", 14),
     ("PART", 4),
     ("OFFSET", 10),
-    ("CLASS", 16),
+    ("CLASS", 23),
     ("STATUS", 9),
     ("RESULT", 10),
     ("SIZE", 7),
