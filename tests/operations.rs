@@ -4,6 +4,8 @@
 //! `recon-worker discrepancies` commands run as the binary (formats, filters, state
 //! rules, exit codes, and a million rows listed in little memory).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -468,19 +470,7 @@ async fn the_action_log_refuses_update_delete_and_truncate_even_to_its_owner(poo
     .await
     .expect("owner");
     assert!(owner, "this connection is the table's owner");
-    for statement in [
-        "UPDATE recon_discrepancy_actions SET note = 'rewritten'",
-        "DELETE FROM recon_discrepancy_actions",
-        "TRUNCATE recon_discrepancy_actions",
-    ] {
-        match sqlx::query(statement).execute(&pool).await {
-            Err(sqlx::Error::Database(db)) => {
-                assert_eq!(db.code().as_deref(), Some("42501"), "{statement}: {db}");
-                assert!(db.message().contains("append-only"), "{statement}: {db}");
-            }
-            other => panic!("{statement} was not refused: {other:?}"),
-        }
-    }
+    common::assert_action_log_refuses_changes(&pool).await;
     // The log outlives the discrepancies it is about (a withdrawn over_refunded row
     // is deleted, contract §6): even the owner's TRUNCATE of them leaves it whole.
     sqlx::query("TRUNCATE recon_discrepancies")

@@ -23,10 +23,9 @@ use std::io::{self, Write};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures_util::TryStreamExt;
 use sqlx::{Connection, PgConnection, Postgres, QueryBuilder};
 
-use super::output::{csv_line, table_line, Format};
+use super::output::{csv_line, stream, table_line, Format, Listed};
 use super::OperationError;
 use crate::engine::DiscrepancyKind;
 use crate::store::{ACCEPTED, WORKER_ACTOR};
@@ -148,7 +147,7 @@ pub struct ListFilter {
 
 /// One listed discrepancy, as read.
 #[derive(Debug, sqlx::FromRow)]
-struct Listed {
+struct Row {
     id: i64,
     kind: String,
     payment_id: Option<String>,
@@ -216,7 +215,11 @@ fn short_age(seconds: i64) -> String {
     }
 }
 
-impl Listed {
+impl Listed for Row {
+    fn header(format: Format, out: &mut impl Write) -> io::Result<()> {
+        header(format, out)
+    }
+
     fn write(&self, format: Format, out: &mut impl Write) -> io::Result<()> {
         match format {
             Format::Table => {
@@ -330,14 +333,7 @@ pub async fn list(
     }
     query.push(" ORDER BY opened_at, id");
 
-    header(format, out).map_err(OperationError::Output)?;
-    let mut written = 0;
-    let mut rows = query.build_query_as::<Listed>().fetch(&mut *connection);
-    while let Some(row) = rows.try_next().await? {
-        row.write(format, out).map_err(OperationError::Output)?;
-        written += 1;
-    }
-    Ok(written)
+    stream::<Row>(connection, query, format, out).await
 }
 
 /// What a person does to a discrepancy.

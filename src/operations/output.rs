@@ -11,6 +11,12 @@
 
 use std::io::{self, Write};
 
+use futures_util::TryStreamExt;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Postgres, QueryBuilder};
+
+use super::OperationError;
+
 /// `--format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -20,6 +26,30 @@ pub enum Format {
     Csv,
     /// One JSON object per line (NDJSON).
     Json,
+}
+
+/// A row of a listing: its header and how one is written, in each format.
+pub trait Listed: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin {
+    fn header(format: Format, out: &mut impl Write) -> io::Result<()>;
+    fn write(&self, format: Format, out: &mut impl Write) -> io::Result<()>;
+}
+
+/// Runs `query` and writes its rows to `out` as sqlx reads them off the connection
+/// (never collected: any number of rows in the memory of one). Returns how many.
+pub async fn stream<T: Listed>(
+    connection: &mut PgConnection,
+    mut query: QueryBuilder<'_, Postgres>,
+    format: Format,
+    out: &mut impl Write,
+) -> Result<u64, OperationError> {
+    T::header(format, out).map_err(OperationError::Output)?;
+    let mut written = 0;
+    let mut rows = query.build_query_as::<T>().fetch(&mut *connection);
+    while let Some(row) = rows.try_next().await? {
+        row.write(format, out).map_err(OperationError::Output)?;
+        written += 1;
+    }
+    Ok(written)
 }
 
 /// A listing's result, where a reader that went away (`| head`) is not a failure: it

@@ -17,10 +17,9 @@ use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures_util::TryStreamExt;
 use sqlx::{Connection, PgConnection, Postgres, QueryBuilder};
 
-use super::output::{csv_line, table_line, Format};
+use super::output::{csv_line, stream, table_line, Format, Listed};
 use super::OperationError;
 use crate::event::Rejection;
 use crate::rejection::{DATA_ERROR_CLASS, REJECTED_PAYLOAD_CAP};
@@ -135,7 +134,7 @@ fn position(value: &str) -> Result<Position, String> {
 
 /// One listed reject, as read.
 #[derive(Debug, sqlx::FromRow)]
-struct Listed {
+struct Row {
     id: i64,
     topic: String,
     kafka_partition: i32,
@@ -203,7 +202,11 @@ fn time(at: &DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-impl Listed {
+impl Listed for Row {
+    fn header(format: Format, out: &mut impl Write) -> io::Result<()> {
+        header(format, out)
+    }
+
     fn write(&self, format: Format, out: &mut impl Write) -> io::Result<()> {
         let preview = self
             .preview
@@ -307,14 +310,7 @@ pub async fn list(
             .push_bind(class.to_owned());
     }
     query.push(" ORDER BY id");
-    header(format, out).map_err(OperationError::Output)?;
-    let mut written = 0;
-    let mut rows = query.build_query_as::<Listed>().fetch(&mut *connection);
-    while let Some(row) = rows.try_next().await? {
-        row.write(format, out).map_err(OperationError::Output)?;
-        written += 1;
-    }
-    Ok(written)
+    stream::<Row>(connection, query, format, out).await
 }
 
 /// Which rejects a re-drive asks for.

@@ -831,3 +831,21 @@ pub async fn payout_discrepancies(world: &World) -> Vec<(String, String, bool, O
     rows.sort();
     rows
 }
+
+/// Contract §8: the action log refuses UPDATE, DELETE and TRUNCATE to whoever `pool`
+/// connects as, its owner included (triggers, not privileges), saying why.
+pub async fn assert_action_log_refuses_changes(pool: &PgPool) {
+    for statement in [
+        "UPDATE recon_discrepancy_actions SET note = 'rewritten'",
+        "DELETE FROM recon_discrepancy_actions",
+        "TRUNCATE recon_discrepancy_actions",
+    ] {
+        match sqlx::query(statement).execute(pool).await {
+            Err(sqlx::Error::Database(db)) => {
+                assert_eq!(db.code().as_deref(), Some("42501"), "{statement}: {db}");
+                assert!(db.message().contains("append-only"), "{statement}: {db}");
+            }
+            other => panic!("{statement} was not refused: {other:?}"),
+        }
+    }
+}
