@@ -225,14 +225,38 @@ sql -c "SELECT indexrelid::regclass AS index, pg_relation_size(indexrelid) AS by
         WHERE n.nspname = current_schema() AND pg_relation_size(indexrelid) > 8192
         ORDER BY 2 DESC"
 
-# How full the largest heap and its key are: free space left in the heap by the
-# updates' dead versions (reused by later inserts once vacuumed), and the B-tree's leaf
-# density (sequential ids fill leaves to ~90%, random ones to ~70%).
+# What of that grows with history. VACUUM leaves in the heap the space of the dead
+# versions that outcome updates made (a pending payment matched later is written
+# twice), and in the indexes the pages emptied of such versions' entries (nearly all
+# of recon_events_open_items: an item is in it only while open). Later inserts and
+# page splits reuse both, so a long-running database keeps a bounded amount of that
+# slack, not an amount per event: "occupied" is the allocated size without it (heap:
+# pgstattuple's free space; B-tree indexes: pgstatindex's empty and deleted pages).
 sql -c "CREATE EXTENSION IF NOT EXISTS pgstattuple" >/dev/null
-echo "== recon_events heap and key, as stored (pgstattuple)"
-sql -c "SELECT tuple_count, round(tuple_len::numeric / tuple_count, 1) AS bytes_per_tuple,
-               round(100.0 * free_space / table_len, 1) AS free_pct
-        FROM pgstattuple('recon_events')"
+occupied="WITH rel AS (SELECT c.oid, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname = current_schema() AND c.relkind = 'r'),
+     heap AS (SELECT r.relname, s.table_len, s.free_space FROM rel r, LATERAL pgstattuple(r.oid) s),
+     idx AS (SELECT r.relname, sum(pg_relation_size(i.indexrelid)) AS bytes,
+                    sum((s.deleted_pages + s.empty_pages) * 8192) AS reusable
+             FROM rel r JOIN pg_index i ON i.indrelid = r.oid, LATERAL pgstatindex(i.indexrelid::regclass) s
+             GROUP BY r.relname),
+     ev AS (SELECT count(*)::numeric AS n FROM recon_events),
+     t AS (SELECT h.relname, h.table_len, h.free_space, i.bytes AS index_bytes, i.reusable
+           FROM heap h JOIN idx i USING (relname))
+SELECT relname AS \"table\", table_len AS heap_bytes, free_space AS heap_free_bytes, index_bytes,
+       reusable AS index_reusable_bytes,
+       table_len - free_space + index_bytes - reusable AS occupied_bytes,
+       round((table_len - free_space + index_bytes - reusable) / ev.n, 1) AS occupied_per_event
+FROM t, ev
+UNION ALL
+SELECT 'TOTAL', sum(table_len), sum(free_space), sum(index_bytes), sum(reusable),
+       sum(table_len - free_space + index_bytes - reusable),
+       round(sum(table_len - free_space + index_bytes - reusable) / max(ev.n), 1)
+FROM t, ev
+ORDER BY occupied_bytes DESC"
+echo "== occupied: allocated minus the heap's free space and the indexes' reusable pages (pgstattuple, pgstatindex; TOAST left out)"
+sql -c "$occupied"
+
 # Empty and deleted pages of an index (entries of rows updated away, such as pending
 # items once matched) are reused by later page splits: they are the part of an index
 # that does not grow with history.
@@ -277,7 +301,14 @@ totals=$(sql -tAF ' ' -c "
            sizes.bytes, counts.events, counts.payments
     FROM sizes, rejected, counts")
 read -r per_event per_payment year_gb events_per_payment per_event_no_rejects total_bytes events payments <<<"$totals"
+occupied_bytes=$(sql -tAc "SELECT occupied_bytes FROM ($occupied) o WHERE \"table\" = 'TOTAL'")
+read -r occupied_per_event occupied_per_payment occupied_year_gb <<<"$(sql -tAF ' ' -c "
+    SELECT round($occupied_bytes / count(*)::numeric, 1),
+           round($occupied_bytes / count(*) FILTER (WHERE event_kind = 'payment' AND refund_id IS NULL)::numeric, 1),
+           round($occupied_bytes / count(*) FILTER (WHERE event_kind = 'payment' AND refund_id IS NULL)::numeric * 1e6 * 365 / 1e9, 1)
+    FROM recon_events")"
 echo "totals: $total_bytes bytes for $events accepted events ($payments payments, $events_per_payment events per payment);"
 echo "        $per_event bytes per event ($per_event_no_rejects without rejected_events), $per_payment bytes per payment"
 echo "        one year of 1M payments a day: $per_payment B x 1e6 x 365 = $year_gb GB (10^9 bytes), build $PROFILE, $SCENARIOS scenarios"
+echo "        occupied (without the reusable slack): $occupied_per_event bytes per event, $occupied_per_payment per payment, $occupied_year_gb GB a year"
 echo "storage: bytes_per_event=$per_event bytes_per_payment=$per_payment year_1m_per_day_gb=$year_gb"
