@@ -17,7 +17,8 @@
 #   SCENARIOS      loadgen scenarios (payment ids), default 200000
 #   MIX            loadgen --mix, default empty: the default mix (contract §1-§6)
 #   PAYOUT_LINES   capture lines per payout (loadgen --payouts-every-line), default 100;
-#                  0 leaves the payouts topic empty (the worker still reads it)
+#                  0: no announcements (loadgen still gives each refund line a payout of
+#                  its own, never announced)
 #   POISON_EVERY   one bad message every N scenarios (loadgen --poison-every), default
 #                  50, loadgen's own default
 #   PARTITIONS     partitions per topic, default 4
@@ -85,9 +86,10 @@ export RECON_METRICS_ADDR=127.0.0.1:0
 # passes, the watermark follows the clock and every deadline the stream holds fires
 # (missing, orphan, payout), so the tables reach the state a long-running deployment
 # would hold for these events, discrepancies included. The idle timeout is the
-# default (30s), not scripts/demo.sh's 3s: with 3s, deadlines of payments whose
-# settlement was still unread fired during the drain and resolved in passing (40k
-# extra discrepancy rows and event updates in a 200k run; docs/retention.md).
+# worker's default (30s) rather than scripts/demo.sh's 3s: a deployment's setting,
+# and with 3s and the worker started before the stream (WORKER_FIRST=1), deadlines
+# of payments whose settlement was still unread fired and resolved in passing (40k
+# extra discrepancy rows and updates in a 200k run; docs/retention.md).
 export RECON_IDLE_TIMEOUT="${IDLE_SECONDS}s"
 export RECON_PAYOUT_GRACE=12h
 
@@ -105,7 +107,7 @@ cleanup() {
         wait "$worker" 2>/dev/null || true
     fi
     if [ "${KEEP:-0}" = 1 ]; then
-        echo "database $db kept (KEEP=1)"
+        echo "database $db kept (KEEP=1)" >&2
     else
         pg -d postgres -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
     fi
@@ -123,6 +125,7 @@ loadgen_args=(--scenarios "$SCENARIOS" --seed "$seed" --poison-every "$POISON_EV
 start_worker() {
     RUST_LOG=${RUST_LOG:-info} $bin run >"$worker_log" 2>&1 &
     worker=$!
+    worker_started=$(date +%s)
 }
 # The stream is produced before the worker starts, so the worker drains a backlog and
 # no input of a pair looks idle while its messages are still being produced.
@@ -136,7 +139,7 @@ $tools loadgen "${loadgen_args[@]}" >"$loadgen_out"
 produced=$(awk '/^produced/ {print $2}' "$loadgen_out")
 expected_payouts=$(awk '/^expected payouts/ {on = 1; next} on && /^  / {n += $2; next} {on = 0} END {print n + 0}' "$loadgen_out")
 echo "produced $produced messages in $(( $(date +%s) - started ))s (loadgen output: $loadgen_out)"
-if [ -z "$worker" ]; then started=$(date +%s); start_worker; fi
+if [ -z "$worker" ]; then start_worker; fi
 
 # Caught up: the offsets the worker stored in PostgreSQL (the source of truth, committed
 # with the rows) account for every message produced. On fresh, non-transactional
@@ -152,7 +155,7 @@ while :; do
     [ "$(date +%s)" -lt "$deadline" ] || { echo "not caught up after ${TIMEOUT}s ($stored of $produced)"; exit 1; }
     sleep 1
 done
-echo "caught up $(( $(date +%s) - started ))s after the worker started (or loadgen, with WORKER_FIRST=1)"
+echo "caught up $(( $(date +%s) - worker_started ))s after the worker started"
 
 # Then the deadlines (after the idle timeout) and the payout evaluator (every 5 s)
 # write their outcomes, discrepancies and payout rows: wait until those tables have
