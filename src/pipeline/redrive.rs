@@ -37,6 +37,8 @@ pub(super) const REDRIVE_POLL: Duration = Duration::from_secs(2);
 /// requests whose values PostgreSQL refused.
 pub(super) struct Redrives {
     due: Instant,
+    /// [`REDRIVE_POLL`], but for tests (see [`Pipeline::set_redrive_poll`]).
+    every: Duration,
     limits: Limits,
     /// Requests whose event PostgreSQL refused (a data error), by id, with its reason:
     /// when read again they are rejected with it instead of being applied (their pair
@@ -54,6 +56,7 @@ impl Redrives {
     pub fn new(limits: Limits) -> Self {
         Self {
             due: Instant::now(),
+            every: REDRIVE_POLL,
             limits,
             refused: HashMap::new(),
         }
@@ -110,6 +113,14 @@ impl Redrives {
 }
 
 impl Pipeline {
+    /// Polls for re-drive requests every `every` instead of [`REDRIVE_POLL`]. For
+    /// tests only: a whole-path test asks for re-drives in many cases, and waiting
+    /// seconds for each poll would make it run for minutes.
+    #[doc(hidden)]
+    pub fn set_redrive_poll(&mut self, every: Duration) {
+        self.redrives.every = every;
+    }
+
     /// Settles the pending re-drive requests of the pairs this worker owns, when a
     /// poll is due (see the module doc). A failed read of the requests is retried at
     /// the next poll: a re-drive can wait, the batch cannot.
@@ -117,7 +128,7 @@ impl Pipeline {
         if Instant::now() < self.redrives.due {
             return Ok(());
         }
-        self.redrives.due = Instant::now() + REDRIVE_POLL;
+        self.redrives.due = Instant::now() + self.redrives.every;
         let pairs: Vec<i32> = self
             .pairs
             .iter()
