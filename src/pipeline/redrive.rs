@@ -26,7 +26,9 @@ use crate::engine::Applied;
 use crate::event::{Announcement, Event, Limits, Topic};
 use crate::rejection::{MessageAt, RejectedMessage, DATA_ERROR_CLASS};
 use crate::retry::{retry, Operation};
-use crate::store::{AnnouncementAt, RedriveRequest, RedriveResult, Redriven, RefusedMessage};
+use crate::store::{
+    AnnouncementAt, PairCheckpoint, RedriveRequest, RedriveResult, Redriven, RefusedMessage,
+};
 
 /// How often the pipeline reads its pairs' pending re-drive requests. An operator
 /// waits at most this long (plus a batch) for a re-drive; an idle poll is one query on
@@ -42,7 +44,11 @@ pub(super) struct Redrives {
     limits: Limits,
     /// Requests whose event PostgreSQL refused (a data error), by id, with its reason:
     /// when read again they are rejected with it instead of being applied (their pair
-    /// is replayed from the log meanwhile, which does not hold them).
+    /// is replayed from the log meanwhile, which does not hold them). Kept until a
+    /// commit writes that rejection: the checkpoint holding it may be refused for
+    /// another message and dropped, and the request, read again, must be rejected
+    /// again — applied again, it would be refused again, and two such requests of a
+    /// pair (a message and its redelivery) would take turns for ever.
     refused: HashMap<i64, String>,
 }
 
@@ -79,6 +85,16 @@ impl Redrives {
         }
     }
 
+    /// After a commit: the refused requests whose rejection it wrote are forgotten.
+    pub fn acknowledged(&mut self, committed: &[PairCheckpoint]) {
+        if self.refused.is_empty() {
+            return;
+        }
+        for redriven in committed.iter().flat_map(|c| &c.redriven) {
+            self.refused.remove(&redriven.id);
+        }
+    }
+
     /// Decodes a request again: what to apply, or its result already.
     fn decode(&mut self, request: &RedriveRequest) -> Result<Valid, RedriveResult> {
         if request.is_truncated() {
@@ -90,7 +106,7 @@ impl Redrives {
             offset: request.offset,
         };
         let (key, payload) = (request.key.as_deref(), request.payload.as_deref());
-        if let Some(reason) = self.refused.remove(&request.id) {
+        if let Some(reason) = self.refused.get(&request.id).cloned() {
             return Err(RedriveResult::Rejected(RejectedMessage::new(
                 at,
                 reason,

@@ -57,6 +57,7 @@ impl Pipeline {
         // Pairs that did commit are acknowledged even when another failed for good,
         // so their offsets are not replayed on top of their results.
         let pending = acknowledge(&mut self.pairs, &mut self.commit.counts, &written.committed);
+        self.redrives.acknowledged(&written.committed);
         self.advisory.pending |= pending;
         match written.failed {
             Some(error) => Err(error.into()),
