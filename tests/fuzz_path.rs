@@ -1785,8 +1785,8 @@ fn check_redriven(
                 Ok(())
             }
             _ => Err(wrong(&format!(
-                "it redriven (valid now: {event:?}), a redelivery of an event id stored \
-                 from another message"
+                "it redriven (valid now: {event:?}): accepted, its outcome row at this \
+                 offset, or a redelivery of an event id stored from another message"
             ))),
         },
         Err(rejection) => match state {
