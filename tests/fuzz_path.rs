@@ -16,6 +16,18 @@
 //! message) or rejected (a `rejected_events` row with a reason and the raw bytes) —
 //! with the stored offsets past every message.
 //!
+//! A third of the cases then re-drive every reject (contract §8): asked for through
+//! the operator's command or by hand, once, twice in a row or again once settled; by
+//! the pipeline that read the messages or by a new one with other limits (a size limit
+//! raised or lowered, a larger future skew allowed). Once no request is pending, every
+//! reject must still have its one row, and have gone where the contract's decoder,
+//! given the new limits and the message's own Kafka timestamp, says: valid now, it was
+//! processed exactly once (its outcome row at the reject's own offset) or is a
+//! redelivery of an event id stored from another message; still invalid, it stays
+//! rejected with its new class and the request cleared; cut at 65,536 bytes, it was
+//! not decoded and says so (`truncated`). On LATIN1 PostgreSQL may refuse a valid
+//! one's values: a data error, rejected again.
+//!
 //! One database per encoding, reused across cases (emptied between them): UTF-8, and
 //! LATIN1, whose encoding cannot hold most characters, so values the decoder accepts
 //! but PostgreSQL refuses (SQLSTATE class 22) are common there.
@@ -23,7 +35,7 @@
 //! `RECON_FUZZ_CASES` sets the case count (default 150, about half a minute);
 //! `RECON_FUZZ_SECONDS` runs cases until that much time has passed instead.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -39,7 +51,9 @@ use recon_worker::consumer::{
     ReadMessage, Rewind,
 };
 use recon_worker::event::{decode, Event, Input, Limits};
-use recon_worker::pipeline::Pipeline;
+use recon_worker::operations::rejects::{request, Selection};
+use recon_worker::pair::PairPosition;
+use recon_worker::pipeline::{Pipeline, PipelineError};
 use recon_worker::rejection::{MessageAt, DATA_ERROR_CLASS, REJECTED_PAYLOAD_CAP};
 use recon_worker::store::Store;
 use recon_worker::telemetry::Health;
@@ -74,9 +88,16 @@ struct Message {
 /// Readable when a case fails: bytes shown as escaped text, not as numbers.
 impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let show = |b: &Option<Vec<u8>>| {
-            b.as_ref()
-                .map_or("<none>".to_owned(), |b| b.escape_ascii().to_string())
+        let show = |b: &Option<Vec<u8>>| match b {
+            None => "<none>".to_owned(),
+            // A padded message is tens of kilobytes of one byte: its ends say what it is.
+            Some(b) if b.len() > 400 => format!(
+                "{}...[{} bytes]...{}",
+                b[..200].escape_ascii(),
+                b.len(),
+                b[b.len() - 40..].escape_ascii()
+            ),
+            Some(b) => b.escape_ascii().to_string(),
         };
         write!(
             f,
@@ -99,6 +120,37 @@ struct Case {
     deadline: &'static str,
     max_message_bytes: usize,
     messages: Vec<Message>,
+    /// A re-drive of every reject (contract §8), once the messages are all stored.
+    redrive: Option<Redrive>,
+}
+
+/// How a case asks for its rejects to be re-driven.
+#[derive(Clone, Debug)]
+struct Redrive {
+    /// `None`: the pipeline that read the messages re-drives them; else a new one, over
+    /// the same database and log, with these limits (a size limit raised, say).
+    restart: Option<Restart>,
+    /// Asked for by hand (an `UPDATE` that asks for every reject not redriven, cut
+    /// payloads included), else through `recon-worker rejects redrive --all`'s
+    /// function (which skips cut payloads).
+    by_hand: bool,
+    twice: Twice,
+}
+
+#[derive(Clone, Debug)]
+struct Restart {
+    max_message_bytes: usize,
+    max_future_skew: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Twice {
+    Once,
+    /// Asked for twice in a row, before the worker can settle the first request.
+    AtOnce,
+    /// Asked for again once the first request is settled: the rejects still invalid
+    /// are decoded once more.
+    AfterSettled,
 }
 
 fn now_ms() -> i64 {
@@ -551,6 +603,9 @@ fn key_choice() -> impl Strategy<Value = KeyChoice> {
 fn timestamp_ms() -> impl Strategy<Value = Option<i64>> {
     prop_oneof![
         8 => Just(()).prop_map(|_| Some(now_ms())),
+        // Five days ago: recent events are then more than a day ahead of it, rejected
+        // unless the skew allowed is raised.
+        1 => Just(()).prop_map(|_| Some(now_ms() - 5 * 86_400_000)),
         2 => Just(None),
         1 => Just(Some(-1)),
         1 => Just(Some(0)),
@@ -592,6 +647,14 @@ fn fresh_message() -> impl Strategy<Value = Message> {
                 2 => json_message(input.other())
                     .prop_map(|(v, k)| (Some(v), k))
                     .boxed(),
+                // Rarely, one padded to about the size limits: too large for a first
+                // reading, or cut when stored as a reject (a re-drive cannot use it).
+                9 if shape >= 200 => (
+                    json_message(input),
+                    proptest::sample::select(vec![1_000usize, 65_535, 65_536, 65_537, 70_000]),
+                )
+                    .prop_map(|((v, k), size)| (Some(padded(v, size)), k))
+                    .boxed(),
                 _ => json_message(input).prop_map(|(v, k)| (Some(v), k)).boxed(),
             };
             value.prop_map(move |(value, key)| Message {
@@ -605,12 +668,56 @@ fn fresh_message() -> impl Strategy<Value = Message> {
     )
 }
 
+/// `value` made `target` bytes long by an unknown field (ignored, contract §1) before
+/// its closing brace, so that a valid message stays valid; left alone when it does not
+/// end in a brace or is longer already.
+fn padded(mut value: Vec<u8>, target: usize) -> Vec<u8> {
+    const FIELD: &[u8] = br#","pad":""#;
+    if value.last() != Some(&b'}') || value.len() + FIELD.len() + 2 > target {
+        return value;
+    }
+    value.pop();
+    let fill = target - value.len() - FIELD.len() - 2;
+    value.extend_from_slice(FIELD);
+    value.resize(value.len() + fill, b'x');
+    value.extend_from_slice(b"\"}");
+    value
+}
+
 fn generated() -> impl Strategy<Value = Generated> {
     prop_oneof![
         6 => fresh_message().prop_map(Generated::Fresh),
         1 => (any::<usize>(), any::<bool>())
             .prop_map(|(of, other_pair)| Generated::Copy { of, other_pair }),
     ]
+}
+
+/// A third of the cases re-drive their rejects: with the first reading's limits or
+/// others (a size limit raised or lowered, a larger future skew allowed).
+fn redrive() -> impl Strategy<Value = Option<Redrive>> {
+    let restart = (
+        prop_oneof![Just(64 * 1024usize), Just(300), Just(1024 * 1024)],
+        prop_oneof![Just("24h"), Just("3650d")],
+    )
+        .prop_map(|(max_message_bytes, max_future_skew)| Restart {
+            max_message_bytes,
+            max_future_skew,
+        });
+    let redrive = (
+        prop_oneof![1 => Just(None), 2 => restart.prop_map(Some)],
+        any::<bool>(),
+        prop_oneof![
+            2 => Just(Twice::Once),
+            1 => Just(Twice::AtOnce),
+            1 => Just(Twice::AfterSettled),
+        ],
+    )
+        .prop_map(|(restart, by_hand, twice)| Redrive {
+            restart,
+            by_hand,
+            twice,
+        });
+    prop_oneof![2 => Just(None), 1 => redrive.prop_map(Some)]
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -620,9 +727,24 @@ fn case() -> impl Strategy<Value = Case> {
         prop_oneof![Just("1s"), Just("72h")],
         prop_oneof![3 => Just(64 * 1024usize), 1 => Just(300)],
         proptest::collection::vec(generated(), 1..40),
+        (redrive(), any::<bool>()),
     )
         .prop_map(
-            |(latin1, batch_max_messages, deadline, max_message_bytes, generated)| {
+            |(
+                latin1,
+                batch_max_messages,
+                deadline,
+                max_message_bytes,
+                generated,
+                (redrive, tight),
+            )| {
+                // Half the re-drive cases read with the small size limit first: most
+                // of their messages are rejects a raised limit makes valid.
+                let max_message_bytes = if redrive.is_some() && tight {
+                    300
+                } else {
+                    max_message_bytes
+                };
                 let mut messages: Vec<Message> = Vec::with_capacity(generated.len());
                 for g in generated {
                     match g {
@@ -643,6 +765,7 @@ fn case() -> impl Strategy<Value = Case> {
                     deadline,
                     max_message_bytes,
                     messages,
+                    redrive,
                 }
             },
         )
@@ -740,6 +863,7 @@ struct Tally {
     rejected: u64,
     data_errors: u64,
     rewinds: u64,
+    redrive: RedriveTally,
 }
 
 /// What one case did, for the tally.
@@ -750,9 +874,40 @@ struct CaseTally {
     rejected: u64,
     data_errors: u64,
     rewinds: u64,
+    redrive: RedriveTally,
 }
 
-fn config(db: &Database, case: &Case) -> Config {
+/// What the re-drives did, so that a run shows it met each result.
+#[derive(Debug, Default, Clone, Copy)]
+struct RedriveTally {
+    cases: u64,
+    accepted: u64,
+    redeliveries: u64,
+    rejected: u64,
+    data_errors: u64,
+    truncated: u64,
+    /// Cut payloads the operator's command did not ask for.
+    skipped: u64,
+}
+
+impl std::ops::AddAssign for RedriveTally {
+    fn add_assign(&mut self, other: Self) {
+        self.cases += other.cases;
+        self.accepted += other.accepted;
+        self.redeliveries += other.redeliveries;
+        self.rejected += other.rejected;
+        self.data_errors += other.data_errors;
+        self.truncated += other.truncated;
+        self.skipped += other.skipped;
+    }
+}
+
+fn worker_config(
+    db: &Database,
+    case: &Case,
+    max_message_bytes: usize,
+    max_future_skew: &str,
+) -> Config {
     let vars = [
         ("DATABASE_URL", db.url.clone()),
         ("RECON_PAYMENTS_TOPIC", PAYMENTS_TOPIC.into()),
@@ -764,10 +919,8 @@ fn config(db: &Database, case: &Case) -> Config {
         ("RECON_BATCH_MAX_WAIT", "5ms".into()),
         ("RECON_SETTLEMENT_DEADLINE", case.deadline.into()),
         ("RECON_ORPHAN_TIMEOUT", case.deadline.into()),
-        (
-            "RECON_MAX_MESSAGE_BYTES",
-            case.max_message_bytes.to_string(),
-        ),
+        ("RECON_MAX_MESSAGE_BYTES", max_message_bytes.to_string()),
+        ("RECON_MAX_FUTURE_SKEW", max_future_skew.into()),
     ];
     Config::from_vars(vars.map(|(k, v)| (k.to_owned(), v))).expect("valid configuration")
 }
@@ -807,6 +960,364 @@ fn fail(message: impl Into<String>) -> TestCaseError {
     TestCaseError::fail(message.into())
 }
 
+/// The stand-in's Kafka log: the case's messages at the offsets Kafka would give them.
+struct Log<'a> {
+    messages: &'a [Message],
+    offsets: Vec<i64>,
+    /// Next offset per (input, pair): the high watermarks.
+    next: HashMap<(Input, i32), i64>,
+}
+
+impl<'a> Log<'a> {
+    fn new(messages: &'a [Message]) -> Self {
+        let mut next: HashMap<(Input, i32), i64> = HashMap::new();
+        let offsets = messages
+            .iter()
+            .map(|m| {
+                let slot = next.entry((m.input, m.pair)).or_insert(0);
+                *slot += 1;
+                *slot - 1
+            })
+            .collect();
+        Self {
+            messages,
+            offsets,
+            next,
+        }
+    }
+
+    /// The offsets a pipeline that stored everything has stored.
+    fn expected_offsets(&self) -> BTreeMap<i32, [Option<i64>; 2]> {
+        (0..PAIRS)
+            .map(|pair| (pair, Input::ALL.map(|i| self.next.get(&(i, pair)).copied())))
+            .collect()
+    }
+
+    /// Like the poll thread: the messages of the pairs `from` names, in log order, from
+    /// the offset it gives; those PostgreSQL refused handed over as rejections with its
+    /// reason.
+    fn read(
+        &self,
+        from: impl Fn(i32, Input) -> Option<i64>,
+        refused: impl Fn(i32, Input, i64) -> Option<String>,
+        limits: Limits,
+    ) -> Vec<Delivery> {
+        self.messages
+            .iter()
+            .zip(&self.offsets)
+            .filter(|(m, &offset)| from(m.pair, m.input).is_some_and(|from| offset >= from))
+            .map(|(m, &offset)| read(m, offset, limits, refused(m.pair, m.input, offset)))
+            .collect()
+    }
+
+    /// Like the poll thread's progress reports: everything read, nothing left.
+    fn progress(&self) -> Delivery {
+        Delivery::Data(Data::Progress(
+            (0..PAIRS)
+                .flat_map(|pair| {
+                    Input::ALL.map(|input| PartitionProgress {
+                        topic: input.into(),
+                        partition: pair,
+                        caught_up: true,
+                        high_watermark: self.next.get(&(input, pair)).copied().unwrap_or(0),
+                    })
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// How often the pipelines of re-drive cases poll for requests (2 s in production):
+/// a case then waits tens of milliseconds for its re-drive, not seconds.
+const TEST_REDRIVE_POLL: Duration = Duration::from_millis(20);
+
+/// A pipeline running on its own task, and the stand-in's ends of its channels.
+struct Running {
+    deliveries: mpsc::Sender<Delivery>,
+    task: tokio::task::JoinHandle<Result<(), PipelineError>>,
+    // A failed case must not leave its pipeline writing into the next one's tables
+    // (while shrinking, say).
+    _abort: AbortOnDrop,
+    commands: std::sync::mpsc::Receiver<Command>,
+    /// Where the pipeline said to resume each pair when it took them.
+    positions: Vec<PairPosition>,
+    /// Rewinds asked for and not served yet.
+    requested: Vec<Rewind>,
+}
+
+impl Running {
+    /// Starts a pipeline with `config` and assigns it every pair.
+    async fn start(
+        config: &Config,
+        store: &Store,
+        redrive_poll: Option<Duration>,
+    ) -> Result<Self, TestCaseError> {
+        let (commands, command_receiver) = std::sync::mpsc::channel::<Command>();
+        let mut pipeline = Pipeline::new(
+            config,
+            store.clone(),
+            Some(ConsumerHandle { commands }),
+            Arc::new(Health::default()),
+        );
+        if let Some(every) = redrive_poll {
+            pipeline.set_redrive_poll(every);
+        }
+        let (deliveries, receiver) = mpsc::channel(64);
+        let task = tokio::spawn(pipeline.run(receiver));
+        let abort = AbortOnDrop(task.abort_handle());
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let assign = Control::Assign {
+            pairs: (0..PAIRS).collect(),
+            reply,
+        };
+        deliveries
+            .send(assign.into())
+            .await
+            .map_err(|_| fail("pipeline gone before the assignment"))?;
+        let positions = answer
+            .await
+            .map_err(|_| fail("no answer to the assignment"))?
+            .map_err(|e| fail(format!("assignment failed: {e}")))?;
+        Ok(Self {
+            deliveries,
+            task,
+            _abort: abort,
+            commands: command_receiver,
+            positions,
+            requested: Vec::new(),
+        })
+    }
+
+    /// What the poll thread would read after the assignment: each pair from where the
+    /// pipeline said, then a progress report.
+    fn first_reading(&self, log: &Log<'_>, limits: Limits) -> VecDeque<Delivery> {
+        let mut queue: VecDeque<Delivery> = log
+            .read(
+                |pair, input| {
+                    self.positions
+                        .iter()
+                        .find(|position| position.pair == pair)
+                        .map(|position| position.next_offsets[input].unwrap_or(0))
+                },
+                |_, _, _| None,
+                limits,
+            )
+            .into();
+        queue.push_back(log.progress());
+        queue
+    }
+
+    /// The stand-in for the poll thread serves the rewinds; advisory commits need a
+    /// broker and are dropped.
+    fn rewinds(&self) -> Vec<Rewind> {
+        self.commands
+            .try_iter()
+            .filter_map(|command| match command {
+                Command::Rewind(rewind) => Some(rewind),
+                Command::Commit(_) => None,
+            })
+            .collect()
+    }
+
+    /// Turns the pipeline's loop (it polls for re-drive requests as it turns) without
+    /// telling it anything new: an empty progress report.
+    fn wake(&self) {
+        // Full: it has deliveries to turn on already.
+        let _ = self
+            .deliveries
+            .try_send(Delivery::Data(Data::Progress(Vec::new())));
+    }
+
+    /// Hands over `queue`, serving the pipeline's rewinds from the log as the poll
+    /// thread would, until every offset is stored with no rewind asked for and, when
+    /// `redrives`, no re-drive request is pending.
+    #[allow(clippy::too_many_arguments)]
+    async fn drive(
+        &mut self,
+        db: &Database,
+        store: &Store,
+        log: &Log<'_>,
+        limits: Limits,
+        mut queue: VecDeque<Delivery>,
+        redrives: bool,
+        tally: &mut CaseTally,
+    ) -> Result<(), TestCaseError> {
+        let expected_offsets = log.expected_offsets();
+        let started = Instant::now();
+        loop {
+            // Hand over what is queued while the pipeline takes it, serving rewinds
+            // between.
+            while let Some(delivery) = queue.pop_front() {
+                tokio::select! {
+                    sent = self.deliveries.send(delivery) => {
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                    _ = &mut self.task => return Err(fail("the pipeline stopped while reading")),
+                }
+                let rewinds = self.rewinds();
+                self.requested.extend(rewinds);
+                if !self.requested.is_empty() {
+                    break;
+                }
+            }
+            let rewinds = self.rewinds();
+            self.requested.extend(rewinds);
+            for rewind in std::mem::take(&mut self.requested) {
+                tally.rewinds += 1;
+                // Like the poll thread: the marker, then the pair from the stored
+                // offsets.
+                queue.retain(
+                    |d| !matches!(d, Delivery::Data(Data::Message(m)) if m.partition == rewind.pair),
+                );
+                queue.push_front(Delivery::Data(Data::Rewound { pair: rewind.pair }));
+                queue.extend(log.read(
+                    |pair, input| {
+                        (pair == rewind.pair).then(|| rewind.next_offsets[input].unwrap_or(0))
+                    },
+                    |_, input, offset| {
+                        rewind
+                            .refused
+                            .iter()
+                            .find(|r| r.topic == input.into() && r.offset == offset)
+                            .map(|r| r.reason.clone())
+                    },
+                    limits,
+                ));
+                // Read to the end again: caught up (the poll thread reports progress
+                // as it goes).
+                queue.push_back(log.progress());
+            }
+            if !queue.is_empty() {
+                continue;
+            }
+            if self.task.is_finished() {
+                let result = (&mut self.task).await.expect("join");
+                return Err(fail(format!("the pipeline stopped: {result:?}")));
+            }
+            let stored: BTreeMap<i32, [Option<i64>; 2]> = store
+                .stored_offsets()
+                .await
+                .map_err(|e| fail(format!("stored offsets: {e}")))?
+                .into_iter()
+                .collect();
+            let pending = if redrives {
+                pending_requests(db).await?
+            } else {
+                Vec::new()
+            };
+            let rewinds = self.rewinds();
+            self.requested.extend(rewinds);
+            if stored == expected_offsets && pending.is_empty() && self.requested.is_empty() {
+                return Ok(());
+            }
+            if started.elapsed() > SETTLE_TIMEOUT {
+                return Err(fail(format!(
+                    "stalled: stored offsets {stored:?}, expected {expected_offsets:?}; \
+                     re-drive requests pending (topic, partition, offset): {pending:?}"
+                )));
+            }
+            if redrives {
+                self.wake();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Lets the pipeline poll for re-drive requests a few more times once none is
+    /// pending: a request read again after it was settled shows in what those polls
+    /// write. (A settled request is held until its checkpoint is acknowledged, a turn
+    /// or two later: six turns a poll apart leave room for a read after that.)
+    async fn linger(&self) {
+        for _ in 0..6 {
+            self.wake();
+            tokio::time::sleep(TEST_REDRIVE_POLL + Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the pipeline: it must stop cleanly, with no rewind left to serve.
+    async fn stop(mut self) -> Result<(), TestCaseError> {
+        let (done, _stopped) = tokio::sync::oneshot::channel();
+        self.deliveries
+            .send(Control::Stop { done }.into())
+            .await
+            .map_err(|_| fail("pipeline gone before the stop"))?;
+        match tokio::time::timeout(SETTLE_TIMEOUT, &mut self.task).await {
+            Err(_) => return Err(fail("the pipeline did not stop")),
+            Ok(joined) => joined
+                .map_err(|e| fail(format!("the pipeline panicked: {e}")))?
+                .map_err(|e| fail(format!("the pipeline failed (the worker would exit): {e}")))?,
+        }
+        if let Some(rewind) = self.rewinds().into_iter().next() {
+            return Err(fail(format!(
+                "a rewind asked for after every offset was stored: {rewind:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The re-drive requests not settled yet (contract §8, migration 0011).
+async fn pending_requests(db: &Database) -> Result<Vec<(String, i32, i64)>, TestCaseError> {
+    sqlx::query_as(
+        "SELECT topic, kafka_partition, kafka_offset FROM rejected_events
+         WHERE redrive_requested_at IS NOT NULL AND redriven_at IS NULL",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .map_err(|e| fail(format!("reading the re-drive requests: {e}")))
+}
+
+/// Asks for every reject not redriven yet to be re-driven. Through the operator's
+/// command, the first request of a case must count what it asked for right: every
+/// reject but the cut ones, which it skips and counts apart.
+async fn ask(db: &Database, by_hand: bool, first: bool) -> Result<(), TestCaseError> {
+    if by_hand {
+        sqlx::query(
+            "UPDATE rejected_events SET redrive_requested_at = now(), redrive_requested_by = 'fuzz'
+             WHERE redriven_at IS NULL",
+        )
+        .execute(&db.pool)
+        .await
+        .map_err(|e| fail(format!("asking for a re-drive: {e}")))?;
+        return Ok(());
+    }
+    let mut connection = db
+        .pool
+        .acquire()
+        .await
+        .map_err(|e| fail(format!("connecting: {e}")))?;
+    let asked = request(&mut connection, &Selection::All, "fuzz")
+        .await
+        .map_err(|e| fail(format!("recon-worker rejects redrive --all: {e}")))?;
+    if first {
+        let (cut, whole): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE payload_size > COALESCE(octet_length(payload), 0)),
+                    count(*) FILTER (WHERE payload_size <= COALESCE(octet_length(payload), 0))
+             FROM rejected_events",
+        )
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| fail(format!("counting rejects: {e}")))?;
+        let counted = (asked.requested, asked.already_requested, asked.truncated);
+        if counted != (whole as u64, 0, cut as u64) {
+            return Err(fail(format!(
+                "rejects redrive --all counted (asked, already asked, cut) {counted:?}, \
+                 but there are {whole} whole rejects and {cut} cut ones, none asked for before"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The limits a case's re-drive decodes with, and how it asked.
+#[derive(Clone, Copy)]
+struct RedriveAsked {
+    limits: Limits,
+    by_hand: bool,
+}
+
 async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError> {
     // The action log refuses DELETE to everyone (migration 0010); a test database is
     // emptied with its owner's DDL, in the one implicit transaction of these statements.
@@ -820,177 +1331,120 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
     .execute(&db.pool)
     .await
     .map_err(|e| fail(format!("emptying the database: {e}")))?;
-    let config = config(db, case);
+    let config = worker_config(db, case, case.max_message_bytes, "24h");
     let limits = config.decode_limits();
-    // Offsets as Kafka would give them: per (input, pair), in order.
-    let mut next: HashMap<(Input, i32), i64> = HashMap::new();
-    let offsets: Vec<i64> = case
-        .messages
-        .iter()
-        .map(|m| {
-            let slot = next.entry((m.input, m.pair)).or_insert(0);
-            *slot += 1;
-            *slot - 1
-        })
-        .collect();
-
+    let log = Log::new(&case.messages);
     let store = Store::with_pool(db.pool.clone(), PAYMENTS_TOPIC, SETTLEMENTS_TOPIC);
-    let (commands, command_receiver) = std::sync::mpsc::channel::<Command>();
-    // The stand-in for the poll thread serves the rewinds; advisory commits need a
-    // broker and are dropped.
-    let rewind_requests = || -> Vec<Rewind> {
-        command_receiver
-            .try_iter()
-            .filter_map(|command| match command {
-                Command::Rewind(rewind) => Some(rewind),
-                Command::Commit(_) => None,
-            })
-            .collect()
-    };
-    let mut requested: Vec<Rewind> = Vec::new();
-    let handle = ConsumerHandle { commands };
-    let pipeline = Pipeline::new(
-        &config,
-        store.clone(),
-        Some(handle),
-        Arc::new(Health::default()),
-    );
-    let (deliveries, receiver) = mpsc::channel(64);
-    let mut task = tokio::spawn(pipeline.run(receiver));
-    // A failed case must not leave its pipeline writing into the next one's tables
-    // (while shrinking, say).
-    let _abort = AbortOnDrop(task.abort_handle());
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let assign = Control::Assign {
-        pairs: (0..PAIRS).collect(),
-        reply,
-    };
-    deliveries
-        .send(assign.into())
-        .await
-        .map_err(|_| fail("pipeline gone before the assignment"))?;
-    answer
-        .await
-        .map_err(|_| fail("no answer to the assignment"))?
-        .map_err(|e| fail(format!("assignment failed: {e}")))?;
-
     let mut tally = CaseTally::default();
-    let mut pending: Vec<Delivery> = case
-        .messages
-        .iter()
-        .zip(&offsets)
-        .map(|(m, &offset)| read(m, offset, limits, None))
-        .collect();
-    // Like the poll thread's progress reports: everything read, nothing left.
-    pending.push(Delivery::Data(Data::Progress(
-        (0..PAIRS)
-            .flat_map(|pair| {
-                Input::ALL.map(|input| PartitionProgress {
-                    topic: input.into(),
-                    partition: pair,
-                    caught_up: true,
-                    high_watermark: next.get(&(input, pair)).copied().unwrap_or(0),
-                })
-            })
-            .collect(),
-    )));
-    let expected_offsets: BTreeMap<i32, [Option<i64>; 2]> = (0..PAIRS)
-        .map(|pair| (pair, Input::ALL.map(|i| next.get(&(i, pair)).copied())))
-        .collect();
 
-    let started = Instant::now();
-    let mut queue: std::collections::VecDeque<Delivery> = pending.into();
-    loop {
-        // Hand over what is queued while the pipeline takes it, serving rewinds between.
-        while let Some(delivery) = queue.pop_front() {
-            tokio::select! {
-                sent = deliveries.send(delivery) => {
-                    if sent.is_err() {
-                        break;
-                    }
+    let poll = case.redrive.as_ref().map(|_| TEST_REDRIVE_POLL);
+    let mut running = Running::start(&config, &store, poll).await?;
+    let queue = running.first_reading(&log, limits);
+    running
+        .drive(db, &store, &log, limits, queue, false, &mut tally)
+        .await?;
+    let asked = match &case.redrive {
+        None => None,
+        Some(redrive) => {
+            tally.redrive.cases = 1;
+            // Another worker's configuration: this one stops, and the new one takes
+            // the pairs from what is stored (and re-reads nothing).
+            let redrive_limits = match &redrive.restart {
+                None => limits,
+                Some(restart) => {
+                    running.stop().await?;
+                    let restarted =
+                        worker_config(db, case, restart.max_message_bytes, restart.max_future_skew);
+                    running = Running::start(&restarted, &store, poll).await?;
+                    let queue = running.first_reading(&log, restarted.decode_limits());
+                    running
+                        .drive(
+                            db,
+                            &store,
+                            &log,
+                            restarted.decode_limits(),
+                            queue,
+                            false,
+                            &mut tally,
+                        )
+                        .await?;
+                    restarted.decode_limits()
                 }
-                _ = &mut task => return Err(fail("the pipeline stopped while reading")),
+            };
+            ask(db, redrive.by_hand, true).await?;
+            if redrive.twice == Twice::AtOnce {
+                ask(db, redrive.by_hand, false).await?;
             }
-            requested.extend(rewind_requests());
-            if !requested.is_empty() {
-                break;
+            running
+                .drive(
+                    db,
+                    &store,
+                    &log,
+                    redrive_limits,
+                    VecDeque::new(),
+                    true,
+                    &mut tally,
+                )
+                .await?;
+            if redrive.twice == Twice::AfterSettled {
+                ask(db, redrive.by_hand, false).await?;
+                running
+                    .drive(
+                        db,
+                        &store,
+                        &log,
+                        redrive_limits,
+                        VecDeque::new(),
+                        true,
+                        &mut tally,
+                    )
+                    .await?;
             }
+            running.linger().await;
+            running
+                .drive(
+                    db,
+                    &store,
+                    &log,
+                    redrive_limits,
+                    VecDeque::new(),
+                    true,
+                    &mut tally,
+                )
+                .await?;
+            Some(RedriveAsked {
+                limits: redrive_limits,
+                by_hand: redrive.by_hand,
+            })
         }
-        requested.extend(rewind_requests());
-        for rewind in std::mem::take(&mut requested) {
-            tally.rewinds += 1;
-            // Like the poll thread: the marker, then the pair from the stored offsets,
-            // refused messages handed over as rejections with PostgreSQL's reason.
-            queue.retain(
-                |d| !matches!(d, Delivery::Data(Data::Message(m)) if m.partition == rewind.pair),
-            );
-            queue.push_front(Delivery::Data(Data::Rewound { pair: rewind.pair }));
-            for (m, &offset) in case.messages.iter().zip(&offsets) {
-                let from = rewind.next_offsets[m.input].unwrap_or(0);
-                if m.pair != rewind.pair || offset < from {
-                    continue;
-                }
-                let refused = rewind
-                    .refused
-                    .iter()
-                    .find(|r| r.topic == m.input.into() && r.offset == offset)
-                    .map(|r| r.reason.clone());
-                queue.push_back(read(m, offset, limits, refused));
-            }
-        }
-        if !queue.is_empty() {
-            continue;
-        }
-        if task.is_finished() {
-            let result = (&mut task).await.expect("join");
-            return Err(fail(format!("the pipeline stopped: {result:?}")));
-        }
-        let stored: BTreeMap<i32, [Option<i64>; 2]> = store
-            .stored_offsets()
-            .await
-            .map_err(|e| fail(format!("stored offsets: {e}")))?
-            .into_iter()
-            .collect();
-        requested.extend(rewind_requests());
-        if stored == expected_offsets && requested.is_empty() {
-            break;
-        }
-        if started.elapsed() > SETTLE_TIMEOUT {
-            return Err(fail(format!(
-                "stalled: stored offsets {stored:?}, expected {expected_offsets:?}"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let (done, _stopped) = tokio::sync::oneshot::channel();
-    deliveries
-        .send(Control::Stop { done }.into())
-        .await
-        .map_err(|_| fail("pipeline gone before the stop"))?;
-    match tokio::time::timeout(SETTLE_TIMEOUT, task).await {
-        Err(_) => return Err(fail("the pipeline did not stop")),
-        Ok(joined) => joined
-            .map_err(|e| fail(format!("the pipeline panicked: {e}")))?
-            .map_err(|e| fail(format!("the pipeline failed (the worker would exit): {e}")))?,
-    }
-    if let Some(rewind) = rewind_requests().into_iter().next() {
-        return Err(fail(format!(
-            "a rewind asked for after every offset was stored: {rewind:?}"
-        )));
-    }
-    account(db, case, &offsets, limits, &expected_offsets, &mut tally).await?;
+    };
+    running.stop().await?;
+    account(db, case, &log, limits, asked, &mut tally).await?;
     Ok(tally)
+}
+
+/// A `rejected_events` row as read.
+struct RejectRow {
+    reason: String,
+    class: String,
+    payload: Option<Bytes>,
+    payload_size: i32,
+    redriven: bool,
+    result: Option<String>,
+    requested: bool,
 }
 
 /// Every message exactly once: accepted (its row, at its offset, with its values),
 /// a redelivery (no row; its event id stored from another message of the topic) or
-/// rejected (one row with a reason and the raw bytes); no row without a message.
+/// rejected (one row with a reason and the raw bytes); no row without a message. Where
+/// the case re-drove its rejects, each reject also went where contract §8 says (see
+/// [`check_redriven`]).
 async fn account(
     db: &Database,
     case: &Case,
-    offsets: &[i64],
+    log: &Log<'_>,
     limits: Limits,
-    expected_offsets: &BTreeMap<i32, [Option<i64>; 2]>,
+    asked: Option<RedriveAsked>,
     tally: &mut CaseTally,
 ) -> Result<(), TestCaseError> {
     let events = sqlx::query(
@@ -1001,7 +1455,8 @@ async fn account(
     .await
     .map_err(|e| fail(format!("reading outcomes: {e}")))?;
     let rejected = sqlx::query(
-        "SELECT topic, kafka_partition, kafka_offset, reason, reason_class, payload, payload_size \
+        "SELECT topic, kafka_partition, kafka_offset, reason, reason_class, payload, payload_size, \
+                redriven_at IS NOT NULL, redrive_result, redrive_requested_at IS NOT NULL \
          FROM rejected_events",
     )
     .fetch_all(&db.pool)
@@ -1015,14 +1470,18 @@ async fn account(
         PAYMENTS_TOPIC => Input::Payments,
         _ => Input::Settlements,
     };
-    // (input, pair, offset) -> row
     // Per message (input, pair, offset): event id, payment id, amount, currency, time.
     let mut accepted: HashMap<Place, (String, String, i64, String, i64)> = HashMap::new();
     let mut stored_ids: HashSet<(Input, String)> = HashSet::new();
     for row in &events {
         let input = input_of_kind(row.get::<&str, _>(0));
         let event_id: String = row.get(1);
-        stored_ids.insert((input, event_id.clone()));
+        // Event ids are unique per topic for all time (contract §1): one row each.
+        if !stored_ids.insert((input, event_id.clone())) {
+            return Err(fail(format!(
+                "two outcome rows for event id {event_id:?} of {input}"
+            )));
+        }
         let place = (input, row.get::<i32, _>(3), row.get::<i64, _>(4));
         let values = (
             event_id,
@@ -1035,21 +1494,28 @@ async fn account(
             return Err(fail(format!("two outcome rows for message {place:?}")));
         }
     }
-    // Per message: reason, class, payload, payload size.
-    let mut rejections: HashMap<Place, (String, String, Option<Bytes>, i32)> = HashMap::new();
+    let mut rejections: HashMap<Place, RejectRow> = HashMap::new();
     for row in &rejected {
         let place = (
             input_of_topic(row.get::<&str, _>(0)),
             row.get::<i32, _>(1),
             row.get::<i64, _>(2),
         );
-        let values = (row.get(3), row.get(4), row.get(5), row.get(6));
+        let values = RejectRow {
+            reason: row.get(3),
+            class: row.get(4),
+            payload: row.get(5),
+            payload_size: row.get(6),
+            redriven: row.get(7),
+            result: row.get(8),
+            requested: row.get(9),
+        };
         if rejections.insert(place, values).is_some() {
             return Err(fail(format!("two rejection rows for message {place:?}")));
         }
     }
     let mut seen = HashSet::new();
-    for (message, &offset) in case.messages.iter().zip(offsets) {
+    for (message, &offset) in case.messages.iter().zip(&log.offsets) {
         let place = (message.input, message.pair, offset);
         seen.insert(place);
         let decoded = decode(
@@ -1060,40 +1526,63 @@ async fn account(
             limits,
         );
         match (accepted.get(&place), rejections.get(&place)) {
-            (Some(_), Some(_)) => {
-                return Err(fail(format!("{message:?} at {offset}: both accepted and rejected")))
-            }
-            (Some((event_id, payment_id, amount, currency, at)), None) => {
-                let Ok(event) = &decoded else {
-                    return Err(fail(format!("{message:?} at {offset}: stored, but the decoder rejects it: {decoded:?}")));
-                };
-                let (want_amount, want_currency) = match event {
-                    Event::Payment(p) => (p.amount.get(), p.currency.code()),
-                    Event::Refund(r) => (r.amount.get(), r.currency.code()),
-                    Event::Settlement(s) => (s.gross.get(), s.currency.code()),
-                };
-                let stored = (event_id.as_str(), payment_id.as_str(), *amount, currency.as_str(), *at);
-                let want = (event.event_id(), event.payment_id(), want_amount, want_currency, event.event_time());
-                if stored != want {
-                    return Err(fail(format!("{message:?} at {offset}: stored {stored:?}, decoded {want:?}")));
+            (Some(values), Some(reject)) => {
+                // Rejected when read, accepted when re-driven: both rows stay.
+                check_rejected(message, offset, reject, &decoded, tally)?;
+                if !(reject.redriven && reject.result.as_deref() == Some("accepted")) {
+                    return Err(fail(format!(
+                        "{message:?} at {offset}: both accepted and rejected, and not re-driven \
+                         as accepted (redriven {}, result {:?})",
+                        reject.redriven, reject.result
+                    )));
                 }
+                let Some(asked) = asked else {
+                    return Err(fail(format!(
+                        "{message:?} at {offset}: re-driven, but the case asked for no re-drive"
+                    )));
+                };
+                let again = decode(
+                    message.input,
+                    message.key.as_deref(),
+                    message.value.as_deref(),
+                    message.timestamp_ms,
+                    asked.limits,
+                );
+                check_values(message, offset, values, &again)
+                    .map_err(|e| fail(format!("re-driven: {e}")))?;
+                tally.rejected += 1;
+                tally.redrive.accepted += 1;
+            }
+            (Some(values), None) => {
+                check_values(message, offset, values, &decoded).map_err(fail)?;
                 tally.accepted += 1;
             }
-            (None, Some((reason, class, payload, size))) => {
-                if reason.is_empty() {
-                    return Err(fail(format!("{message:?} at {offset}: rejected without a reason")));
-                }
-                let raw = message.value.as_deref();
-                let kept = raw.map(|v| &v[..v.len().min(REJECTED_PAYLOAD_CAP)]);
-                if payload.as_deref() != kept || *size != raw.map_or(0, |v| v.len() as i32) {
-                    return Err(fail(format!("{message:?} at {offset}: raw bytes not kept ({payload:?}, {size})")));
-                }
-                if class == DATA_ERROR_CLASS {
-                    tally.data_errors += 1;
-                } else {
-                    match &decoded {
-                        Err(rejection) if rejection.class() == class => {}
-                        other => return Err(fail(format!("{message:?} at {offset}: rejected as {class} ({reason}), the decoder says {other:?}"))),
+            (None, Some(reject)) => {
+                match asked {
+                    // A reject whose first reading's class is checked against the
+                    // decoder's: never asked for, or still as it was (cut).
+                    None => {
+                        check_rejected(message, offset, reject, &decoded, tally)?;
+                        if reject.redriven || reject.requested || reject.result.is_some() {
+                            return Err(fail(format!(
+                                "{message:?} at {offset}: no re-drive asked for, yet redriven {}, \
+                                 requested {}, result {:?}",
+                                reject.redriven, reject.requested, reject.result
+                            )));
+                        }
+                    }
+                    Some(asked) => {
+                        check_kept(message, offset, reject)?;
+                        check_redriven(
+                            message,
+                            offset,
+                            reject,
+                            &decoded,
+                            asked,
+                            case.latin1,
+                            &stored_ids,
+                            tally,
+                        )?;
                     }
                 }
                 tally.rejected += 1;
@@ -1124,12 +1613,201 @@ async fn account(
             .map_err(|e| fail(format!("stored offsets: {e}")))?
             .into_iter()
             .collect();
-    if &stored != expected_offsets {
+    let expected_offsets = log.expected_offsets();
+    if stored != expected_offsets {
         return Err(fail(format!(
             "stored offsets {stored:?}, expected {expected_offsets:?}"
         )));
     }
     Ok(())
+}
+
+/// A stored event's values are the ones `decoded` gives.
+fn check_values(
+    message: &Message,
+    offset: i64,
+    (event_id, payment_id, amount, currency, at): &(String, String, i64, String, i64),
+    decoded: &Result<Event, recon_worker::event::Rejection>,
+) -> Result<(), String> {
+    let Ok(event) = decoded else {
+        return Err(format!(
+            "{message:?} at {offset}: stored, but the decoder rejects it: {decoded:?}"
+        ));
+    };
+    let (want_amount, want_currency) = match event {
+        Event::Payment(p) => (p.amount.get(), p.currency.code()),
+        Event::Refund(r) => (r.amount.get(), r.currency.code()),
+        Event::Settlement(s) => (s.gross.get(), s.currency.code()),
+    };
+    let stored = (
+        event_id.as_str(),
+        payment_id.as_str(),
+        *amount,
+        currency.as_str(),
+        *at,
+    );
+    let want = (
+        event.event_id(),
+        event.payment_id(),
+        want_amount,
+        want_currency,
+        event.event_time(),
+    );
+    if stored != want {
+        return Err(format!(
+            "{message:?} at {offset}: stored {stored:?}, decoded {want:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// A reject keeps a reason and the raw bytes (cut at the cap) with their size.
+fn check_kept(message: &Message, offset: i64, reject: &RejectRow) -> Result<(), TestCaseError> {
+    if reject.reason.is_empty() {
+        return Err(fail(format!(
+            "{message:?} at {offset}: rejected without a reason"
+        )));
+    }
+    let raw = message.value.as_deref();
+    let kept = raw.map(|v| &v[..v.len().min(REJECTED_PAYLOAD_CAP)]);
+    if reject.payload.as_deref() != kept || reject.payload_size != raw.map_or(0, |v| v.len() as i32)
+    {
+        return Err(fail(format!(
+            "{message:?} at {offset}: raw bytes not kept ({:?}, {})",
+            reject.payload, reject.payload_size
+        )));
+    }
+    Ok(())
+}
+
+/// A reject as its first reading left it: its bytes kept, and its class the decoder's
+/// (or a data error, PostgreSQL's to decide).
+fn check_rejected(
+    message: &Message,
+    offset: i64,
+    reject: &RejectRow,
+    decoded: &Result<Event, recon_worker::event::Rejection>,
+    tally: &mut CaseTally,
+) -> Result<(), TestCaseError> {
+    check_kept(message, offset, reject)?;
+    if reject.class == DATA_ERROR_CLASS {
+        tally.data_errors += 1;
+        return Ok(());
+    }
+    match decoded {
+        Err(rejection) if rejection.class() == reject.class => Ok(()),
+        other => Err(fail(format!(
+            "{message:?} at {offset}: rejected as {} ({}), the decoder says {other:?}",
+            reject.class, reject.reason
+        ))),
+    }
+}
+
+/// Whether a LATIN1 database can store `text`: characters up to U+00FF, but U+0000,
+/// which no PostgreSQL text holds.
+fn latin1_holds(text: &str) -> bool {
+    text.chars().all(|c| ('\u{1}'..='\u{ff}').contains(&c))
+}
+
+/// Contract §8, for a reject with no outcome row at its place after a re-drive of
+/// every reject: a payload cut at the cap is not decoded (`truncated`, the request
+/// cleared; the operator's command does not even ask); one the decoder accepts now,
+/// with the re-drive's limits and the message's own Kafka timestamp, is redriven — a
+/// redelivery, its event id stored from another message (accepted ones have their
+/// row here, see [`account`]) — unless PostgreSQL refuses its values (LATIN1: a data
+/// error, the request cleared); one it still rejects stays rejected with its new
+/// class, the request cleared (a data error on LATIN1 when the new reason quotes what
+/// LATIN1 cannot hold).
+#[allow(clippy::too_many_arguments)]
+fn check_redriven(
+    message: &Message,
+    offset: i64,
+    reject: &RejectRow,
+    decoded: &Result<Event, recon_worker::event::Rejection>,
+    asked: RedriveAsked,
+    latin1: bool,
+    stored_ids: &HashSet<(Input, String)>,
+    tally: &mut CaseTally,
+) -> Result<(), TestCaseError> {
+    let state = (
+        reject.redriven,
+        reject.requested,
+        reject.result.as_deref(),
+        reject.class.as_str(),
+    );
+    let wrong = |want: &str| {
+        fail(format!(
+            "{message:?} at {offset}: after a re-drive (limits {:?}, by hand {}), \
+             (redriven, requested, result, class) = {state:?}; the contract wants {want} \
+             (reason now: {})",
+            asked.limits, asked.by_hand, reject.reason
+        ))
+    };
+    let cut = message
+        .value
+        .as_ref()
+        .is_some_and(|v| v.len() > REJECTED_PAYLOAD_CAP);
+    if cut {
+        // Its reason stays the first reading's.
+        check_rejected(message, offset, reject, decoded, tally)?;
+        if asked.by_hand {
+            tally.redrive.truncated += 1;
+            return match state {
+                (false, false, Some("truncated"), _) => Ok(()),
+                _ => Err(wrong("`truncated`, not redriven, the request cleared")),
+            };
+        }
+        tally.redrive.skipped += 1;
+        return match state {
+            (false, false, None, _) => Ok(()),
+            _ => Err(wrong("nothing: the command does not ask for a cut payload")),
+        };
+    }
+    let again = decode(
+        message.input,
+        message.key.as_deref(),
+        message.value.as_deref(),
+        message.timestamp_ms,
+        asked.limits,
+    );
+    match &again {
+        Ok(event) => match state {
+            (true, _, Some("redelivery"), _)
+                if stored_ids.contains(&(event.input(), event.event_id().to_owned())) =>
+            {
+                // Its reason stays the first reading's.
+                check_rejected(message, offset, reject, decoded, tally)?;
+                tally.redrive.redeliveries += 1;
+                Ok(())
+            }
+            (false, false, Some("rejected"), DATA_ERROR_CLASS) if latin1 => {
+                tally.redrive.data_errors += 1;
+                Ok(())
+            }
+            _ => Err(wrong(&format!(
+                "it redriven (valid now: {event:?}): accepted, its outcome row at this \
+                 offset, or a redelivery of an event id stored from another message"
+            ))),
+        },
+        Err(rejection) => match state {
+            (false, false, Some("rejected"), class) if class == rejection.class() => {
+                tally.redrive.rejected += 1;
+                Ok(())
+            }
+            // Its new reason quotes a value LATIN1 cannot hold: PostgreSQL refuses the
+            // reason itself, as it did at the first reading.
+            (false, false, Some("rejected"), DATA_ERROR_CLASS)
+                if latin1 && !latin1_holds(&rejection.to_string()) =>
+            {
+                tally.redrive.data_errors += 1;
+                Ok(())
+            }
+            _ => Err(wrong(&format!(
+                "it still rejected, the request cleared, as {} ({rejection})",
+                rejection.class()
+            ))),
+        },
+    }
 }
 
 fn env_number(name: &str) -> Option<u64> {
@@ -1188,6 +1866,7 @@ fn fuzz(cases: u32, duration: Option<Duration>) {
             tally.rejected += one.rejected;
             tally.data_errors += one.data_errors;
             tally.rewinds += one.rewinds;
+            tally.redrive += one.redrive;
             Ok(())
         });
         if duration.is_some() {
@@ -1266,6 +1945,7 @@ fn cases_found_by_fuzzing_stay_fixed() {
         deadline: "72h",
         max_message_bytes: 64 * 1024,
         messages,
+        redrive: None,
     };
     let cases = [
         // A Kafka timestamp of i64::MIN overflowed the latency metric (a panic).
@@ -1308,6 +1988,60 @@ fn cases_found_by_fuzzing_stay_fixed() {
                 message(0, "p1", payment("e2", "p1", &recent), Some(now_ms())),
             ],
         ),
+        // Two copies of a message whose payment id LATIN1 cannot hold, both rejected
+        // (data errors), re-driven in one poll: the copy is a redelivery of the first
+        // until PostgreSQL refuses the first; then it is applied and refused in turn,
+        // while the first, rejected as remembered, is dropped with the refused
+        // checkpoint and decoded afresh next time: neither ever settled (a stall).
+        Case {
+            redrive: Some(Redrive {
+                restart: None,
+                by_hand: false,
+                twice: Twice::Once,
+            }),
+            ..base(
+                true,
+                vec![
+                    message(0, "p0€", payment("e0", "p0€", &recent), Some(now_ms())),
+                    message(0, "p0€", payment("e0", "p0€", &recent), Some(now_ms())),
+                ],
+            )
+        },
+        // One message on each pair (a redelivery on the other partition), too large
+        // when read, valid once the limit is raised: both re-driven in one poll, each
+        // pair accepts it, and the pair whose transaction commits second clashes. Its
+        // replay re-read nothing (stored as far as it had read), yet it was left
+        // probing until its next commit, which a quiet pair makes only when its
+        // watermark follows the clock (`idle_timeout`, 30 s): the re-drive poll skips
+        // a probing pair, so the request waited that long.
+        Case {
+            max_message_bytes: 300,
+            redrive: Some(Redrive {
+                restart: Some(Restart {
+                    max_message_bytes: 64 * 1024,
+                    max_future_skew: "24h",
+                }),
+                by_hand: false,
+                twice: Twice::Once,
+            }),
+            ..base(
+                false,
+                vec![
+                    message(
+                        0,
+                        "p0",
+                        payment("e0", "p0", &recent).map(|v| padded(v, 400)),
+                        Some(now_ms()),
+                    ),
+                    message(
+                        1,
+                        "p0",
+                        payment("e0", "p0", &recent).map(|v| padded(v, 400)),
+                        Some(now_ms()),
+                    ),
+                ],
+            )
+        },
     ];
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

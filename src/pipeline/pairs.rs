@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use crate::consumer::{Data, OffsetReset, ReadAnnouncement, ReadMessage, Refused, StoredOffset};
 use crate::engine::{Applied, EngineConfig, PairEngine, WindowConfig};
-use crate::event::{Micros, Topic};
+use crate::event::{Input, Micros, Topic};
 use crate::pair::{PairPosition, PerInput, PerTopic};
 use crate::rejection::RejectedMessage;
 use crate::store::{AnnouncementAt, Redriven, RefusedMessage};
@@ -120,6 +120,16 @@ impl AppliedBatch {
 }
 
 impl OwnedPair {
+    /// Whether the committed offsets reach `probe_until`: nothing the pair had read
+    /// when it clashed is left to check against storage.
+    pub fn probed_through(&self) -> bool {
+        self.probe_until.is_some_and(|until| {
+            Input::ALL.into_iter().all(|input| {
+                until[input].is_none_or(|u| self.committed[input].is_some_and(|c| c >= u))
+            })
+        })
+    }
+
     fn new(position: &PairPosition, engine_config: EngineConfig) -> Self {
         Self {
             epoch: position.epoch,
@@ -289,6 +299,14 @@ impl Pairs {
         let mut owned = OwnedPair::new(position, self.engine_config);
         owned.rewinding = true;
         owned.probe_until = replay.probe.then_some(replay.read.inputs());
+        // Stored as far as the pair had read when it clashed (the clash was a re-driven
+        // event's, not a message's): nothing is read again, so nothing is left to probe.
+        // Left set, it would wait for the pair's next commit, which a quiet pair makes
+        // only once its watermark follows the clock (`idle_timeout`), and the re-drive
+        // poll skips a probing pair until then.
+        if owned.probed_through() {
+            owned.probe_until = None;
+        }
         owned.refused = replay.refused;
         self.owned.insert(replay.pair, owned);
     }

@@ -10,7 +10,7 @@ use hashbrown::HashMap;
 use super::pairs::{Pairs, ReadCounts};
 use super::{Pipeline, PipelineError};
 use crate::consumer::Command;
-use crate::event::{Input, Topic};
+use crate::event::Topic;
 use crate::pair::PerTopic;
 use crate::rejection::RejectedMessage;
 use crate::store::{PairCheckpoint, RefusedMessage};
@@ -208,17 +208,12 @@ fn acknowledge(
                 .refused
                 .retain(|r| committed[r.topic].is_none_or(|next| r.offset >= next));
         }
-        if let Some(until) = owned.probe_until {
-            let past = |input: Input| {
-                until[input].is_none_or(|u| owned.committed[input].is_some_and(|c| c >= u))
-            };
-            if Input::ALL.into_iter().all(past) {
-                owned.probe_until = None;
-                tracing::info!(
-                    pair = checkpoint.pair,
-                    "partition pair replayed past its clash"
-                );
-            }
+        if owned.probed_through() {
+            owned.probe_until = None;
+            tracing::info!(
+                pair = checkpoint.pair,
+                "partition pair replayed past its clash"
+            );
         }
     }
     moved
