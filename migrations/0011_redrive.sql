@@ -15,10 +15,13 @@
 --               command refuses to ask; this covers a request made by hand).
 ALTER TABLE rejected_events
     -- The message's Kafka timestamp, which the future-skew rule (contract §1) measures
-    -- event times against; unknown for messages rejected before this migration, for
-    -- which a re-drive measures against `rejected_at` (a little later than the
-    -- message was produced, so at most a little more lenient).
+    -- event times against: NULL when the message had none (no bound then, as on first
+    -- reading). Unknown for messages rejected before this migration
+    -- (`kafka_timestamp_known` false), for which a re-drive measures against
+    -- `rejected_at` (a little later than the message was produced, so at most a
+    -- little more lenient).
     ADD COLUMN kafka_timestamp      timestamptz,
+    ADD COLUMN kafka_timestamp_known boolean NOT NULL DEFAULT false,
     ADD COLUMN redrive_requested_at timestamptz,
     ADD COLUMN redrive_requested_by text,
     ADD COLUMN redriven_at          timestamptz,
@@ -27,6 +30,10 @@ ALTER TABLE rejected_events
         CHECK (redrive_result IN ('accepted', 'redelivery', 'rejected', 'truncated')),
     ADD CONSTRAINT rejected_events_redriven_is_a_result
         CHECK (redriven_at IS NULL OR redrive_result IN ('accepted', 'redelivery'));
+
+-- Rows from now on know their timestamp (or that the message had none): the worker's
+-- insert leaves this column to its default.
+ALTER TABLE rejected_events ALTER COLUMN kafka_timestamp_known SET DEFAULT true;
 
 -- The workers' poll for requests (every few seconds, by partition pair): empty but for
 -- pending requests, so it costs nothing when there are none, and nothing on the insert

@@ -33,7 +33,8 @@ pub struct RedriveRequest {
     /// The original payload's length: more than `payload` holds when it was cut.
     pub payload_size: i32,
     pub key: Option<Vec<u8>>,
-    /// The message's Kafka timestamp, or when it was rejected (see migration 0011).
+    /// The message's Kafka timestamp (`None`: it had none), or when it was rejected
+    /// for a message rejected before migration 0011 recorded timestamps.
     pub timestamp_ms: Option<i64>,
 }
 
@@ -107,7 +108,7 @@ impl Store {
         let names: Vec<&str> = topics.iter().map(|(_, name)| *name).collect();
         let rows: Vec<RequestRow> = sqlx::query_as(
             "SELECT id, topic, kafka_partition, kafka_offset, payload, payload_size, kafka_key,
-                    COALESCE(kafka_timestamp, rejected_at) AS at
+                    CASE WHEN kafka_timestamp_known THEN kafka_timestamp ELSE rejected_at END AS at
              FROM rejected_events
              WHERE redrive_requested_at IS NOT NULL AND redriven_at IS NULL
                AND kafka_partition = ANY($1) AND topic = ANY($2) AND id <> ALL($3)
