@@ -29,16 +29,31 @@ pub fn client_config(config: &Config) -> ClientConfig {
         // Without stored offsets read from the start: skipping input loses money.
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-        // Bounded prefetch: memory must not grow with a backlog. Both bounds are per
-        // partition: 512 KiB is about 2,000 events, so a worker on 4 pairs (8
-        // partitions) holds about 16,000, over half a second of its drain rate here.
-        // librdkafka keeps each fetch buffer alive until its last message is consumed,
-        // so these two bound most of its memory: at 2 MiB per partition, its buffers
-        // were 11.5 MB of a drain's 48.6 MB peak (heaptrack), and the peak RSS 50 MB;
-        // at 512 KiB, 45-46 MB with the same drain rate (docs/bench-profile.md).
+        // Bounded prefetch: memory must not grow with a backlog. librdkafka checks
+        // both bounds against the queue a partition's fetched messages go to, and
+        // for a consumer polled through its main queue (as this one is) that is one
+        // queue for all its partitions (`rd_kafka_toppar_fetch_decide` measures it
+        // with `rd_kafka_q_len`, which follows the forward): the worker as a whole
+        // holds about 2,000 messages (512 KiB) ahead of the pipeline, plus the fetch
+        // response that crossed the bound. librdkafka keeps each fetch buffer alive
+        // until its last message is consumed, so these bound most of its memory: at
+        // 2 MiB and 20,000, its buffers were 11.5 MB of a drain's 48.6 MB peak
+        // (heaptrack), and the peak RSS 50 MB; at 512 KiB and 2,000, 45-46 MB with
+        // the same drain rate (docs/bench-profile.md).
         .set("queued.max.messages.kbytes", "512")
         .set("queued.min.messages", "2000")
         .set("fetch.max.bytes", "2097152")
+        // At most 64 KiB of each partition per fetch (default 1 MiB), so that one
+        // response holds a little of every partition instead of 1 MiB of two: with
+        // the default, a response of two payments partitions filled the queue above,
+        // every partition then waited for it to drain, and a drain read thousands of
+        // one topic's messages before the other's: payments were stored pending and
+        // updated when their settlements came, and lookups multiplied. Draining
+        // 631,410 messages in alternating runs (docs/bench-profile.md): 134-271 s at
+        // 1 MiB, 61-79 s at 64 KiB; 309-326k against 281k outcome updates; peak RSS
+        // 53-54 against 47-49 MB. A message larger than this is still
+        // fetched whole (the broker always returns the first batch).
+        .set("max.partition.fetch.bytes", "65536")
         // With a queue this small, librdkafka's default pause after the queue was full
         // (1 s) starves the consumer: measured with 1 MiB queues, a drain ran at 6.6k
         // instead of 45k msg/s. A pause of 100 ms keeps the bound without the stall.
