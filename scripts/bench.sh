@@ -2,7 +2,13 @@
 # One-command benchmark: on this machine and Apache Kafka, in one run, measures and
 # prints
 #   - raw broker consume rate of the benchmark backlog (a consumer that only counts),
-#   - raw PostgreSQL write rate of as many outcome rows (batched UNNEST insert),
+#   - raw PostgreSQL write rate of as many simple outcome rows (batched UNNEST insert:
+#     one pair, one connection, short ascending ids, all matched),
+#   - raw PostgreSQL insert rate of THE SAME ROWS the pipeline stores for its stream
+#     (`bench pg-same-rows`: the pipeline's final rows, inserted with the checkpoint's
+#     statements in its batches and concurrent transactions, nothing else), the
+#     reference of the pipeline below (`pg_raw_rows_per_s`, in messages of the stream
+#     per second, as the pipeline's eps),
 #   - recon-worker end to end draining that backlog (first assignment to last commit),
 #   - the pipeline alone, without the broker (pre-decoded events → engine → checkpoint),
 #   - the live maximum: the rate the load generator produces at, flat out, while the
@@ -102,10 +108,21 @@ raw=$("$tools" bench consume --messages "$messages" | tee -a /dev/stderr)
 echo "cpu during raw consume: broker=$(awk -v a="$broker0" -v b="$(cpu_seconds "$BROKER_PROCESS")" 'BEGIN {printf "%.1f", b - a}')s"
 raw_eps=$(sed -E 's/.* eps=([0-9]+).*/\1/' <<<"$raw")
 
-echo "== raw PostgreSQL write"
+echo "== raw PostgreSQL write (simple rows)"
 pg=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pg "$tools" bench pg-write --rows "$messages" | tee -a /dev/stderr)
-pg_rps=$(sed -E 's/.* rows_per_s=([0-9]+).*/\1/' <<<"$pg")
+pg_simple_rps=$(sed -E 's/.* rows_per_s=([0-9]+).*/\1/' <<<"$pg")
 psql_ -c "DROP DATABASE bench_pg WITH (FORCE)"
+quiesce
+
+echo "== raw PostgreSQL insert of the pipeline's own rows (the pipeline phase's reference)"
+# The pipeline runs once into bench_pg_src (not timed); its final rows are then
+# inserted into bench_pg and timed. events_per_s counts the stream's messages.
+for db in bench_pg bench_pg_src; do
+    psql_ -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
+done
+pg=$(DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench_pg "$tools" bench pg-same-rows --scenarios "$SCENARIOS" --partitions $PARTITIONS --mix v1 --scratch-database bench_pg_src | tee -a /dev/stderr)
+pg_rps=$(sed -E 's/.* events_per_s=([0-9]+).*/\1/' <<<"$pg")
+psql_ -c "DROP DATABASE bench_pg WITH (FORCE)" -c "DROP DATABASE bench_pg_src WITH (FORCE)"
 quiesce
 
 echo "== recon-worker end to end (draining the backlog)"
@@ -247,4 +264,7 @@ echo "latency: p50_ms=$p50 p99_ms=$p99 (histogram interpolation) peak_rss_mb=$((
 peak_mb=$(( (peak_rss_kb > peak2_kb ? peak_rss_kb : peak2_kb) / 1024 ))
 ratio=$(awk -v e="$e2e_eps" -v r="$raw_eps" 'BEGIN {printf "%.2f", e / r}')
 pipeline_ratio=$(awk -v e="$pipeline_eps" -v r="$pg_rps" 'BEGIN {printf "%.2f", e / r}')
-echo "bench: e2e_eps=$e2e_eps raw_consume_eps=$raw_eps e2e_ratio=$ratio pipeline_eps=$pipeline_eps pg_raw_rows_per_s=$pg_rps pipeline_ratio=$pipeline_ratio refunds_ratio=$refunds_ratio payouts_ratio=$payouts_ratio p50_ms=$p50 p99_ms=$p99 peak_rss_mb=$peak_mb"
+pipeline_simple_ratio=$(awk -v e="$pipeline_eps" -v r="$pg_simple_rps" 'BEGIN {printf "%.2f", e / r}')
+# pg_raw_rows_per_s: the same rows as the pipeline's (rows = the stream's events, per
+# second); pg_raw_simple_rows_per_s: `bench pg-write`'s simple rows, as before session 14.
+echo "bench: e2e_eps=$e2e_eps raw_consume_eps=$raw_eps e2e_ratio=$ratio pipeline_eps=$pipeline_eps pg_raw_rows_per_s=$pg_rps pipeline_ratio=$pipeline_ratio pg_raw_simple_rows_per_s=$pg_simple_rps pipeline_simple_ratio=$pipeline_simple_ratio refunds_ratio=$refunds_ratio payouts_ratio=$payouts_ratio p50_ms=$p50 p99_ms=$p99 peak_rss_mb=$peak_mb"

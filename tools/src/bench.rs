@@ -300,20 +300,29 @@ pub struct PipelineRun {
     pub elapsed: Duration,
 }
 
-/// The worker's own ceiling: a generated stream, decoded up front, fed through the
-/// real pipeline (engine and PostgreSQL checkpoints) with no broker.
-/// `payout_every_line` > 0 puts every capture line in a payout of that many lines
-/// ([`Plan::payout_every_line`]): the same stream, with payouts (lines summed into
-/// their payouts' partial sums, announcements stored with the pairs' checkpoints).
-pub async fn pipeline_only(
+/// A generated stream, decoded up front as the poll thread would deliver it, and
+/// where each message sits: the pipeline benchmark feeds the deliveries, and the
+/// same-rows reference (`same_rows`) batches its rows by the positions.
+pub struct Stream {
+    pub deliveries: Vec<Delivery>,
+    /// Topic, partition and offset of each delivery, in delivery order.
+    pub positions: Vec<MessageAt>,
+    /// Payout announcements among the deliveries.
+    pub announcements: usize,
+}
+
+/// Generates and decodes the benchmark stream: seed 1, ids prefixed with this
+/// process's id (fixed width, so every run's ids have the same length and two runs
+/// write rows of the same size), keys spread over `partitions` with
+/// [`partition_of`]. `payout_every_line` > 0 puts every capture line in a payout of
+/// that many lines ([`Plan::payout_every_line`]).
+pub fn stream(
     config: &Config,
-    store: Store,
     scenarios: usize,
     partitions: i32,
     mix: Mix,
     payout_every_line: usize,
-) -> anyhow::Result<PipelineRun> {
-    store.migrate().await?;
+) -> Stream {
     let engine = EngineConfig::new(&config.matching, config.window);
     let plan = Plan {
         seed: 1,
@@ -323,14 +332,15 @@ pub async fn pipeline_only(
         deadline: engine.deadline,
         orphan_timeout: engine.orphan_timeout,
         max_message_bytes: config.max_message_bytes,
-        id_prefix: format!("bench{}-", std::process::id()),
+        id_prefix: format!("bench{:07}-", std::process::id()),
         payout_every_line,
     };
     let (records, _) = loadgen::generate(&plan);
     let mut offsets = vec![[0i64; 3]; partitions as usize];
     let announcements = records.iter().filter(|r| r.input().is_none()).count();
     let limits = config.decode_limits();
-    let messages: Vec<Delivery> = records
+    let mut positions = Vec::with_capacity(records.len());
+    let deliveries = records
         .iter()
         .map(|record| {
             let partition = record
@@ -344,6 +354,7 @@ pub async fn pipeline_only(
                 partition,
                 offset: *slot - 1,
             };
+            positions.push(at);
             let (key, value) = (record.key.as_deref(), record.value.as_deref());
             let data = match record.input() {
                 Some(input) => Data::Message(ReadMessage {
@@ -365,7 +376,39 @@ pub async fn pipeline_only(
             Delivery::Data(data)
         })
         .collect();
-    let count = messages.len();
+    Stream {
+        deliveries,
+        positions,
+        announcements,
+    }
+}
+
+/// The worker's own ceiling: a generated stream ([`stream`]), decoded up front, fed
+/// through the real pipeline (engine and PostgreSQL checkpoints) with no broker.
+/// `payout_every_line` > 0: the same stream, with payouts (lines summed into their
+/// payouts' partial sums, announcements stored with the pairs' checkpoints).
+pub async fn pipeline_only(
+    config: &Config,
+    store: Store,
+    scenarios: usize,
+    partitions: i32,
+    mix: Mix,
+    payout_every_line: usize,
+) -> anyhow::Result<PipelineRun> {
+    let stream = stream(config, scenarios, partitions, mix, payout_every_line);
+    run_pipeline(config, store, partitions, stream).await
+}
+
+/// Feeds a stream's deliveries through the pipeline on `store`, owning pairs
+/// `0..partitions`, and times it from the first delivery to the last commit.
+pub async fn run_pipeline(
+    config: &Config,
+    store: Store,
+    partitions: i32,
+    stream: Stream,
+) -> anyhow::Result<PipelineRun> {
+    store.migrate().await?;
+    let count = stream.deliveries.len();
     let (sender, receiver) = mpsc::channel(config.batch_max_messages * 2);
     let pipeline = Pipeline::new(config, store, None, Arc::new(Health::default()));
     let task = tokio::spawn(pipeline.run(receiver));
@@ -377,7 +420,7 @@ pub async fn pipeline_only(
     sender.send(assign.into()).await?;
     answer.await?.map_err(anyhow::Error::msg)?;
     let started = Instant::now();
-    for message in messages {
+    for message in stream.deliveries {
         sender.send(message).await?;
     }
     let (done, stopped) = tokio::sync::oneshot::channel();
@@ -387,7 +430,7 @@ pub async fn pipeline_only(
     let _ = stopped.await;
     Ok(PipelineRun {
         messages: count,
-        announcements,
+        announcements: stream.announcements,
         elapsed,
     })
 }

@@ -10,7 +10,7 @@ use recon_worker::config::Config;
 use recon_worker::engine::EngineConfig;
 use recon_worker::store::Store;
 
-use crate::{admin, bench, loadgen};
+use crate::{admin, bench, loadgen, same_rows};
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -87,12 +87,30 @@ pub enum BenchCommand {
         #[arg(long)]
         messages: u64,
     },
-    /// Raw PostgreSQL write rate of outcome rows (batched UNNEST insert).
+    /// Raw PostgreSQL write rate of simple outcome rows (batched UNNEST insert): one
+    /// pair, one connection, short ascending ids, all `matched`, events only.
     PgWrite {
         #[arg(long, default_value_t = 500_000)]
         rows: usize,
         #[arg(long, default_value_t = 5_000)]
         batch: usize,
+    },
+    /// Raw PostgreSQL insert rate of the rows the pipeline stores for its benchmark
+    /// stream (`bench pipeline` with the same arguments): runs the pipeline into
+    /// `--scratch-database`, then times inserting its final rows into DATABASE_URL's
+    /// database (both freshly created) with the checkpoint's statements, in the
+    /// pipeline's batches and concurrent transactions, and checks both hold the same.
+    PgSameRows {
+        #[arg(long, default_value_t = 200_000)]
+        scenarios: usize,
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// As `bench pipeline --mix`.
+        #[arg(long, default_value = "")]
+        mix: String,
+        /// A database on the same server for the pipeline's run.
+        #[arg(long)]
+        scratch_database: String,
     },
     /// The worker's ceiling without the broker: pre-decoded events through engine and checkpoint.
     Pipeline {
@@ -248,6 +266,40 @@ async fn run_bench(command: BenchCommand, config: Config) -> anyhow::Result<()> 
                 "pg_write: rows={rows} batch={batch} seconds={:.2} rows_per_s={:.0}",
                 elapsed.as_secs_f64(),
                 rows as f64 / elapsed.as_secs_f64().max(1e-9)
+            );
+        }
+        BenchCommand::PgSameRows {
+            scenarios,
+            partitions,
+            mix,
+            scratch_database,
+        } => {
+            let mix = loadgen::parse_mix(&mix).map_err(anyhow::Error::msg)?;
+            let mut scratch_config = config.clone();
+            scratch_config.database = config.database.clone().database(&scratch_database);
+            let run = same_rows::same_rows(
+                &config,
+                store(&config),
+                store(&scratch_config),
+                scenarios,
+                partitions,
+                mix,
+            )
+            .await?;
+            let seconds = run.elapsed.as_secs_f64().max(1e-9);
+            // events_per_s counts the stream's messages, as `bench pipeline`'s eps
+            // does: the two are rates of the same work, and their ratio the ratio of
+            // the two times.
+            println!(
+                "pg_same_rows: messages={} event_rows={} discrepancies={} rejected={} batches={} seconds={seconds:.2} events_per_s={:.0} rows_per_s={:.0} source_pipeline_eps={:.0} (events_per_s: messages of the stream per second; rows_per_s: event rows)",
+                run.messages,
+                run.event_rows,
+                run.discrepancies,
+                run.rejected,
+                run.batches,
+                run.messages as f64 / seconds,
+                run.event_rows as f64 / seconds,
+                run.source.messages as f64 / run.source.elapsed.as_secs_f64().max(1e-9),
             );
         }
         BenchCommand::Pipeline {

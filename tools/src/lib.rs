@@ -11,3 +11,4 @@ pub mod admin;
 pub mod bench;
 pub mod cli;
 pub mod loadgen;
+pub mod same_rows;
