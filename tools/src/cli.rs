@@ -101,33 +101,35 @@ pub enum BenchCommand {
     /// database (both freshly created) with the checkpoint's statements, in the
     /// pipeline's batches and concurrent transactions, and checks both hold the same.
     PgSameRows {
-        #[arg(long, default_value_t = 200_000)]
-        scenarios: usize,
-        #[arg(long, default_value_t = 4)]
-        partitions: i32,
-        /// As `bench pipeline --mix`.
-        #[arg(long, default_value = "")]
-        mix: String,
+        #[command(flatten)]
+        stream: StreamArgs,
         /// A database on the same server for the pipeline's run.
         #[arg(long)]
         scratch_database: String,
     },
     /// The worker's ceiling without the broker: pre-decoded events through engine and checkpoint.
     Pipeline {
-        #[arg(long, default_value_t = 200_000)]
-        scenarios: usize,
-        #[arg(long, default_value_t = 4)]
-        partitions: i32,
-        /// The stream's mix, as `loadgen --mix` takes it (`v1` first: the version-1
-        /// stream, then entries turning scenarios on, e.g. `v1,refund=11,chargeback=1`).
-        #[arg(long, default_value = "")]
-        mix: String,
+        #[command(flatten)]
+        stream: StreamArgs,
         /// K > 0: the same stream with every capture line in a payout of K lines
         /// (their `payout_id` written; the announcements are left out until the
         /// pipeline reads the payouts topic).
         #[arg(long, default_value_t = 0)]
         payouts_every_line: usize,
     },
+}
+
+/// The benchmark stream `bench pipeline` and `bench pg-same-rows` generate (seed 1).
+#[derive(Args)]
+pub struct StreamArgs {
+    #[arg(long, default_value_t = 200_000)]
+    scenarios: usize,
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// The stream's mix, as `loadgen --mix` takes it (`v1` first: the version-1
+    /// stream, then entries turning scenarios on, e.g. `v1,refund=11,chargeback=1`).
+    #[arg(long, default_value = "")]
+    mix: String,
 }
 
 /// Runs one command to its end.
@@ -269,9 +271,12 @@ async fn run_bench(command: BenchCommand, config: Config) -> anyhow::Result<()> 
             );
         }
         BenchCommand::PgSameRows {
-            scenarios,
-            partitions,
-            mix,
+            stream:
+                StreamArgs {
+                    scenarios,
+                    partitions,
+                    mix,
+                },
             scratch_database,
         } => {
             let mix = loadgen::parse_mix(&mix).map_err(anyhow::Error::msg)?;
@@ -303,9 +308,12 @@ async fn run_bench(command: BenchCommand, config: Config) -> anyhow::Result<()> 
             );
         }
         BenchCommand::Pipeline {
-            scenarios,
-            partitions,
-            mix,
+            stream:
+                StreamArgs {
+                    scenarios,
+                    partitions,
+                    mix,
+                },
             payouts_every_line,
         } => {
             let mix = loadgen::parse_mix(&mix).map_err(anyhow::Error::msg)?;
