@@ -1128,6 +1128,20 @@ impl Running {
             .try_send(Delivery::Data(Data::Progress(Vec::new())));
     }
 
+    /// Nothing new to hand over: runs until every pending re-drive request is settled
+    /// and stored.
+    async fn settle_redrives(
+        &mut self,
+        db: &Database,
+        store: &Store,
+        log: &Log<'_>,
+        limits: Limits,
+        tally: &mut CaseTally,
+    ) -> Result<(), TestCaseError> {
+        self.drive(db, store, log, limits, VecDeque::new(), true, tally)
+            .await
+    }
+
     /// Hands over `queue`, serving the pipeline's rewinds from the log as the poll
     /// thread would, until every offset is stored with no rewind asked for and, when
     /// `redrives`, no re-drive request is pending.
@@ -1376,41 +1390,17 @@ async fn run_case(db: &Database, case: &Case) -> Result<CaseTally, TestCaseError
                 ask(db, redrive.by_hand, false).await?;
             }
             running
-                .drive(
-                    db,
-                    &store,
-                    &log,
-                    redrive_limits,
-                    VecDeque::new(),
-                    true,
-                    &mut tally,
-                )
+                .settle_redrives(db, &store, &log, redrive_limits, &mut tally)
                 .await?;
             if redrive.twice == Twice::AfterSettled {
                 ask(db, redrive.by_hand, false).await?;
                 running
-                    .drive(
-                        db,
-                        &store,
-                        &log,
-                        redrive_limits,
-                        VecDeque::new(),
-                        true,
-                        &mut tally,
-                    )
+                    .settle_redrives(db, &store, &log, redrive_limits, &mut tally)
                     .await?;
             }
             running.linger().await;
             running
-                .drive(
-                    db,
-                    &store,
-                    &log,
-                    redrive_limits,
-                    VecDeque::new(),
-                    true,
-                    &mut tally,
-                )
+                .settle_redrives(db, &store, &log, redrive_limits, &mut tally)
                 .await?;
             Some(RedriveAsked {
                 limits: redrive_limits,
